@@ -1,0 +1,5 @@
+"""`python -m dsvlm` (what `accelerate launch -m dsvlm train ...` runs)."""
+
+from dsvlm.cli.app import main
+
+main()

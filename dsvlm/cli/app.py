@@ -1,0 +1,62 @@
+"""The `dsvlm` command: a thin Typer layer over the library functions.
+
+Expected errors (DsvlmError) print one line-block message and exit 2; `--debug` shows the traceback.
+Logs and progress go to stderr; stdout carries only what a pipeline consumes.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import typer
+
+from dsvlm import __version__
+from dsvlm.cli import common
+from dsvlm.cli import evaluate as evaluate_cli
+from dsvlm.cli import prepare as prepare_cli
+from dsvlm.cli import recipe as recipe_cli
+from dsvlm.cli import strip as strip_cli
+from dsvlm.cli import train as train_cli
+
+app = typer.Typer(
+    name="dsvlm",
+    help="Train LLaVA-style VLMs with diffusion supervision (DS-VLM): prepare -> train -> strip -> eval.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"dsvlm {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks and debug logs."),
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    common.STATE.debug = debug
+    common.setup_logging(logging.DEBUG if debug else logging.INFO)
+
+
+app.add_typer(recipe_cli.app, name="recipe")
+app.add_typer(prepare_cli.app, name="prepare")
+train_cli.register(app)
+strip_cli.register(app)
+evaluate_cli.register(app)
+
+
+def main() -> None:
+    """Console entry point."""
+    try:
+        app()
+    except common.DsvlmError as exc:
+        if common.STATE.debug:
+            raise
+        common.console.print(f"[bold red]error:[/] {common.escape(str(exc))}")
+        sys.exit(2)

@@ -1,0 +1,36 @@
+"""Shared CLI plumbing: the stderr console, logging, debug state."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.markup import escape
+
+from dsvlm.errors import DsvlmError
+
+console = Console(stderr=True)
+
+__all__ = ["STATE", "DsvlmError", "console", "escape", "setup_logging"]
+
+
+@dataclass
+class _State:
+    debug: bool = False
+
+
+STATE = _State()
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """Log to stderr through rich; quiet the chatty libraries unless debugging."""
+    logging.basicConfig(
+        level=level,
+        format="%(message)s",
+        handlers=[RichHandler(console=console, show_path=False, markup=False)],
+        force=True,
+    )
+    for noisy in ("httpx", "urllib3", "datasets", "filelock", "PIL", "lmms-eval", "accelerate"):
+        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))

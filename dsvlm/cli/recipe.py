@@ -1,0 +1,78 @@
+"""`dsvlm recipe ls|show|cp|validate|schema`: the bundled recipes and the schema."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from dsvlm.cli.common import console
+from dsvlm.errors import RecipeError
+from dsvlm.recipe import bundled_recipes, load_recipe, recipe_path
+from dsvlm.recipe.schema import Recipe
+
+app = typer.Typer(help="List, show, copy and validate recipes; export the schema.", no_args_is_help=True)
+
+OVERRIDES_HELP = "Overrides `key.sub=value` (YAML values), e.g. stages.0.lr=1e-4 supervision.enabled=false."
+
+
+@app.command("list")
+def list_recipes() -> None:
+    """List the bundled recipes with their descriptions (names on stdout)."""
+    table = Table("recipe", "description", title="bundled recipes")
+    for name, description in bundled_recipes().items():
+        table.add_row(name, description)
+        typer.echo(name)
+    console.print(table)
+
+
+app.command("ls", hidden=True)(list_recipes)
+
+
+@app.command()
+def show(recipe: str = typer.Argument(..., help="Bundled name or path."),
+         overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP),
+         resolved: bool = typer.Option(False, help="Print the validated recipe with every default filled in.")) -> None:
+    """Print a recipe (the file as written, or --resolved with overrides and defaults applied)."""
+    if resolved or overrides:
+        from dsvlm.recipe.load import dump_recipe
+
+        typer.echo(dump_recipe(load_recipe(recipe, overrides or [])), nl=False)
+    else:
+        typer.echo(recipe_path(recipe).read_text(), nl=False)
+
+
+@app.command()
+def cp(recipe: str = typer.Argument(..., help="Bundled name."),
+       dest: Path = typer.Argument(..., help="File to write."),
+       force: bool = typer.Option(False, help="Overwrite an existing file.")) -> None:
+    """Copy a bundled recipe to a file you can edit."""
+    source = recipe_path(recipe)
+    if dest.is_dir():
+        dest = dest / source.name
+    if dest.exists() and not force:
+        raise RecipeError(f"{dest} exists; pass --force to overwrite")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    shutil.copyfile(source, tmp)
+    tmp.replace(dest)
+    typer.echo(str(dest))
+
+
+@app.command()
+def validate(recipe: str = typer.Argument(..., help="Bundled name or path."),
+             overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP)) -> None:
+    """Validate a recipe (and overrides) without running anything."""
+    parsed = load_recipe(recipe, overrides or [])
+    stages = ", ".join(s.name for s in parsed.stages)
+    console.print(f"[green]ok[/] {recipe}: stages {stages}; supervision "
+                  f"{'on' if parsed.supervision.enabled else 'off'}")
+
+
+@app.command()
+def schema() -> None:
+    """Print the recipe JSON schema (with every field's description) to stdout."""
+    typer.echo(json.dumps(Recipe.model_json_schema(), indent=2))
