@@ -1,0 +1,167 @@
+"""Recipe schema, overrides and the `dsvlm recipe` commands, including the bad inputs users make."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from dsvlm.cli.app import app
+from dsvlm.errors import RecipeError
+from dsvlm.recipe import bundled_recipes, load_recipe
+from dsvlm.recipe.load import recipe_path
+
+runner = CliRunner()
+
+
+def run_cli(*args: str):
+    """Run the real console entry point so exit codes and messages are what users see."""
+    return subprocess.run([sys.executable, "-m", "dsvlm", *args], capture_output=True, text=True)
+
+
+def write_recipe(tmp_path: Path, mutate) -> Path:
+    data = yaml.safe_load(recipe_path("tiny-synthetic").read_text())
+    mutate(data)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.mark.parametrize("name", sorted(bundled_recipes()))
+def test_every_bundled_recipe_validates(name):
+    recipe = load_recipe(name)
+    assert [s.name for s in recipe.stages] == ["align", "instruct"]
+    assert recipe.description
+
+
+@pytest.mark.parametrize("name", ["llava15-vicuna7b-ds", "siglip-qwen2-ds"])
+def test_paper_recipes_have_a_baseline_by_one_override(name):
+    recipe = load_recipe(name, ["supervision.enabled=false", "stages.0.train=[connector]",
+                                "stages.1.train=[connector,vision,llm]"])
+    assert not recipe.supervision.enabled
+
+
+def test_paper_recipe_matches_the_paper():
+    recipe = load_recipe("llava15-vicuna7b-ds")
+    align, instruct = recipe.stages
+    assert (align.lr, align.global_batch_size) == (1e-3, 256)
+    assert (instruct.lr, instruct.global_batch_size) == (2e-5, 128)
+    assert recipe.supervision.vision_layers == [8, 16, 24]
+    assert recipe.supervision.cross_attention == "moe"
+    assert recipe.supervision.loss == {"perceptual": 1.0}
+    assert recipe.supervision.weight == 1.0
+
+
+def test_overrides_are_typed_and_applied():
+    recipe = load_recipe("tiny-synthetic", ["stages.0.lr=1e-4", "supervision.vision_layers=[1,2]",
+                                            "run.seed=7", "supervision.loss={mae: 0.5, eps_mse: 1}"])
+    assert recipe.stages[0].lr == 1e-4
+    assert recipe.supervision.vision_layers == [1, 2]
+    assert recipe.run.seed == 7
+    assert recipe.supervision.loss == {"mae": 0.5, "eps_mse": 1.0}
+
+
+def test_accumulation_from_global_batch():
+    stage = load_recipe("llava15-vicuna7b-ds").stages[1]
+    assert stage.accumulation_steps(world_size=8) == 1
+    assert stage.accumulation_steps(world_size=2) == 4
+    with pytest.raises(ValueError, match="world size 3"):
+        stage.accumulation_steps(world_size=3)
+
+
+@pytest.mark.parametrize(
+    ("mutate", "expected"),
+    [
+        (lambda d: d["model"].__setitem__("conector", "linear"), "model.conector: unknown key; did you mean"),
+        (lambda d: d["stages"][0].__setitem__("lr", "fast"), "stages.0.lr: Input should be a valid number"),
+        (lambda d: d["stages"][0].__setitem__("lr", -1), "stages.0.lr: Input should be greater than 0 (got -1)"),
+        (lambda d: d["stages"][1].__setitem__("lr", 0), "stages.1.lr: Input should be greater than 0 (got 0)"),
+        (lambda d: d["stages"][0].__setitem__("per_device_batch_size", 0), "stages.0.per_device_batch_size"),
+        (lambda d: d["stages"][0].__setitem__("global_batch_size", 30), "not divisible by per_device_batch_size"),
+        (lambda d: d.__setitem__("stages", []), "stages: List should have at least 1 item"),
+        (lambda d: d["stages"][1].__setitem__("name", "align"), "stage name used twice: align"),
+        (lambda d: d["supervision"].__setitem__("vision_layers", [2, 9]), "[9] exceed the vision encoder's depth (4"),
+        (lambda d: d["supervision"].__setitem__("enabled", False), "trains `supervision` but supervision.enabled"),
+        (lambda d: d["supervision"].__setitem__("cross_attention", "mix"), "supervision.cross_attention: Input should"),
+    ],
+)
+def test_bad_recipes_exit_2_with_the_field_path(tmp_path, mutate, expected):
+    path = write_recipe(tmp_path, mutate)
+    with pytest.raises(RecipeError) as err:
+        load_recipe(str(path))
+    assert expected in str(err.value)
+    result = run_cli("recipe", "validate", str(path))
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert "error:" in result.stderr
+
+
+def test_malformed_yaml_names_line_and_column(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("model:\n  connector: linear\n stages: [\n")
+    result = run_cli("recipe", "validate", str(path))
+    assert result.returncode == 2
+    assert "line 3, column 2" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_missing_recipe_path(tmp_path):
+    result = run_cli("recipe", "validate", str(tmp_path / "nope.yaml"))
+    assert result.returncode == 2
+    assert "neither a file nor a bundled recipe" in result.stderr
+
+
+def test_misspelt_bundled_name_gets_a_hint():
+    with pytest.raises(RecipeError, match="did you mean 'tiny-synthetic'"):
+        recipe_path("tiny-synthetc")
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("stages.0.warmup_ration=0.1", "stages.0.warmup_ration: unknown key; did you mean 'warmup_ratio'"),
+        ("supervision.weight=heavy", "supervision.weight: Input should be a valid number"),
+        ("run.seed", "must look like key.sub=value"),
+        ("stages.5.lr=1", "'5' is not an index of a list of 2"),
+    ],
+)
+def test_bad_overrides(override, expected):
+    result = run_cli("recipe", "validate", "tiny-synthetic", override)
+    assert result.returncode == 2
+    assert expected in result.stderr.replace("\n", " ")
+    assert "Traceback" not in result.stderr
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    result = run_cli("--debug", "recipe", "validate", str(tmp_path / "nope.yaml"))
+    assert result.returncode != 0
+    assert "Traceback" in result.stderr
+
+
+def test_recipe_list_show_cp_schema(tmp_path):
+    listed = runner.invoke(app, ["recipe", "list"])
+    assert listed.exit_code == 0
+    assert "tiny-synthetic" in listed.stdout.split()
+
+    shown = runner.invoke(app, ["recipe", "show", "tiny-synthetic", "--resolved", "stages.0.lr=0.01"])
+    assert shown.exit_code == 0
+    assert yaml.safe_load(shown.stdout)["stages"][0]["lr"] == 0.01
+
+    dest = tmp_path / "mine.yaml"
+    copied = runner.invoke(app, ["recipe", "cp", "tiny-synthetic", str(dest)])
+    assert copied.exit_code == 0 and copied.stdout.strip() == str(dest)
+    assert load_recipe(str(dest)) == load_recipe("tiny-synthetic")
+    again = run_cli("recipe", "cp", "tiny-synthetic", str(dest))
+    assert again.returncode == 2 and "--force" in again.stderr
+
+    schema = json.loads(runner.invoke(app, ["recipe", "schema"]).stdout)
+    lr = schema["$defs"]["StageConfig"]["properties"]["lr"]
+    assert lr["description"]
+
+
+def test_version():
+    result = run_cli("--version")
+    assert result.returncode == 0 and result.stdout.startswith("dsvlm ")
