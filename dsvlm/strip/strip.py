@@ -1,0 +1,139 @@
+"""Drop the diffusion branch and write a standard transformers LLaVA directory, verified before it lands."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from PIL import Image
+from safetensors import safe_open
+from transformers import GenerationConfig, LlavaForConditionalGeneration
+
+from dsvlm.errors import DsvlmError
+from dsvlm.io import atomic_dir
+from dsvlm.model.dsvlm import DSVLM, build_model
+from dsvlm.recipe.load import validate_recipe
+from dsvlm.strip.card import model_card
+from dsvlm.train.rundir import STAGE_INFO, resolve_init
+
+log = logging.getLogger(__name__)
+
+# What tools that load plain LLaVA checkpoints (lmms-eval llava_hf, vLLM) accept; vLLM refuses anything else.
+LLAVA_PREFIXES = ("model.vision_tower.", "model.multi_modal_projector.", "model.language_model.", "lm_head.")
+
+
+@dataclass
+class StripReport:
+    source: str
+    output: str
+    params_before: int
+    params_after: int
+    params_removed: int
+    bytes_before: int
+    bytes_after: int
+    max_logit_diff: float
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def load_trained(source: Path) -> tuple[Path, DSVLM]:
+    """The training model (VLM + branch) of a run or stage output."""
+    final = resolve_init(source)
+    recipe_file = final / "recipe.yaml"
+    if not recipe_file.is_file():
+        raise DsvlmError(f"{final} has no recipe.yaml: it was not written by `dsvlm train`")
+    recipe = validate_recipe(yaml.safe_load(recipe_file.read_text()), source=str(recipe_file))
+    try:
+        model = build_model(recipe, init=final)
+    except (OSError, ValueError, KeyError) as exc:
+        raise DsvlmError(f"{final} is incomplete or corrupt, it does not load: {exc}") from exc
+    return final, model.eval()
+
+
+def probe_batch(model: DSVLM) -> dict[str, torch.Tensor]:
+    """A fixed image + prompt, the same for the training and the stripped model."""
+    processor = model.processor
+    size = processor.image_processor.crop_size if hasattr(processor.image_processor, "crop_size") else None
+    side = (size or {}).get("height") or model.vlm.config.vision_config.image_size
+    pixels = np.random.default_rng(0).integers(0, 256, size=(side, side, 3), dtype=np.uint8)
+    content = [{"type": "image"}, {"type": "text", "text": "what colour is the shape ?"}]
+    messages = [{"role": "user", "content": content}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    return processor(text=[prompt], images=[Image.fromarray(pixels)], return_tensors="pt")
+
+
+def strip(source: Path, out: Path, force: bool = False) -> StripReport:
+    """Write the plain LLaVA of `source` to `out` (atomically) and verify it loads and matches."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        raise DsvlmError(f"{out} exists and is not empty; pass --force to replace it")
+    final, model = load_trained(Path(source))
+    params_before = sum(p.numel() for p in model.parameters())
+    params_after = sum(p.numel() for p in model.vlm.parameters())
+    batch = probe_batch(model)
+    with torch.no_grad():
+        expected = model.vlm(**batch).logits
+    with atomic_dir(out, replace=True) as tmp:
+        model.vlm.save_pretrained(tmp, safe_serialization=True)
+        model.processor.save_pretrained(tmp)
+        tokenizer = model.processor.tokenizer
+        GenerationConfig(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                         bos_token_id=tokenizer.bos_token_id, do_sample=False).save_pretrained(tmp)
+        stages = _stage_infos(final)
+        (tmp / "README.md").write_text(model_card(final, stages, params_after))
+        max_diff = verify(tmp, batch, expected)
+    report = StripReport(str(final), str(out), params_before, params_after, params_before - params_after,
+                         dir_bytes(final), dir_bytes(out), max_diff)
+    log.info("stripped %s -> %s: removed %d parameters (%d -> %d), %.1f MB -> %.1f MB", final, out,
+             report.params_removed, params_before, params_after, report.bytes_before / 1e6, report.bytes_after / 1e6)
+    return report
+
+
+def verify(directory: Path, batch: dict[str, torch.Tensor], expected: torch.Tensor) -> float:
+    """The output loads with no missing/unexpected keys, holds only LLaVA tensors, and gives the same logits."""
+    stray = []
+    for shard in directory.glob("*.safetensors"):
+        with safe_open(str(shard), "pt") as f:
+            names = list(f.keys())  # safe_open is not a dict: `in f` does not work
+        stray += [k for k in names if not k.startswith(LLAVA_PREFIXES)]
+    if stray:
+        raise DsvlmError(f"strip verification failed: non-LLaVA tensors in the output: {stray[:5]}")
+    loaded, info = LlavaForConditionalGeneration.from_pretrained(directory, output_loading_info=True)
+    problems = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    if problems:
+        raise DsvlmError(f"strip verification failed: the output does not load cleanly: {problems}")
+    with torch.no_grad():
+        logits = loaded.eval()(**batch).logits
+    diff = float((logits - expected).abs().max())
+    if not torch.allclose(logits, expected, atol=1e-5, rtol=1e-5):
+        raise DsvlmError(f"strip verification failed: logits differ from the training model (max {diff:.3g})")
+    return diff
+
+
+def _stage_infos(final: Path) -> list[dict]:
+    """stage.json of every finished stage of the run, in run order."""
+    run = final.parent.parent
+    infos = [json.loads(p.read_text()) for p in run.glob(f"*/final/{STAGE_INFO}")]
+    return sorted(infos, key=lambda i: i.get("finished", "")) or [json.loads((final / STAGE_INFO).read_text())]
+
+
+def push_to_hub(directory: Path, repo_id: str, private: bool = False) -> str:
+    """Upload a stripped directory; fails at once (no retries) when the hub cannot be reached."""
+    from huggingface_hub import HfApi, constants
+
+    if constants.HF_HUB_OFFLINE:
+        raise DsvlmError(f"cannot push to {repo_id}: the hub is offline (HF_HUB_OFFLINE=1); the model is in "
+                         f"{directory}, upload it later with `hf upload {repo_id} {directory}`")
+    try:
+        api = HfApi()
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        return str(api.upload_folder(repo_id=repo_id, folder_path=str(directory)))
+    except Exception as exc:  # network and auth errors all end the same way for the user
+        raise DsvlmError(f"cannot push to {repo_id}: {exc}") from exc

@@ -1,0 +1,1 @@
+"""Training: the two-stage loop, checkpoints, run directory and pictures."""

@@ -1,0 +1,357 @@
+"""Two-stage training under accelerate (single process, DDP; FSDP/DeepSpeed through accelerate configs).
+
+Loss normalisation is global: the text loss of an optimizer step is the summed token loss over all
+micro-batches and processes divided by their total label-token count (likewise the reconstruction loss
+per image), so one process with accumulation and N processes give the same gradient. Diffusion noise
+is seeded per sample, so the result does not depend on how a batch is sharded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import resource
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs, PartialState
+from accelerate.state import AcceleratorState
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from torch.utils.data import DataLoader, Sampler
+from transformers import get_scheduler
+
+from dsvlm.cli.common import console
+from dsvlm.data.dataset import PreparedSplit
+from dsvlm.data.latents import LatentCache, vae_fingerprint
+from dsvlm.data.prepared import PreparedDataset
+from dsvlm.errors import DsvlmError
+from dsvlm.io import atomic_dir, atomic_write_json, atomic_write_text
+from dsvlm.model.collate import Collator
+from dsvlm.model.dsvlm import DSVLM, build_model, save_model
+from dsvlm.model.freeze import freeze_for_stage
+from dsvlm.recipe.load import dump_recipe
+from dsvlm.recipe.schema import Recipe, StageConfig
+from dsvlm.train import checkpoint
+from dsvlm.train.plots import image_grid, plot_losses, read_metrics
+from dsvlm.train.rundir import STAGE_INFO, RunDir, environment, is_final, resolve_init
+
+log = logging.getLogger(__name__)
+PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
+
+
+@dataclass
+class TrainOptions:
+    stages: list[str] | None = None  # None = every stage of the recipe, in order
+    init: Path | None = None  # start the first selected stage from this stage output / run
+    resume: bool = False
+    overwrite: bool = False
+    progress: bool = True
+
+
+class EpochPermutation(Sampler[int]):
+    """A seeded permutation per epoch: the data order is a function of (seed, epoch) only."""
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size, self.seed, self.epoch = size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.size, generator=generator).tolist())
+
+    def __len__(self) -> int:
+        return self.size
+
+
+def train(recipe: Recipe, options: TrainOptions) -> Path:
+    """Run the selected stages in order; each starts from the previous one's output. Returns the last output."""
+    names = options.stages or [s.name for s in recipe.stages]
+    unknown = [n for n in names if n not in {s.name for s in recipe.stages}]
+    if unknown:
+        raise DsvlmError(f"stage {unknown[0]!r} is not in the recipe (stages: {[s.name for s in recipe.stages]})")
+    stages = [s for s in recipe.stages if s.name in names]
+    for stage in stages:  # fail on missing data before any model is built
+        _check_data(recipe, stage)
+    state = PartialState()
+    run = RunDir.open(Path(recipe.run.output_dir), recipe, names, options.resume, options.overwrite,
+                      main=state.is_main_process)
+    state.wait_for_everyone()
+    init = resolve_init(options.init) if options.init else None
+    output = run.root
+    for stage in stages:
+        if init is None:
+            init = _previous_output(recipe, run, stage)
+        output = run.final_dir(stage.name)
+        if options.resume and is_final(output):
+            log.info("stage %s already finished: %s", stage.name, output)
+        else:
+            output = run_stage(recipe, stage, run, init, options)
+        init = output
+    return output
+
+
+def _check_data(recipe: Recipe, stage: StageConfig) -> None:
+    path = Path(stage.dataset or recipe.data.dataset)
+    dataset = PreparedDataset(path)
+    if stage.split_name not in dataset.splits:
+        raise DsvlmError(f"stage {stage.name}: the prepared dataset {path} has no split {stage.split_name!r} "
+                         f"(it has {', '.join(dataset.splits)}); set stages.N.split or prepare that split")
+
+
+def _previous_output(recipe: Recipe, run: RunDir, stage: StageConfig) -> Path | None:
+    """A later stage starts from the run's earlier stage when that one finished."""
+    order = [s.name for s in recipe.stages]
+    for earlier in reversed(order[: order.index(stage.name)]):
+        if is_final(run.final_dir(earlier)):
+            return run.final_dir(earlier)
+    if order.index(stage.name) > 0:
+        log.warning("stage %s starts from the base weights: no earlier stage output in %s", stage.name, run.root)
+    return None
+
+
+def _accelerator(stage: StageConfig) -> Accelerator:
+    AcceleratorState._reset_state()  # each stage may use its own precision
+    return Accelerator(
+        mixed_precision=PRECISION[stage.precision],
+        dataloader_config=DataLoaderConfiguration(even_batches=True),
+        # The last encoder layers feed only the diffusion branch; unused parameters are normal.
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+    )
+
+
+def _latent_cache(recipe: Recipe, model: DSVLM, dataset_dir: Path) -> LatentCache | None:
+    branch = model.supervision
+    if branch is None or branch.vae is None or not recipe.data.use_latent_cache:
+        return None
+    if not (dataset_dir / "latents").is_dir():
+        log.info("no latent cache in %s: the VAE encoder runs every step", dataset_dir)
+        return None
+    return LatentCache.open(dataset_dir, vae_fingerprint(branch.vae), recipe.supervision.resolution)
+
+
+def noise_seeds(seed: int, step: int, sample_index: torch.Tensor) -> torch.Tensor:
+    """Per-sample diffusion seeds from (run seed, step, sample), independent of device and batch layout."""
+    return (sample_index.long() + (seed * 1_000_003 + step) * 10_000_019) % (2**62)
+
+
+def run_stage(recipe: Recipe, stage: StageConfig, run: RunDir, init: Path | None, options: TrainOptions) -> Path:
+    accelerator = _accelerator(stage)
+    world = accelerator.num_processes
+    accum = stage.accumulation_steps(world)
+    supervise = recipe.supervision.enabled and stage.supervision
+    torch.manual_seed(recipe.run.seed)
+
+    model = build_model(recipe, init=init)
+    freeze_for_stage(model, stage.train)
+    if stage.gradient_checkpointing:
+        model.vlm.gradient_checkpointing_enable()
+    dataset_dir = Path(stage.dataset or recipe.data.dataset)
+    split = PreparedSplit(dataset_dir, stage.split_name, latents=_latent_cache(recipe, model, dataset_dir))
+    collator = Collator(
+        model.processor, stage.template_name, recipe.data.max_length,
+        rec_resolution=recipe.supervision.resolution if supervise else None,
+    )
+    sampler = EpochPermutation(len(split), recipe.run.seed)
+    loader = DataLoader(split, batch_size=stage.per_device_batch_size, sampler=sampler, collate_fn=collator,
+                        drop_last=True, num_workers=recipe.data.num_workers)
+    steps_per_epoch = len(split) // stage.global_batch_size
+    if steps_per_epoch == 0:
+        raise DsvlmError(f"stage {stage.name}: split {stage.split_name!r} has {len(split)} records, fewer than "
+                         f"one global batch ({stage.global_batch_size})")
+    total = stage.max_steps or max(1, math.floor(stage.epochs * steps_per_epoch))
+
+    optimizer = torch.optim.AdamW(_param_groups(model, stage), lr=stage.lr, weight_decay=stage.weight_decay)
+    schedule = "constant_with_warmup" if stage.schedule == "constant" else stage.schedule
+    scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=round(stage.warmup_ratio * total),
+                              num_training_steps=total)
+    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    stage_dir = run.stage_dir(stage.name)
+    metrics_path = run.metrics_path(stage.name)
+    step = 0
+    if options.resume:
+        state = checkpoint.load_latest(accelerator, run.checkpoints_dir(stage.name))
+        step = state["step"] if state else 0
+    if accelerator.is_main_process:
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        run.write_environment(environment(world, str(accelerator.device)))
+        _truncate_metrics(metrics_path, step)
+    preview = _preview_batch(split, collator, recipe) if supervise else None
+
+    log.info("stage %s: %d steps, global batch %d = %d per device x %d accumulation x %d processes",
+             stage.name, total, stage.global_batch_size, stage.per_device_batch_size, accum, world)
+    started = time.perf_counter()
+    with _progress(options.progress and accelerator.is_main_process) as progress:
+        task = progress.add_task(stage.name, total=total, completed=step, info="")
+        while step < total:
+            epoch = step // steps_per_epoch
+            sampler.set_epoch(epoch)
+            within = step % steps_per_epoch
+            batches = iter(accelerator.skip_first_batches(loader, within * accum) if within else loader)
+            for _ in range(steps_per_epoch - within):
+                micro = [next(batches) for _ in range(accum)]
+                tick = time.perf_counter()
+                record = _optimizer_step(accelerator, model, optimizer, scheduler, trainable, micro, stage,
+                                         supervise, recipe.run.seed, step)
+                step += 1
+                record.update(stage=stage.name, step=step, epoch=round(step / steps_per_epoch, 4),
+                              step_time_s=round(time.perf_counter() - tick, 4),
+                              elapsed_s=round(time.perf_counter() - started, 2))
+                record["samples_per_s"] = round(stage.global_batch_size / record["step_time_s"], 2)
+                record["tokens_per_s"] = round(record.pop("tokens") / record["step_time_s"], 1)
+                if accelerator.is_main_process:
+                    with open(metrics_path, "a") as f:
+                        f.write(json.dumps(record) + "\n")
+                    progress.update(task, completed=step, info=_progress_info(record))
+                    if step % recipe.run.log_every == 0 and not options.progress:
+                        log.info("%s step %d/%d %s", stage.name, step, total, _progress_info(record))
+                if supervise and recipe.run.preview_every and step % recipe.run.preview_every == 0:
+                    _write_preview(accelerator, model, preview, recipe, stage_dir / "previews" / f"step-{step:07d}.png")
+                if step % recipe.run.checkpoint_every == 0 and step < total:
+                    checkpoint.save_checkpoint(accelerator, run.checkpoints_dir(stage.name), step,
+                                               {"stage": stage.name, "total_steps": total},
+                                               recipe.run.keep_checkpoints)
+                if step >= total:
+                    break
+
+    wall = time.perf_counter() - started
+    if supervise:
+        _write_preview(accelerator, model, preview, recipe, stage_dir / "reconstructions.png")
+    output = run.final_dir(stage.name)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        metrics = read_metrics(metrics_path)
+        plot_losses(metrics, stage_dir / "loss.png", f"{recipe.description[:60]} - stage {stage.name}")
+        info = {"stage": stage.name, "steps": total, "wall_time_s": round(wall, 2), "init": str(init or ""),
+                "dataset": str(dataset_dir), "split": stage.split_name, "supervision": supervise,
+                "peak_memory_mb": _peak_memory_mb(accelerator), "last_metrics": metrics[-1] if metrics else {},
+                "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        try:
+            with atomic_dir(output, replace=True) as tmp:
+                save_model(accelerator.unwrap_model(model), tmp)
+                atomic_write_text(tmp / "recipe.yaml", dump_recipe(recipe))
+                atomic_write_json(tmp / STAGE_INFO, info)
+        except OSError as exc:
+            raise DsvlmError(f"could not write the stage output {output}: {exc.strerror or exc}") from exc
+        log.info("stage %s finished in %.1f s -> %s", stage.name, wall, output)
+    accelerator.wait_for_everyone()
+    return output
+
+
+def _param_groups(model: DSVLM, stage: StageConfig) -> list[dict[str, Any]]:
+    """New modules (adapters, new K/V, routers) may get their own learning rate."""
+    new = {id(p) for p in model.supervision.new_parameters()} if model.supervision is not None else set()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in trainable if id(p) not in new]}]
+    new_trainable = [p for p in trainable if id(p) in new]
+    if new_trainable:
+        groups.append({"params": new_trainable, "lr": stage.new_module_lr or stage.lr})
+    return [g for g in groups if g["params"]]
+
+
+def _optimizer_step(accelerator: Accelerator, model: torch.nn.Module, optimizer, scheduler, trainable: list,
+                    micro: list[dict], stage: StageConfig, supervise: bool, seed: int, step: int) -> dict:
+    """One optimizer step over `micro` (this process's micro-batches), normalised over all processes."""
+    world = accelerator.num_processes
+    counts = torch.tensor([[float((b["labels"][:, 1:] != -100).sum()), float(_reconstructed(b, model, supervise)),
+                            float(b["attention_mask"].sum())] for b in micro], device=accelerator.device).sum(0)
+    text_tokens, rec_images, tokens = accelerator.reduce(counts, reduction="sum").tolist()
+    text_loss = torch.zeros((), device=accelerator.device)
+    rec_loss = torch.zeros((), device=accelerator.device)
+    for i, batch in enumerate(micro):
+        batch["noise_seeds"] = noise_seeds(seed, step, batch["sample_index"])
+        sync = contextlib.nullcontext() if i == len(micro) - 1 else accelerator.no_sync(model)
+        with sync:
+            with accelerator.autocast():
+                # DDP averages gradients over processes: scale by world size to get the global sum / count.
+                out = model(batch, supervise=supervise, text_normalizer=max(text_tokens, 1.0) / world,
+                            rec_normalizer=max(rec_images, 1.0) / world)
+            accelerator.backward(out.loss)
+        text_loss += out.text_loss.detach()
+        rec_loss += out.rec_loss.detach()
+    norm = stage.max_grad_norm or float("inf")
+    grad_norm = accelerator.clip_grad_norm_(trainable, norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    losses = accelerator.reduce(torch.stack([text_loss, rec_loss]), reduction="sum") / world
+    text, rec = losses.tolist()
+    return {"loss": text + (rec * _weight(model) if supervise else 0.0), "text_loss": text,
+            "rec_loss": rec if supervise else None, "lr": scheduler.get_last_lr()[0],
+            "grad_norm": float(grad_norm), "tokens": tokens}
+
+
+def _unwrapped(model: torch.nn.Module) -> DSVLM:
+    return getattr(model, "module", model)
+
+
+def _weight(model: torch.nn.Module) -> float:
+    return _unwrapped(model).supervision.config.weight
+
+
+def _reconstructed(batch: dict, model: torch.nn.Module, supervise: bool) -> int:
+    if not supervise:
+        return 0
+    images = int(batch["image_mask"].sum())
+    limit = _unwrapped(model).supervision.config.reconstruct_per_batch
+    return min(images, limit) if limit else images
+
+
+def _preview_batch(split: PreparedSplit, collator: Collator, recipe: Recipe) -> dict:
+    """The same first images of the split every time, so previews are comparable across steps."""
+    examples = []
+    for i in range(len(split)):
+        if split[i]["image"] is not None:
+            examples.append(split[i])
+        if len(examples) == recipe.run.preview_images:
+            break
+    return collator(examples)
+
+
+def _write_preview(accelerator: Accelerator, model: torch.nn.Module, batch: dict, recipe: Recipe, out: Path) -> None:
+    if accelerator.is_main_process:
+        batch = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        with torch.no_grad():
+            originals, reconstructions = accelerator.unwrap_model(model).reconstruct(
+                batch, recipe.run.preview_images, recipe.supervision.sampler_steps)
+        image_grid([originals, reconstructions], out)
+    accelerator.wait_for_everyone()
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """After a resume, drop metric lines past the checkpoint: they are about to be recomputed."""
+    kept = [m for m in read_metrics(path) if m["step"] <= step]
+    path.write_text("".join(json.dumps(m) + "\n" for m in kept))
+
+
+def _peak_memory_mb(accelerator: Accelerator) -> float:
+    if accelerator.device.type == "cuda":
+        return round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux reports KiB
+
+
+def _progress_info(record: dict) -> str:
+    parts = [f"loss {record['loss']:.4f}", f"text {record['text_loss']:.4f}"]
+    if record.get("rec_loss") is not None:
+        parts.append(f"rec {record['rec_loss']:.4f}")
+    parts.append(f"{record['samples_per_s']:.1f} samples/s")
+    return "  ".join(parts)
+
+
+@contextlib.contextmanager
+def _progress(enabled: bool) -> Iterator[Progress]:
+    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TimeRemainingColumn(), TextColumn("{task.fields[info]}"), console=console,
+                        disable=not enabled, transient=False)
+    with progress:
+        yield progress

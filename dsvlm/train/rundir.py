@@ -1,0 +1,132 @@
+"""The run directory: resolved recipe, environment, one sub-directory per stage.
+
+    OUT/recipe.yaml   OUT/env.json
+    OUT/<stage>/metrics.jsonl  checkpoints/step-000100/  final/  loss.png  reconstructions.png  previews/
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import sys
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dsvlm.errors import DsvlmError
+from dsvlm.io import atomic_write_json, atomic_write_text
+from dsvlm.recipe.load import dump_recipe
+from dsvlm.recipe.schema import Recipe
+
+FINAL = "final"
+STAGE_INFO = "stage.json"
+
+
+def environment(world_size: int, device: str) -> dict[str, Any]:
+    """What a reader needs to reproduce or compare a run."""
+    libs = ("dsvlm", "torch", "transformers", "diffusers", "accelerate", "lmms-eval")
+    versions = {}
+    for lib in libs:
+        try:
+            versions[lib] = version(lib)
+        except Exception:  # a missing optional package is recorded, not fatal
+            versions[lib] = None
+    return {
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": sys.argv,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "world_size": world_size,
+        "device": device,
+        "versions": versions,
+    }
+
+
+def _comparable(recipe_dict: dict[str, Any]) -> dict[str, Any]:
+    """The parts of a recipe that must match for two invocations to belong to the same run."""
+    return {k: v for k, v in recipe_dict.items() if k not in ("run", "eval", "description")}
+
+
+@dataclass
+class RunDir:
+    root: Path
+
+    @classmethod
+    def open(cls, root: Path, recipe: Recipe, stages: list[str], resume: bool, overwrite: bool,
+             main: bool = True) -> RunDir:
+        """Create or reopen a run directory, refusing to clobber another run's stages.
+
+        Every process runs the checks; only the main one (`main`) writes.
+        """
+        root = Path(root)
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            probe = root / f".write-probe-{os.getpid()}"
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as exc:
+            raise DsvlmError(f"cannot write to the output directory {root}: {exc.strerror or exc}") from exc
+        run = cls(root)
+        stored = root / "recipe.yaml"
+        if stored.exists() and not overwrite:
+            previous = yaml.safe_load(stored.read_text()) or {}
+            if _comparable(previous) != _comparable(recipe.model_dump(mode="json")):
+                raise DsvlmError(
+                    f"{root} holds a run of a different recipe ({stored}); choose another run.output_dir, "
+                    "or pass --overwrite to replace it"
+                )
+        for stage in stages:
+            stage_dir = run.stage_dir(stage)
+            if stage_dir.exists() and any(stage_dir.iterdir()):
+                if overwrite and main:
+                    shutil.rmtree(stage_dir)
+                elif not resume:
+                    raise DsvlmError(
+                        f"{stage_dir} already holds stage {stage!r} of a run; pass --resume to continue it "
+                        "or --overwrite to replace it"
+                    )
+        if main:
+            atomic_write_text(stored, dump_recipe(recipe))
+        return run
+
+    def stage_dir(self, stage: str) -> Path:
+        return self.root / stage
+
+    def final_dir(self, stage: str) -> Path:
+        return self.stage_dir(stage) / FINAL
+
+    def checkpoints_dir(self, stage: str) -> Path:
+        return self.stage_dir(stage) / "checkpoints"
+
+    def metrics_path(self, stage: str) -> Path:
+        return self.stage_dir(stage) / "metrics.jsonl"
+
+    def write_environment(self, info: dict[str, Any]) -> None:
+        atomic_write_json(self.root / "env.json", info)
+
+
+def is_final(path: Path) -> bool:
+    """A stage output is complete once its stage.json exists (written last)."""
+    return (path / STAGE_INFO).is_file()
+
+
+def resolve_init(path: Path) -> Path:
+    """Accept a stage output (`.../final`), a stage directory, or a run directory (its last finished stage)."""
+    path = Path(path)
+    if is_final(path):
+        return path
+    if is_final(path / FINAL):
+        return path / FINAL
+    finished = [d / FINAL for d in sorted(path.iterdir()) if is_final(d / FINAL)] if path.is_dir() else []
+    if finished:
+        return max(finished, key=lambda p: json.loads((p / STAGE_INFO).read_text()).get("finished", ""))
+    raise DsvlmError(
+        f"{path} is not a finished stage output or run directory (no {FINAL}/{STAGE_INFO}); "
+        "pass a run directory, or RUN/<stage>/final"
+    )
