@@ -41,12 +41,12 @@ def save_checkpoint(accelerator: Accelerator, directory: Path, step: int, state:
             shutil.rmtree(final, ignore_errors=True)
             tmp.replace(final)
             prune(directory, keep)
-    except OSError as exc:
+    except Exception as exc:  # OSError, or a serializer's own error wrapping one (safetensors)
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
         previous = latest_names(directory)
         kept = f"; the last complete checkpoint is {previous[0]}" if previous else ""
-        raise DsvlmError(f"could not write checkpoint {final}: {exc.strerror or exc}{kept}") from exc
+        raise DsvlmError(f"could not write checkpoint {final}: {exc}{kept}") from exc
     accelerator.wait_for_everyone()
     return final
 

@@ -225,6 +225,9 @@ def run_stage(recipe: Recipe, stage: StageConfig, run: RunDir, init: Path | None
                     break
 
     wall = time.perf_counter() - started
+    checksums = _rank_checksums(accelerator, model)
+    if len(set(checksums)) > 1:
+        raise DsvlmError(f"stage {stage.name}: the weights of the {world} processes diverged ({checksums})")
     if supervise:
         _write_preview(accelerator, model, preview, recipe, stage_dir / "reconstructions.png")
     output = run.final_dir(stage.name)
@@ -234,6 +237,7 @@ def run_stage(recipe: Recipe, stage: StageConfig, run: RunDir, init: Path | None
         plot_losses(metrics, stage_dir / "loss.png", f"{recipe.description[:60]} - stage {stage.name}")
         info = {"stage": stage.name, "steps": total, "wall_time_s": round(wall, 2), "init": str(init or ""),
                 "dataset": str(dataset_dir), "split": stage.split_name, "supervision": supervise,
+                "world_size": world, "rank_checksums": checksums,
                 "peak_memory_mb": _peak_memory_mb(accelerator), "last_metrics": metrics[-1] if metrics else {},
                 "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         try:
@@ -326,6 +330,13 @@ def _write_preview(accelerator: Accelerator, model: torch.nn.Module, batch: dict
                 batch, recipe.run.preview_images, recipe.supervision.sampler_steps)
         image_grid([originals, reconstructions], out)
     accelerator.wait_for_everyone()
+
+
+def _rank_checksums(accelerator: Accelerator, model: torch.nn.Module) -> list[float]:
+    """A weighted parameter sum per process: DDP replicas must hold identical weights."""
+    with torch.no_grad():
+        total = sum(float((p.double() * (i % 7 + 1)).sum()) for i, p in enumerate(_unwrapped(model).parameters()))
+    return accelerator.gather(torch.tensor([total], dtype=torch.float64, device=accelerator.device)).tolist()
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

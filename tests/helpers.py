@@ -1,0 +1,38 @@
+"""Shared test helpers: a small synthetic dataset and tiny-recipe overrides that train in seconds."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def dsvlm(*args: str, check: bool = True, env: dict | None = None, **kwargs) -> subprocess.CompletedProcess:
+    """Run the real CLI in a subprocess (exit codes, stdout/stderr split as users see them)."""
+    result = subprocess.run([sys.executable, "-m", "dsvlm", *args], capture_output=True, text=True,
+                            env={**os.environ, **(env or {})}, **kwargs)
+    if check and result.returncode != 0:
+        raise AssertionError(f"dsvlm {' '.join(args)} failed ({result.returncode}):\n{result.stderr[-3000:]}")
+    return result
+
+
+def prepare_small_synthetic(out: Path, n: int = 64) -> Path:
+    result = dsvlm("prepare", "synthetic", str(out), "--n-align", str(n), "--n-instruct", str(n),
+                   "--n-eval", "16", "--seed", "1")
+    return Path(result.stdout.strip())
+
+
+def tiny_overrides(data: Path, out: Path, steps: int = 4, batch: int = 8, **extra: object) -> list[str]:
+    """The tiny-synthetic recipe shrunk to a few steps of a small batch."""
+    values: dict[str, object] = {
+        "data.dataset": data, "run.output_dir": out, "run.checkpoint_every": 2, "run.log_every": 1,
+        "run.preview_images": 2, "supervision.sampler_steps": 2, "supervision.reconstruct_per_batch": 4,
+    }
+    for i in (0, 1):
+        values.update({f"stages.{i}.max_steps": steps, f"stages.{i}.global_batch_size": batch,
+                       f"stages.{i}.per_device_batch_size": batch})
+    values.update(extra)
+    return [f"{k}={v}" for k, v in values.items()]

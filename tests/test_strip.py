@@ -1,0 +1,83 @@
+"""`dsvlm strip`: a verified plain LLaVA directory that any transformers user loads."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import dsvlm, prepare_small_synthetic, tiny_overrides
+from safetensors import safe_open
+from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+from dsvlm.errors import DsvlmError
+from dsvlm.strip.strip import LLAVA_PREFIXES, load_trained, probe_batch, strip
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("strip")
+    data = prepare_small_synthetic(root / "data", n=32)
+    out = root / "run"
+    dsvlm("train", "tiny-synthetic", *tiny_overrides(data, out, steps=2), "--stage", "align", "--no-progress")
+    return out
+
+
+def test_strip_writes_a_plain_llava_that_matches_the_training_model(run, tmp_path):
+    out = tmp_path / "model"
+    result = dsvlm("strip", str(run), "--out", str(out), "--json")
+    report = json.loads(result.stdout)
+    assert report["output"] == str(out)
+    assert report["params_removed"] > 0 and report["params_after"] < report["params_before"]
+    assert report["bytes_after"] < report["bytes_before"]
+
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "llava"
+    for name in ("generation_config.json", "README.md", "tokenizer.json", "processor_config.json"):
+        assert (out / name).is_file(), name
+    for shard in out.glob("*.safetensors"):
+        with safe_open(str(shard), "pt") as f:
+            assert all(k.startswith(LLAVA_PREFIXES) for k in list(f.keys()))
+
+    loaded, info = LlavaForConditionalGeneration.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    processor = AutoProcessor.from_pretrained(out)
+    assert "<image>" in processor.tokenizer.get_vocab()
+    _, trained = load_trained(run)
+    batch = probe_batch(trained)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(**batch).logits, trained.vlm(**batch).logits)
+    assert "stage" in (out / "README.md").read_text()
+
+
+def test_strip_refuses_a_non_empty_out_without_force(run, tmp_path):
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    result = dsvlm("strip", str(run), "--out", str(out), check=False)
+    assert result.returncode == 2 and "--force" in result.stderr
+    assert (out / "keep.txt").read_text() == "precious"
+    dsvlm("strip", str(run), "--out", str(out), "--force")
+    assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
+
+
+def test_strip_of_an_incomplete_run_is_a_clear_error(run, tmp_path):
+    with pytest.raises(DsvlmError, match="not a finished stage output"):
+        strip(tmp_path, tmp_path / "out")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    final = run / "align" / "final"
+    for item in final.iterdir():
+        if item.is_file():
+            (broken / item.name).write_bytes(item.read_bytes())
+    result = dsvlm("strip", str(broken), "--out", str(tmp_path / "out"), check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_push_to_hub_offline_fails_fast(run, tmp_path):
+    result = dsvlm("strip", str(run), "--out", str(tmp_path / "m"), "--push-to-hub", "me/tiny", check=False,
+                   env={"HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 2 and "offline" in result.stderr
+    assert (tmp_path / "m" / "config.json").is_file()  # the stripped model is kept

@@ -1,0 +1,222 @@
+"""`dsvlm train` on the tiny recipe: learning, resume after SIGKILL, DDP equivalence, freezing, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from dsvlm.model.dsvlm import build_model
+from helpers import REPO, dsvlm, prepare_small_synthetic, tiny_overrides
+from safetensors.torch import load_file
+
+from dsvlm.errors import DsvlmError
+from dsvlm.recipe import load_recipe
+from dsvlm.train.loop import TrainOptions, train
+
+TIMING_KEYS = {"step_time_s", "elapsed_s", "samples_per_s", "tokens_per_s"}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return prepare_small_synthetic(tmp_path_factory.mktemp("data") / "synthetic", n=96)
+
+
+def weights(final: Path) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for file in sorted(final.rglob("*.safetensors")):
+        for key, value in load_file(file).items():
+            tensors[f"{file.relative_to(final)}:{key}"] = value
+    return tensors
+
+
+def metrics(run: Path, stage: str) -> list[dict]:
+    lines = (run / stage / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k not in TIMING_KEYS} for line in lines]
+
+
+def assert_same_weights(a: Path, b: Path, atol: float = 0.0) -> None:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        torch.testing.assert_close(wa[key], wb[key], atol=atol, rtol=0 if atol == 0 else 1e-4, msg=key)
+
+
+def test_two_stages_lower_both_losses_and_write_outputs(data, tmp_path):
+    out = tmp_path / "run"
+    recipe = load_recipe("tiny-synthetic", tiny_overrides(data, out, steps=30, batch=16,
+                                                          **{"run.checkpoint_every": 100}))
+    final = train(recipe, TrainOptions(progress=False))
+    assert final == out / "instruct" / "final"
+    for stage in ("align", "instruct"):
+        lines = metrics(out, stage)
+        assert [m["step"] for m in lines] == list(range(1, 31))
+        first, last = lines[:5], lines[-5:]
+        for key in ("text_loss", "rec_loss"):
+            before = sum(m[key] for m in first) / 5
+            after = sum(m[key] for m in last) / 5
+            assert after < before, f"{stage} {key}: {before:.4f} -> {after:.4f}"
+        assert (out / stage / "loss.png").stat().st_size > 1000
+        assert (out / stage / "reconstructions.png").stat().st_size > 100
+        info = json.loads((out / stage / "final" / "stage.json").read_text())
+        assert info["steps"] == 30 and info["supervision"] is True
+    assert json.loads((out / "instruct" / "final" / "stage.json").read_text())["init"].endswith("align/final")
+    assert (out / "recipe.yaml").is_file() and json.loads((out / "env.json").read_text())["world_size"] == 1
+
+
+def test_frozen_modules_stay_bit_identical(data, tmp_path):
+    """Stage `align` trains only connector + supervision: vision tower and LLM must not move at all."""
+    out = tmp_path / "run"
+    overrides = tiny_overrides(data, out, steps=3, **{"stages.0.train": "[connector,supervision]"})
+    recipe = load_recipe("tiny-synthetic", overrides)
+    train(recipe, TrainOptions(stages=["align"], progress=False))
+    fresh = build_model(recipe).vlm.state_dict()  # same seed: the weights the stage started from
+    trained = weights(out / "align" / "final")
+    moved = {k.split(":", 1)[1] for k, v in trained.items() if k.startswith("vlm/")
+             and not torch.equal(v, fresh[k.split(":", 1)[1]])}
+    assert moved, "nothing trained"
+    assert all(".multi_modal_projector." in k for k in moved), sorted(moved)[:5]
+
+
+def _run_cli_train(data: Path, out: Path, *extra: str, steps: int = 6, env: dict | None = None, **kwargs):
+    args = ["train", "tiny-synthetic", *tiny_overrides(data, out, steps=steps), "--stage", "align", "--no-progress"]
+    return dsvlm(*args, *extra, env=env, **kwargs)
+
+
+def test_kill_and_resume_matches_an_uninterrupted_run(data, tmp_path):
+    reference = tmp_path / "reference"
+    _run_cli_train(data, reference)
+
+    interrupted = tmp_path / "interrupted"
+    args = [sys.executable, "-m", "dsvlm", "train", "tiny-synthetic", *tiny_overrides(data, interrupted, steps=6),
+            "--stage", "align", "--no-progress"]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
+    checkpoint = interrupted / "align" / "checkpoints" / "step-0000004" / "trainer_state.json"
+    deadline = time.time() + 300
+    while not checkpoint.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert checkpoint.exists(), "the run never reached its second checkpoint"
+    assert not (interrupted / "align" / "final" / "stage.json").exists(), "killed too late to test resume"
+
+    refused = _run_cli_train(data, interrupted, check=False)
+    assert refused.returncode == 2 and "--resume" in refused.stderr
+
+    # A corrupt newest checkpoint is skipped with a warning; the previous one is used.
+    (checkpoint.parent / "model.safetensors").write_bytes(b"garbage")
+    resumed = _run_cli_train(data, interrupted, "--resume")
+    assert "skipping checkpoint" in resumed.stderr
+    assert resumed.stdout.strip() == str(interrupted / "align" / "final")
+    assert_same_weights(reference / "align" / "final", interrupted / "align" / "final", atol=1e-6)
+    ref_metrics, res_metrics = metrics(reference, "align"), metrics(interrupted, "align")
+    assert [m["step"] for m in res_metrics] == list(range(1, 7))
+    for a, b in zip(ref_metrics, res_metrics, strict=True):
+        for key in ("text_loss", "rec_loss", "loss", "lr"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), (a["step"], key)
+
+
+def test_two_processes_match_one_process_at_the_same_global_batch(data, tmp_path):
+    single = tmp_path / "single"
+    _run_cli_train(data, single, steps=3)
+    ddp = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+           "-m", "dsvlm", "train", "tiny-synthetic", *tiny_overrides(data, ddp, steps=3),
+           "stages.0.per_device_batch_size=4", "--stage", "align", "--no-progress"]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    info = json.loads((ddp / "align" / "final" / "stage.json").read_text())
+    assert info["world_size"] == 2
+    assert len(set(info["rank_checksums"])) == 1, "ranks diverged"
+    assert json.loads((ddp / "env.json").read_text())["world_size"] == 2
+    assert_same_weights(single / "align" / "final", ddp / "align" / "final", atol=2e-5)
+    for a, b in zip(metrics(single, "align"), metrics(ddp, "align"), strict=True):
+        assert a["text_loss"] == pytest.approx(b["text_loss"], rel=1e-4)
+        assert a["rec_loss"] == pytest.approx(b["rec_loss"], rel=1e-4)
+
+
+def test_missing_data_fails_before_building_anything(tmp_path):
+    result = dsvlm("train", "tiny-synthetic", f"data.dataset={tmp_path / 'nowhere'}",
+                   f"run.output_dir={tmp_path / 'run'}", check=False)
+    assert result.returncode == 2
+    assert "nowhere" in result.stderr and "dsvlm prepare" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_another_runs_directory_is_refused_and_kept(data, tmp_path):
+    out = tmp_path / "run"
+    _run_cli_train(data, out, steps=2)
+    before = weights(out / "align" / "final")
+    other = dsvlm("train", "tiny-synthetic", *tiny_overrides(data, out, steps=2), "supervision.weight=0.5",
+                  "--stage", "align", check=False)
+    assert other.returncode == 2 and "different recipe" in other.stderr
+    again = _run_cli_train(data, out, steps=2, check=False)
+    assert again.returncode == 2 and "--overwrite" in again.stderr
+    assert_same_weights(out / "align" / "final", out / "align" / "final")
+    assert weights(out / "align" / "final").keys() == before.keys()
+    _run_cli_train(data, out, "--overwrite", steps=2)
+
+
+def test_unwritable_output_path(data, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    result = _run_cli_train(data, blocker / "run", check=False)
+    assert result.returncode == 2 and "cannot write to the output directory" in result.stderr
+
+
+def test_disk_full_during_checkpoint_is_a_clear_error(data, tmp_path):
+    """A file-size limit makes writes fail mid-checkpoint, as a full disk would."""
+    out = tmp_path / "run"
+
+    def limit() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # get EFBIG instead of being killed
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2_500_000, 2_500_000))
+
+    result = _run_cli_train(data, out, check=False, preexec_fn=limit)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "could not write" in result.stderr and "Traceback" not in result.stderr
+    leftovers = [p.name for p in (out / "align" / "checkpoints").iterdir()] if (out / "align").exists() else []
+    assert not [n for n in leftovers if n.endswith(".tmp")]
+
+
+def test_latent_cache_of_another_vae_is_refused(tmp_path):
+    """A recipe with a (tiny, inline) VAE refuses a cache built for other VAE weights or another resolution."""
+    data = prepare_small_synthetic(tmp_path / "data", n=16)
+    vae = ("supervision.diffusion.vae_config={in_channels: 3, out_channels: 3, latent_channels: 4, "
+           "block_out_channels: [8, 16], down_block_types: [DownEncoderBlock2D, DownEncoderBlock2D], "
+           "up_block_types: [UpDecoderBlock2D, UpDecoderBlock2D], norm_num_groups: 8, sample_size: 32}")
+    latent_unet = "supervision.diffusion.unet_config.in_channels=4"
+    common = [vae, "supervision.diffusion.pixel_space=false", latent_unet,
+              "supervision.diffusion.unet_config.out_channels=4", "supervision.diffusion.unet_config.sample_size=16"]
+    dsvlm("prepare", "synthetic", str(data), "--n-align", "16", "--n-instruct", "16", "--n-eval", "4",
+          "--overwrite", "--latents", "tiny-synthetic", *common, "run.seed=123")
+    result = dsvlm("train", "tiny-synthetic", *tiny_overrides(data, tmp_path / "run", steps=1), *common,
+                   "--stage", "align", check=False)
+    assert result.returncode == 2
+    assert "latent" in result.stderr.lower() and "Traceback" not in result.stderr
+
+
+def test_stage_two_alone_starts_from_init(data, tmp_path):
+    first = tmp_path / "first"
+    _run_cli_train(data, first, steps=2)
+    second = tmp_path / "second"
+    result = dsvlm("train", "tiny-synthetic", *tiny_overrides(data, second, steps=2), "--stage", "instruct",
+                   "--init", str(first), "--no-progress")
+    final = Path(result.stdout.strip())
+    assert final == second / "instruct" / "final"
+    assert json.loads((final / "stage.json").read_text())["init"] == str(first / "align" / "final")
+    shutil.rmtree(first)
+
+
+def test_unknown_stage_is_an_error(data, tmp_path):
+    with pytest.raises(DsvlmError, match="not in the recipe"):
+        train(load_recipe("tiny-synthetic", tiny_overrides(data, tmp_path)), TrainOptions(stages=["pretrain"]))
