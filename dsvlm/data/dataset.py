@@ -1,0 +1,48 @@
+"""The torch Dataset over one split of a prepared dataset."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from torch.utils.data import Dataset
+
+from dsvlm.data.latents import LatentCache
+from dsvlm.data.prepared import PreparedDataset
+from dsvlm.errors import DataError
+
+
+class PreparedSplit(Dataset):
+    """Records of one split: id, RGB image (None for text-only records), turns, and the cached VAE latent.
+
+    Holds the records in memory (conversations parsed once); images are read from disk per item.
+    """
+
+    def __init__(self, dataset_dir: Path | str, split: str, latents: LatentCache | None = None) -> None:
+        self.dataset = PreparedDataset(dataset_dir)
+        self.split = split
+        self.records: list[dict[str, Any]] = self.dataset.records(split)
+        self.latents = latents
+        self.lengths: list[int] = [r["length"] for r in self.records]  # words per record, for length grouping
+        if latents is not None:
+            missing = [r["image"] for r in self.records if r["image"] is not None and r["image"] not in latents]
+            if missing:
+                raise DataError(
+                    f"{latents.directory}: {len(missing)} image(s) of split {split!r} are not in the latent cache "
+                    f"(e.g. {missing[0]!r}); it is stale: rebuild it with "
+                    f"`dsvlm prepare latents {self.dataset.path} RECIPE [overrides]`"
+                )
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        record = self.records[index]
+        has_image = record["image"] is not None
+        return {
+            "index": index,
+            "id": record["id"],
+            "image": self.dataset.load_image(record) if has_image else None,
+            "conversations": [dict(turn) for turn in record["conversations"]],  # a collator may edit its copy
+            "latent": self.latents.get_image(record["image"]) if has_image and self.latents is not None else None,
+        }

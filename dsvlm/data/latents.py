@@ -1,0 +1,245 @@
+"""VAE latent cache: every image of a prepared dataset encoded once, so training skips the VAE encoder.
+
+Layout: `DATASET/latents/index.json` + `shard-NNNNN.safetensors` files, each holding one float32 tensor
+`latents` [N, C, h, w]. The index records the VAE fingerprint and resolution it was built for; `LatentCache.open`
+refuses a cache built for another VAE or resolution. Latents are the deterministic posterior mean times
+`scaling_factor`, of the image resized to resolution x resolution and scaled to [-1, 1] (`vae_input`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from dsvlm.data.common import MANIFEST, progress_bar, temp_dir, write_json
+from dsvlm.data.prepared import PreparedDataset
+from dsvlm.errors import DataError
+
+LATENTS_DIR = "latents"
+INDEX = "index.json"
+SHARD_SIZE = 4096  # latents per shard: 64 MiB at SD's 4x32x32 float32
+CACHE_VERSION = 1
+
+
+def vae_fingerprint(vae: torch.nn.Module) -> str:
+    """sha256 over the VAE's config (public keys) and every weight (name, dtype, shape, bytes)."""
+    digest = hashlib.sha256()
+    # Keys starting with "_" (_name_or_path, _diffusers_version) don't change the latents.
+    config = {k: v for k, v in dict(getattr(vae, "config", {})).items() if not k.startswith("_")}
+    digest.update(json.dumps(config, sort_keys=True, default=str).encode())
+    for name, tensor in sorted(vae.state_dict().items()):
+        flat = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}|{flat.dtype}|{tuple(tensor.shape)}".encode())
+        digest.update(flat.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def vae_input(image: Image.Image, resolution: int) -> torch.Tensor:
+    """The VAE's input for one image: RGB, resized to resolution x resolution (bicubic), [3, R, R] in [-1, 1].
+    Training without the cache must encode with exactly this to get the same latents."""
+    image = image.convert("RGB").resize((resolution, resolution), Image.Resampling.BICUBIC)
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32).copy()).permute(2, 0, 1)
+    return pixels / 127.5 - 1.0
+
+
+@torch.no_grad()
+def encode(vae: Any, pixels: torch.Tensor) -> torch.Tensor:
+    """Latents of a [B, 3, R, R] batch in [-1, 1]: posterior mean x scaling_factor, float32 on the CPU."""
+    param = next(vae.parameters())
+    posterior = vae.encode(pixels.to(param.device, param.dtype)).latent_dist
+    return (posterior.mean * vae.config.scaling_factor).float().cpu()
+
+
+def build_latent_cache(
+    dataset_dir: Path | str,
+    vae: Any,
+    resolution: int,
+    fingerprint: str,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Encode every distinct image of every split once and write `latents/` (built in a temporary directory,
+    then swapped in). Records the cache in the manifest and returns the updated manifest."""
+    dataset = PreparedDataset(dataset_dir)
+    images: dict[str, None] = {}  # ordered set of image paths: records sharing an image share its latent
+    ids: dict[str, str] = {}
+    ambiguous: set[str] = set()
+    for split in dataset.splits:
+        for record in dataset.records(split):
+            if record["image"] is None:
+                continue
+            images[record["image"]] = None
+            # The same id in two splits with different images (possible with real LLaVA mixes) can't be
+            # looked up by id; such records are served by image path.
+            if ids.setdefault(record["id"], record["image"]) != record["image"]:
+                ambiguous.add(record["id"])
+    for rid in ambiguous:
+        del ids[rid]
+
+    paths = list(images)
+    was_training = vae.training
+    vae.eval()
+    tmp = temp_dir(f".{LATENTS_DIR}.tmp-", dataset.path)
+    try:
+        shards: list[str] = []
+        location: dict[str, list[int]] = {}
+        shape: list[int] | None = None
+        with progress_bar(progress) as bar:
+            task = bar.add_task("encoding latents", total=len(paths))
+            for start in range(0, len(paths), SHARD_SIZE):
+                chunk = paths[start : start + SHARD_SIZE]
+                parts = []
+                for b in range(0, len(chunk), batch_size):
+                    batch = chunk[b : b + batch_size]
+                    pixels = torch.stack([vae_input(dataset.load_image({"image": p}), resolution) for p in batch])
+                    parts.append(encode(vae, pixels))
+                    bar.advance(task, len(batch))
+                latents = torch.cat(parts)
+                shape = list(latents.shape[1:])
+                name = f"shard-{len(shards):05d}.safetensors"
+                save_file({"latents": latents.contiguous()}, str(tmp / name))
+                for row, rel in enumerate(chunk):
+                    location[rel] = [len(shards), row]
+                shards.append(name)
+        index = {
+            "version": CACHE_VERSION,
+            "fingerprint": fingerprint,
+            "resolution": resolution,
+            "shape": shape,
+            "scaling_factor": float(vae.config.scaling_factor),
+            "shards": shards,
+            "images": location,
+            "ids": ids,
+        }
+        write_json(tmp / INDEX, index)
+        _swap_in(tmp, dataset.path / LATENTS_DIR)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        vae.train(was_training)
+    manifest = dataset.manifest
+    manifest["latents"] = {
+        "dir": LATENTS_DIR,
+        "fingerprint": fingerprint,
+        "resolution": resolution,
+        "shape": shape,
+        "images": len(paths),
+    }
+    write_json(dataset.path / MANIFEST, manifest)
+    return manifest
+
+
+def _swap_in(new: Path, target: Path) -> None:
+    """Replace `target` by `new` with renames; an old cache is deleted only once the new one is in place."""
+    if not target.exists():
+        os.rename(new, target)
+        return
+    old = target.with_name(f".{target.name}.old-{os.getpid()}")
+    os.rename(target, old)
+    try:
+        os.rename(new, target)
+    except BaseException:
+        os.rename(old, target)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+@dataclass
+class LatentRequest:
+    """What `dsvlm prepare --latents` asks for: build a cache with this VAE once the dataset is written."""
+
+    vae: Any
+    resolution: int
+    fingerprint: str
+    batch_size: int = 16
+
+    def build(self, dataset_dir: Path, progress: bool = True) -> dict[str, Any]:
+        return build_latent_cache(dataset_dir, self.vae, self.resolution, self.fingerprint, self.batch_size, progress)
+
+
+def _rebuild_hint(dataset_dir: Path) -> str:
+    return (
+        f"rebuild it with `dsvlm prepare latents {dataset_dir} RECIPE [overrides]` for the recipe you train, "
+        "or train without it (data.use_latent_cache=false)"
+    )
+
+
+class LatentCache:
+    """Read access to a dataset's latent cache; shards are memory-mapped lazily, per process."""
+
+    def __init__(self, directory: Path, index: dict[str, Any]) -> None:
+        self.directory = directory
+        self.index = index
+        self.fingerprint: str = index["fingerprint"]
+        self.resolution: int = index["resolution"]
+        self.shape: tuple[int, ...] = tuple(index["shape"] or ())
+        self._handles: dict[int, Any] = {}
+
+    @classmethod
+    def open(cls, dataset_dir: Path | str, fingerprint: str, resolution: int) -> LatentCache:
+        """Open the cache of `dataset_dir`; DataError if it is missing or was built for another VAE/resolution."""
+        dataset_dir = Path(dataset_dir)
+        directory = dataset_dir / LATENTS_DIR
+        try:
+            index = json.loads((directory / INDEX).read_text())
+        except FileNotFoundError:
+            raise DataError(f"{dataset_dir}: no latent cache ({directory / INDEX} missing); build one with "
+                            f"`dsvlm prepare latents {dataset_dir} RECIPE [overrides]`") from None
+        if index.get("version") != CACHE_VERSION:
+            raise DataError(f"{directory}: latent cache version {index.get('version')!r} is not "
+                            f"{CACHE_VERSION}; {_rebuild_hint(dataset_dir)}")
+        if index["fingerprint"] != fingerprint:
+            raise DataError(
+                f"{directory}: the latent cache was built for another VAE (fingerprint "
+                f"{index['fingerprint'][:12]}, this VAE {fingerprint[:12]}); {_rebuild_hint(dataset_dir)}"
+            )
+        if index["resolution"] != resolution:
+            raise DataError(
+                f"{directory}: the latent cache was built at resolution {index['resolution']}, the recipe uses "
+                f"{resolution} (supervision.resolution); {_rebuild_hint(dataset_dir)}"
+            )
+        return cls(directory, index)
+
+    def __len__(self) -> int:
+        return len(self.index["images"])
+
+    def __contains__(self, image: object) -> bool:
+        return image in self.index["images"]
+
+    def get_image(self, image: str) -> torch.Tensor:
+        """The latent [C, h, w] of an image, by its path relative to the image root (the record's `image`)."""
+        try:
+            shard, row = self.index["images"][image]
+        except KeyError:
+            raise DataError(f"{self.directory}: no latent for image {image!r}; the cache is stale, "
+                            f"{_rebuild_hint(self.directory.parent)}") from None
+        handle = self._handles.get(shard)
+        if handle is None:
+            handle = self._handles[shard] = safe_open(str(self.directory / self.index["shards"][shard]), "pt")
+        return handle.get_slice("latents")[row]
+
+    def get(self, record_id: str) -> torch.Tensor:
+        """The latent [C, h, w] of a record's image, by record id."""
+        image = self.index["ids"].get(record_id)
+        if image is None:
+            raise DataError(
+                f"{self.directory}: no latent for record id {record_id!r} (a text-only record, an id used in "
+                "two splits with different images - look those up with get_image - or a stale cache)"
+            )
+        return self.get_image(image)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # safetensors handles don't pickle; DataLoader workers reopen their own.
+        return {**self.__dict__, "_handles": {}}

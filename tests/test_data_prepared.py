@@ -1,0 +1,104 @@
+"""The prepared-dataset reader and the torch Dataset over a split."""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from dsvlm.data.common import PARQUET_SCHEMA
+from dsvlm.data.dataset import PreparedSplit
+from dsvlm.data.prepared import PreparedDataset
+from dsvlm.data.synthetic import prepare_synthetic
+from dsvlm.errors import DataError
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("prepared") / "data"
+    prepare_synthetic(out, n_align=20, n_instruct=200, n_eval=5, progress=False)
+    return out
+
+
+def test_missing_dataset_says_how_to_prepare(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=r"nope: no prepared dataset .*dsvlm prepare synthetic"):
+        PreparedDataset(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match=r"empty: not a prepared dataset \(no manifest.json\).*dsvlm prepare llava"):
+        PreparedDataset(tmp_path / "empty")
+
+
+def test_bad_manifest(tmp_path: Path) -> None:
+    (tmp_path / "manifest.json").write_text("{broken")
+    with pytest.raises(DataError, match="malformed JSON"):
+        PreparedDataset(tmp_path)
+    (tmp_path / "manifest.json").write_text(json.dumps({"format_version": 2, "splits": {}}))
+    with pytest.raises(DataError, match="format_version 2, but this dsvlm reads version 1"):
+        PreparedDataset(tmp_path)
+
+
+def test_missing_split(synthetic: Path) -> None:
+    with pytest.raises(DataError, match=r"no split 'train' \(has: align, instruct\)"):
+        PreparedDataset(synthetic).records("train")
+
+
+def test_records_and_images(synthetic: Path) -> None:
+    dataset = PreparedDataset(synthetic)
+    assert dataset.splits == ["align", "instruct"]
+    records = dataset.records("instruct")
+    assert len(records) == 200
+    record = records[0]
+    assert set(record) == {"id", "image", "conversations", "width", "height", "length"}
+    assert isinstance(record["conversations"], list) and record["conversations"][0]["from"] == "human"
+    assert dataset.image_path(record) == (synthetic / "images" / record["image"]).resolve()
+    assert dataset.load_image(record).mode == "RGB"
+    assert "synthetic" in repr(dataset)
+
+
+def test_image_path_stays_inside_the_root(synthetic: Path) -> None:
+    dataset = PreparedDataset(synthetic)
+    with pytest.raises(DataError, match="outside the image root"):
+        dataset.image_path({"id": "x", "image": "../manifest.json"})
+    with pytest.raises(DataError, match="outside the image root"):
+        dataset.image_path({"id": "x", "image": "/etc/passwd"})
+    with pytest.raises(DataError, match="no image"):
+        dataset.image_path({"id": "x", "image": None})
+    with pytest.raises(DataError, match="is missing"):
+        dataset.load_image({"id": "x", "image": "gone.png"})
+
+
+def test_grayscale_image_loads_as_rgb(tmp_path: Path) -> None:
+    (tmp_path / "images").mkdir()
+    Image.new("L", (5, 7), 100).save(tmp_path / "images" / "g.png")
+    table = pa.table({"id": ["g"], "image": ["g.png"], "conversations": ["[]"], "width": [5], "height": [7],
+                      "length": [0]}, schema=PARQUET_SCHEMA)
+    pq.write_table(table, tmp_path / "align.parquet")
+    (tmp_path / "manifest.json").write_text(json.dumps({
+        "format_version": 1, "kind": "llava", "image_root": str(tmp_path / "images"),
+        "splits": {"align": {"file": "align.parquet", "records": 1, "skipped": {}}}}))
+    image = PreparedDataset(tmp_path).load_image(PreparedDataset(tmp_path).records("align")[0])
+    assert image.mode == "RGB" and image.size == (5, 7)
+
+
+def test_prepared_split_items(synthetic: Path) -> None:
+    split = PreparedSplit(synthetic, "instruct")
+    assert len(split) == 200
+    assert split.lengths == [r["length"] for r in PreparedDataset(synthetic).records("instruct")]
+    item = split[3]
+    assert set(item) == {"index", "id", "image", "conversations", "latent"}
+    assert item["index"] == 3 and item["latent"] is None
+    assert isinstance(item["image"], Image.Image) and item["image"].mode == "RGB"
+    text_only = [i for i, r in enumerate(split.records) if r["image"] is None]
+    assert text_only, "the synthetic instruct set has text-only records"
+    assert split[text_only[0]]["image"] is None
+    # DataLoader workers receive the dataset pickled
+    clone = pickle.loads(pickle.dumps(split))
+    assert clone[3]["id"] == item["id"]
+    batch = next(iter(torch.utils.data.DataLoader(split, batch_size=4, collate_fn=list)))
+    assert [b["index"] for b in batch] == [0, 1, 2, 3]

@@ -1,0 +1,141 @@
+"""`dsvlm prepare`: stdout carries only the path (or JSON), errors exit 2 without a traceback."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from dsvlm.cli import prepare as prepare_cli
+from dsvlm.cli.app import app
+from dsvlm.data.latents import LatentCache, vae_fingerprint
+from dsvlm.data.prepared import PreparedDataset
+from dsvlm.errors import DataError
+
+SMALL = ["--n-align", "8", "--n-instruct", "12", "--n-eval", "4"]
+DSVLM = Path(sys.executable).with_name("dsvlm")
+
+
+def run(*args: str):
+    return CliRunner().invoke(app, ["prepare", *args])
+
+
+def tiny_vae():
+    import torch
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    return AutoencoderKL(block_out_channels=(8,), down_block_types=("DownEncoderBlock2D",),
+                         up_block_types=("UpDecoderBlock2D",), latent_channels=4, layers_per_block=1,
+                         norm_num_groups=4, sample_size=32)
+
+
+def test_synthetic_prints_only_the_path(tmp_path: Path) -> None:
+    out = tmp_path / "syn"
+    result = run("synthetic", str(out), *SMALL, "--seed", "1", "--question-types", "colour, shape",
+                 "--max-objects", "3", "--image-size", "24")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == f"{out}\n"
+    assert "align" in result.stderr and "instruct" in result.stderr  # the summary table
+    options = PreparedDataset(out).manifest["options"]
+    assert options["question_types"] == ["colour", "shape"]
+    assert (options["seed"], options["max_objects"], options["image_size"]) == (1, 3, 24)
+
+
+def test_json_summary(tmp_path: Path) -> None:
+    out = tmp_path / "syn"
+    result = run("synthetic", str(out), *SMALL, "--json", "--option-order", "shuffled")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["path"] == str(out)
+    assert summary["splits"]["instruct"]["records"] == 12
+    assert summary["options"]["option_order"] == "shuffled"
+    assert summary["eval"] == {"synthetic": "eval/synthetic.parquet"}
+
+
+def test_llava_skips_and_reports(tmp_path: Path) -> None:
+    from PIL import Image
+
+    (tmp_path / "img").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "img" / "a.png")
+    turns = [{"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": "a"}]
+    lines = [{"id": str(i), "image": image, "conversations": turns} for i, image in enumerate(["a.png", "b.png"])]
+    source = tmp_path / "data.jsonl"
+    source.write_text("\n".join(json.dumps(x) for x in lines))
+    out = tmp_path / "out"
+    result = run("llava", str(out), "--instruct", str(source), "--image-root", str(tmp_path / "img"), "--workers", "2")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == f"{out}\n"
+    assert "1 record(s) skipped" in result.stderr and "image_missing 1" in result.stderr
+
+    again = run("llava", str(out), "--instruct", str(source), "--image-root", str(tmp_path / "img"))
+    assert isinstance(again.exception, DataError) and "--overwrite" in str(again.exception)
+    none = run("llava", str(out), "--image-root", str(tmp_path / "img"))
+    assert isinstance(none.exception, DataError) and "--align FILE" in str(none.exception)
+
+
+def test_strict_exits_2_without_traceback(tmp_path: Path) -> None:
+    source = tmp_path / "bad.jsonl"
+    source.write_text('{"id": "x", "conversations": []}\n')
+    out = tmp_path / "out"
+    env = {**os.environ, "COLUMNS": "300"}
+    proc = subprocess.run(
+        [str(DSVLM), "prepare", "llava", str(out), "--align", str(source), "--image-root", str(tmp_path), "--strict"],
+        capture_output=True, text=True, env=env, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+    assert "error:" in proc.stderr and "line 1 (id x): empty_conversations" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not out.exists()
+
+
+def test_latents_with_a_vae(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = []
+
+    def load_vae(recipe):
+        seen.append(recipe)
+        return tiny_vae()
+
+    monkeypatch.setattr(prepare_cli, "_load_vae", load_vae)
+    out = tmp_path / "syn"
+    result = run("synthetic", str(out), "supervision.resolution=16", *SMALL, "--latents", "tiny-synthetic")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == f"{out}\n"
+    assert seen[0].supervision.resolution == 16
+    cache = LatentCache.open(out, vae_fingerprint(tiny_vae()), 16)
+    assert cache.get("align-000000").shape == (4, 16, 16)
+    assert "latent cache:" in result.stderr
+
+    rebuilt = run("latents", str(out), "tiny-synthetic", "supervision.resolution=32", "--batch-size", "5")
+    assert rebuilt.exit_code == 0, rebuilt.output
+    assert rebuilt.stdout == f"{out}\n"
+    assert LatentCache.open(out, vae_fingerprint(tiny_vae()), 32).get("align-000000").shape == (4, 32, 32)
+
+
+def test_latents_not_needed_for_pixel_space(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(prepare_cli, "_load_vae", lambda recipe: None)
+    out = tmp_path / "syn"
+    result = run("synthetic", str(out), *SMALL, "--latents", "tiny-synthetic")
+    assert result.exit_code == 0, result.output
+    assert "no latent cache needed" in result.stderr
+    assert not (out / "latents").exists() and "latents" not in PreparedDataset(out).manifest
+
+
+def test_bad_invocations(tmp_path: Path) -> None:
+    result = run("synthetic", str(tmp_path / "a"), "supervision.resolution=16", *SMALL)
+    assert isinstance(result.exception, DataError) and "without --latents" in str(result.exception)
+    result = run("synthetic", str(tmp_path / "b"), *SMALL, "--question-types", "colour,smell")
+    assert isinstance(result.exception, DataError) and "unknown question type(s) smell" in str(result.exception)
+    result = run("synthetic", str(tmp_path / "c"), *SMALL, "--option-order", "random")
+    assert result.exit_code == 2 and "random" in result.stderr  # a usage error from click
+    result = run("latents", str(tmp_path / "missing"), "tiny-synthetic")
+    assert isinstance(result.exception, DataError) and "dsvlm prepare synthetic" in str(result.exception)
+    result = run("hub", "liuhaotian/LLaVA-Pretrain", str(tmp_path / "d"))
+    assert isinstance(result.exception, DataError) and "hf download" in str(result.exception)
+    assert not any((tmp_path / name).exists() for name in "abcd")
