@@ -1,0 +1,309 @@
+"""Benchmark registry: dsvlm names -> lmms-eval 0.7.3 tasks, where their data comes from, and the task
+YAMLs dsvlm writes for them.
+
+Every benchmark runs as a task YAML that dsvlm generates in a temporary include folder. It `include`s the
+original lmms-eval task (so prompts and scoring functions stay lmms-eval's own) and overrides only what must
+change: a name of its own (built-in names win on a clash), no `tag`, no `token: True` (it fails without a
+stored token, even offline), a local file instead of the hub dataset when one is given, and for the MMBench
+family the score metric alone (the `submission` metric writes an .xlsx and needs openpyxl).
+
+Light on purpose (no lmms-eval import): name and data errors must come back before anything heavy loads.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dsvlm.errors import DataError, DsvlmError
+
+# Local file suffix -> the `datasets` builder that reads it.
+BUILDERS = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".csv": "csv", ".arrow": "arrow"}
+
+
+class Function(str):
+    """A `!function module.name` reference in a generated task YAML."""
+
+
+_MMBENCH_SCORE_ONLY = [
+    {
+        "metric": "gpt_eval_score",
+        "aggregation": Function("lmms_eval.tasks.mmbench.en_utils.mmbench_aggregate_dev_results_static"),
+        "higher_is_better": True,
+    }
+]
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    """One benchmark: the lmms-eval task it runs and the metric dsvlm reports."""
+
+    name: str  # dsvlm's name (`--bench`)
+    task: str  # the lmms-eval 0.7.3 task whose prompts and scoring it reuses
+    yaml: str  # that task's YAML, relative to lmms-eval's task folder
+    metric: str  # the headline metric in summary.json
+    description: str
+    hub: bool = True  # False: local data only (`--data-files`)
+    judge: bool = False  # scored by an OpenAI-compatible judge (needs OPENAI_API_KEY)
+    overrides: Mapping[str, Any] = field(default_factory=dict)  # task YAML keys dsvlm replaces
+
+    @property
+    def yaml_path(self) -> Path:
+        """The original task YAML inside the installed lmms-eval."""
+        return tasks_dir() / self.yaml
+
+    def task_config(self) -> dict[str, Any]:
+        """The original task's YAML with its includes resolved (`!function` values read as None)."""
+        return _read_task_yaml(self.yaml_path)
+
+    @property
+    def local_task(self) -> str:
+        """Name of the task dsvlm generates for this benchmark."""
+        return f"dsvlm_{self.name}"
+
+
+BENCHMARKS: dict[str, Benchmark] = {
+    b.name: b
+    for b in [
+        Benchmark(
+            "mmbench",
+            "mmbench_en_dev_static",
+            "mmbench/mmbench_en_dev_static.yaml",
+            "gpt_eval_score",
+            "MMBench-EN dev, letter extracted by regex (no OpenAI judge)",
+            overrides={"metric_list": _MMBENCH_SCORE_ONLY},
+        ),
+        Benchmark("mmstar", "mmstar", "mmstar/mmstar.yaml", "average", "MMStar val"),
+        Benchmark("mmmu", "mmmu_val", "mmmu/mmmu_val.yaml", "mmmu_acc", "MMMU validation"),
+        Benchmark(
+            "mathvista",
+            "mathvista_testmini_format",
+            "mathvista/mathvista_testmini_format.yaml",
+            "llm_as_judge_eval",
+            "MathVista testmini (answer extraction by an OpenAI-compatible judge)",
+            judge=True,
+        ),
+        Benchmark("ocrbench", "ocrbench", "ocrbench/ocrbench.yaml", "ocrbench_accuracy", "OCRBench"),
+        Benchmark("ai2d", "ai2d", "ai2d/ai2d.yaml", "exact_match", "AI2D test"),
+        Benchmark(
+            "hallusionbench",
+            "hallusion_bench_image",
+            "hallusion_bench/hallusion_bench_image.yaml",
+            "aAcc",
+            "HallusionBench image split (scored by an OpenAI-compatible judge)",
+            judge=True,
+        ),
+        Benchmark(
+            "llava_bench",
+            "llava_in_the_wild",
+            "llava-in-the-wild/llava-in-the-wild.yaml",
+            "gpt_eval_llava_all",
+            "LLaVA-Bench in the wild (scored by an OpenAI-compatible judge)",
+            judge=True,
+        ),
+        Benchmark(
+            "scienceqa", "scienceqa_img", "scienceqa/scienceqa_img.yaml", "exact_match", "ScienceQA-IMG test"
+        ),
+        Benchmark("mme", "mme", "mme/mme.yaml", "mme_perception_score", "MME (perception score)"),
+        Benchmark(
+            "synthetic",
+            "mmbench_en_dev_static",
+            "mmbench/mmbench_en_dev_static.yaml",
+            "gpt_eval_score",
+            "dsvlm's held-out synthetic set in MMBench schema (`dsvlm prepare synthetic OUT`)",
+            hub=False,
+            # One-letter answers: lmms-eval's MMBench default of 1024 new tokens only costs time.
+            overrides={
+                "metric_list": _MMBENCH_SCORE_ONLY,
+                "generation_kwargs": {
+                    "until": ["ASSISTANT:"],
+                    "max_new_tokens": 16,
+                    "temperature": 0,
+                    "do_sample": False,
+                },
+            },
+        ),
+    ]
+}
+
+
+def tasks_dir() -> Path:
+    """lmms-eval's task folder, found without importing lmms-eval (which pulls in torch)."""
+    spec = importlib.util.find_spec("lmms_eval")
+    if spec is None or not spec.submodule_search_locations:
+        raise DsvlmError("lmms-eval is not installed; run `make install` (it adds lmms-eval 0.7.3 --no-deps)")
+    return Path(next(iter(spec.submodule_search_locations))) / "tasks"
+
+
+def get_benchmark(name: str) -> Benchmark:
+    """The benchmark called `name`, or an error listing the known ones."""
+    try:
+        return BENCHMARKS[name]
+    except KeyError:
+        raise DsvlmError(f"unknown benchmark {name!r}; known: {', '.join(BENCHMARKS)}") from None
+
+
+def parse_benches(spec: str | list[str]) -> list[str]:
+    """`"mmbench,synthetic"` or a list of such strings -> validated, de-duplicated names in order."""
+    items = [spec] if isinstance(spec, str) else spec
+    names = [n.strip() for item in items for n in item.split(",") if n.strip()]
+    if not names:
+        raise DsvlmError(f"no benchmark given; known: {', '.join(BENCHMARKS)}")
+    for name in names:
+        get_benchmark(name)
+    return list(dict.fromkeys(names))
+
+
+def parse_data_files(items: list[str]) -> dict[str, str]:
+    """`["bench=PATH", ...]` (the repeatable --data-files option) -> {bench: PATH}."""
+    out: dict[str, str] = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name.strip() or not path.strip():
+            raise DsvlmError(f"--data-files expects BENCH=PATH, got {item!r}")
+        out[get_benchmark(name.strip()).name] = path.strip()
+    return out
+
+
+def resolve_data_file(bench: Benchmark, path: str | Path) -> Path:
+    """A local copy of `bench`'s data: a file, or a prepared dataset folder declaring it."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        path = _declared_eval_file(bench, path)
+    if not path.is_file():
+        raise DataError(f"--data-files {bench.name}={path}: no such file")
+    if path.suffix not in BUILDERS:
+        raise DataError(
+            f"--data-files {bench.name}={path}: unsupported file type {path.suffix!r}; "
+            f"use one of {', '.join(BUILDERS)}"
+        )
+    return path.resolve()
+
+
+def _declared_eval_file(bench: Benchmark, folder: Path) -> Path:
+    """The eval file a prepared dataset (`dsvlm prepare`) declares for `bench` in its manifest."""
+    from dsvlm.data.prepared import PreparedDataset
+
+    declared = PreparedDataset(folder).eval_files
+    if bench.name not in declared:
+        raise DataError(
+            f"the prepared dataset {folder} declares no eval file for {bench.name!r} "
+            f"(it has: {', '.join(declared) or 'none'}); pass the file itself"
+        )
+    return declared[bench.name]
+
+
+def ensure_available(bench: Benchmark, data_file: Path | None) -> None:
+    """Fail at once, with the remedy, when `bench` has neither a local file nor reachable hub data.
+
+    Without this, a missing dataset shows up minutes later as a `datasets` retry loop or a stack trace.
+    """
+    if data_file is not None:
+        return
+    if not bench.hub:
+        raise DsvlmError(
+            f"benchmark {bench.name!r} has no hub dataset: pass --data-files {bench.name}=PATH "
+            "(a prepared dataset folder or its eval parquet, e.g. from `dsvlm prepare synthetic OUT`)"
+        )
+    config = bench.task_config()
+    repo = config["dataset_path"]
+    if _in_hf_cache(repo):
+        return
+    split = config.get("test_split")
+    remedy = (
+        f"pass a local copy: --data-files {bench.name}=FILE.parquet (split {split!r} of {repo}, in the "
+        f"schema lmms-eval's task {bench.task!r} reads)"
+    )
+    if _offline():
+        raise DsvlmError(
+            f"benchmark {bench.name!r} needs the hub dataset {repo}, which is not in the local "
+            f"cache, and HF_HUB_OFFLINE is set; {remedy}"
+        )
+    from huggingface_hub import HfApi
+
+    try:
+        HfApi().dataset_info(repo, timeout=10)
+    except Exception as exc:  # any failure means lmms-eval would fail too, only later and slower
+        raise DsvlmError(
+            f"benchmark {bench.name!r}: the hub dataset {repo} is not cached and cannot be reached "
+            f"({type(exc).__name__}: {exc}); {remedy}"
+        ) from exc
+
+
+def write_task_yaml(
+    bench: Benchmark, folder: Path, data_file: Path | None = None, max_new_tokens: int | None = None
+) -> str:
+    """Write the task YAML that runs `bench` into `folder` and return its task name."""
+    original = bench.task_config()
+    config: dict[str, Any] = {"include": str(bench.yaml_path), "task": bench.local_task, "tag": []}
+    config.update(bench.overrides)
+    dataset_kwargs = {k: v for k, v in (original.get("dataset_kwargs") or {}).items() if k != "token"}
+    if data_file is not None:
+        split = original["test_split"]
+        config.update(
+            dataset_path=BUILDERS[data_file.suffix],
+            dataset_name=None,
+            dataset_kwargs={"data_files": {split: str(data_file)}},
+        )
+    else:
+        config["dataset_kwargs"] = dataset_kwargs
+    if max_new_tokens is not None:
+        generation = dict(config.get("generation_kwargs") or original.get("generation_kwargs") or {})
+        generation["max_new_tokens"] = min(
+            max_new_tokens, int(generation.get("max_new_tokens", max_new_tokens))
+        )
+        config["generation_kwargs"] = generation
+    (folder / f"{bench.local_task}.yaml").write_text(yaml.dump(config, Dumper=_TaskDumper, sort_keys=False))
+    return bench.local_task
+
+
+class _TaskLoader(yaml.SafeLoader):
+    """Reads lmms-eval task YAMLs without importing the functions they name."""
+
+
+_TaskLoader.add_constructor("!function", lambda loader, node: None)
+
+
+class _TaskDumper(yaml.SafeDumper):
+    """Writes `Function` values as `!function` tags."""
+
+
+_TaskDumper.add_representer(Function, lambda dumper, data: dumper.represent_scalar("!function", str(data)))
+
+
+def _read_task_yaml(path: Path) -> dict[str, Any]:
+    """lmms-eval's include resolution: the first listed include wins, the file itself wins over all."""
+    if not path.is_file():
+        raise DsvlmError(f"lmms-eval task file {path} is missing; this dsvlm expects lmms-eval 0.7.3")
+    data = yaml.load(path.read_text(), Loader=_TaskLoader) or {}
+    includes = data.pop("include", [])
+    merged: dict[str, Any] = {}
+    for include in reversed([includes] if isinstance(includes, str) else includes):
+        merged.update(_read_task_yaml(path.parent / include))
+    merged.update(data)
+    return merged
+
+
+def _offline() -> bool:
+    return any(
+        os.environ.get(var, "").strip().lower() in {"1", "true", "yes", "on"}
+        for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+    )
+
+
+def _in_hf_cache(repo: str) -> bool:
+    """Whether `repo` was downloaded before: the hub cache, or a datasets cache lmms-eval reads from."""
+    home = Path(os.environ.get("HF_HOME", "~/.cache/huggingface")).expanduser()
+    hub = Path(os.environ.get("HF_HUB_CACHE", home / "hub")).expanduser()
+    caches = [Path(os.environ.get("HF_DATASETS_CACHE", home / "datasets")).expanduser()]
+    if os.environ.get("LMMS_EVAL_DATASETS_CACHE"):
+        caches.append(Path(os.environ["LMMS_EVAL_DATASETS_CACHE"]).expanduser())
+    return (hub / f"datasets--{repo.replace('/', '--')}").is_dir() or any(
+        (cache / repo.replace("/", "___")).is_dir() for cache in caches
+    )

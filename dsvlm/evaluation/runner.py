@@ -1,0 +1,290 @@
+"""Run benchmarks through lmms-eval and summarise them: `evaluate`, `compare`, `resolve_model`.
+
+Outputs under `out_dir`: `results.json` (lmms-eval's results), `samples_<bench>.jsonl` (lmms-eval's
+per-sample records), `summary.json` (per benchmark: task, metric, score, n, samples file) and whatever the
+tasks' own aggregations write (e.g. `submissions/`), which lmms-eval puts under its output path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import sys
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from dsvlm.errors import DsvlmError
+from dsvlm.evaluation.benches import (
+    Benchmark,
+    ensure_available,
+    get_benchmark,
+    resolve_data_file,
+    write_task_yaml,
+)
+from dsvlm.evaluation.compat import check_filelock, keep_loglikelihood_pairs
+
+log = logging.getLogger(__name__)
+
+SUMMARY = "summary.json"
+
+
+def resolve_model(path: str | Path) -> Path:
+    """The model directory to evaluate: a stripped dsvlm model (a transformers LLaVA folder)."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise DsvlmError(f"model {path} does not exist")
+    problems = []
+    config = path / "config.json"
+    if not path.is_dir():
+        problems.append("it is not a directory")
+    elif not config.is_file():
+        problems.append("no config.json")
+    else:
+        try:
+            model_type = json.loads(config.read_text()).get("model_type")
+        except (json.JSONDecodeError, AttributeError):
+            model_type = "unreadable"
+        if model_type != "llava":
+            problems.append(f"config.json has model_type {model_type!r}, not 'llava'")
+    if path.is_dir():
+        if not any(path.glob("*.safetensors")):
+            problems.append("no *.safetensors weights")
+        if not any((path / f).is_file() for f in ("processor_config.json", "preprocessor_config.json")):
+            problems.append("no processor (processor_config.json)")
+        if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+            problems.append("no tokenizer")
+    if problems:
+        raise DsvlmError(
+            f"{path} is not a model directory ({'; '.join(problems)}); pass a stripped model, "
+            "the output of `dsvlm strip RUN` (a transformers LLaVA folder with its processor)"
+        )
+    return path.resolve()
+
+
+def evaluate(
+    model_dir: str | Path,
+    benches: list[str],
+    out_dir: str | Path,
+    data_files: dict[str, str] | None = None,
+    batch_size: int = 8,
+    limit: int | None = None,
+    max_new_tokens: int | None = None,
+    device: str = "cpu",
+    dtype: str = "float32",
+    model: str = "dsvlm",
+    model_args: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Score `model_dir` on `benches` with lmms-eval; write results, samples and `summary.json`.
+
+    `max_new_tokens` caps every task's generation length (None: each task's own setting). `model` names the
+    lmms-eval model class ("dsvlm", or e.g. "llava_hf" for a reference run, with `model_args` extra
+    arguments); `batch_size`, `device` and `dtype` apply to the dsvlm class. Returns the summary.
+    """
+    check_filelock()
+    model_path = resolve_model(model_dir)
+    plan = _plan(benches, data_files or {})
+    out = Path(out_dir).expanduser().resolve()
+    out.mkdir(parents=True, exist_ok=True)
+
+    with tempfile.TemporaryDirectory(prefix="dsvlm-tasks-") as include_dir:
+        tasks = {b.name: write_task_yaml(b, Path(include_dir), f, max_new_tokens) for b, f in plan}
+        from lmms_eval.evaluator import simple_evaluate
+        from lmms_eval.tasks import TaskManager
+
+        _route_lmms_eval_logs()
+        keep_loglikelihood_pairs()
+        lm = _load_model(model, model_path, batch_size, device, dtype, model_args or {})
+        task_manager = TaskManager(
+            "WARNING", include_path=include_dir, include_defaults=False, model_name=model
+        )
+        start = time.perf_counter()
+        # Task aggregations print() their reports; stdout belongs to the caller's pipeline.
+        with contextlib.redirect_stdout(sys.stderr):
+            results = simple_evaluate(
+                model=lm,
+                tasks=list(tasks.values()),
+                task_manager=task_manager,
+                limit=limit,
+                bootstrap_iters=0,
+                log_samples=True,
+                verbosity="WARNING",
+                cli_args=lmms_cli_args(out),
+            )
+        seconds = time.perf_counter() - start
+    summary = _write_outputs(
+        results, plan, tasks, out, model_path, model, seconds, limit, getattr(lm, "batch_size", None)
+    )
+    Console(stderr=True).print(summary_table(summary))
+    return summary
+
+
+def compare(base: dict[str, Any] | str | Path, new: dict[str, Any] | str | Path) -> dict[str, dict[str, Any]]:
+    """Per benchmark: `base` score, `new` score and `delta` = new - base (None where one side lacks it)."""
+    a, b = load_summary(base), load_summary(new)
+    out: dict[str, dict[str, Any]] = {}
+    for name in dict.fromkeys([*a["benchmarks"], *b["benchmarks"]]):
+        sa = a["benchmarks"].get(name, {}).get("score")
+        sb = b["benchmarks"].get(name, {}).get("score")
+        out[name] = {"base": sa, "new": sb, "delta": None if sa is None or sb is None else sb - sa}
+    return out
+
+
+def summary_table(summary: dict[str, Any]) -> Table:
+    """The summary as a rich table."""
+    table = Table("benchmark", "task", "metric", "score", "n", title=f"dsvlm eval: {summary['model']}")
+    for name, row in summary["benchmarks"].items():
+        score = "-" if row["score"] is None else f"{row['score']:.4g}"
+        table.add_row(name, row["task"], row["metric"], score, str(row["n"]))
+    return table
+
+
+def compare_table(deltas: dict[str, dict[str, Any]]) -> Table:
+    """`compare`'s output as a rich table."""
+    table = Table("benchmark", "base", "new", "delta", title="comparison")
+
+    def fmt(value: float | None, signed: bool = False) -> str:
+        return "-" if value is None else (f"{value:+.4g}" if signed else f"{value:.4g}")
+
+    for name, row in deltas.items():
+        table.add_row(name, fmt(row["base"]), fmt(row["new"]), fmt(row["delta"], signed=True))
+    return table
+
+
+def _plan(benches: list[str], data_files: dict[str, str]) -> list[tuple[Benchmark, Path | None]]:
+    """Validate names and data before anything heavy loads."""
+    if not benches:
+        raise DsvlmError("no benchmark given")
+    for name in data_files:
+        if name not in benches:
+            raise DsvlmError(
+                f"--data-files names {name!r}, which is not among the benchmarks run ({', '.join(benches)})"
+            )
+    plan = []
+    for name in dict.fromkeys(benches):
+        bench = get_benchmark(name)
+        data_file = resolve_data_file(bench, data_files[name]) if name in data_files else None
+        ensure_available(bench, data_file)
+        if bench.judge:
+            log.warning(
+                "%s is scored by an OpenAI-compatible judge (OPENAI_API_KEY / OPENAI_API_URL); "
+                "without one its score is not meaningful",
+                name,
+            )
+        plan.append((bench, data_file))
+    return plan
+
+
+def _load_model(
+    model: str, path: Path, batch_size: int, device: str, dtype: str, extra: dict[str, Any]
+) -> Any:
+    """An lmms-eval model instance: dsvlm's class directly, any other through lmms-eval's registry."""
+    if model == "dsvlm":
+        from dsvlm.evaluation.lmms_model import DsvlmLlava
+
+        return DsvlmLlava(pretrained=str(path), batch_size=batch_size, device=device, dtype=dtype, **extra)
+    from lmms_eval.models import get_model
+
+    args = ",".join(f"{k}={v}" for k, v in {"pretrained": path, **extra}.items())
+    return get_model(model).create_from_arg_string(args)
+
+
+def lmms_cli_args(out: Path) -> argparse.Namespace:
+    """The `lmms-eval` CLI arguments that `simple_evaluate` and the tasks' aggregations read.
+
+    Without an output path, aggregations such as MMBench's write into `./submissions` of the working folder.
+    """
+    return argparse.Namespace(
+        output_path=str(out), process_with_media=False, reasoning_tags=None, agentic_trace_mode="basic"
+    )
+
+
+def _route_lmms_eval_logs() -> None:
+    """lmms-eval points loguru at stdout when imported; send its warnings to stderr instead."""
+    from loguru import logger
+
+    logger.remove()
+    logger.add(sys.stderr, level="WARNING")
+
+
+def _write_outputs(
+    results: dict[str, Any] | None,
+    plan: list[tuple[Benchmark, Path | None]],
+    tasks: dict[str, str],
+    out: Path,
+    model_path: Path,
+    model: str,
+    seconds: float,
+    limit: int | None,
+    batch_size: int | None,
+) -> dict[str, Any]:
+    from lmms_eval.utils import handle_non_serializable
+
+    if not results:
+        raise DsvlmError("lmms-eval returned no results")
+    samples = results.pop("samples", {})
+    results_file = out / "results.json"
+    results_file.write_text(
+        json.dumps(results, indent=2, default=handle_non_serializable, ensure_ascii=False)
+    )
+    benchmarks = {}
+    for bench, data_file in plan:
+        task = tasks[bench.name]
+        samples_file = out / f"samples_{bench.name}.jsonl"
+        with samples_file.open("w", encoding="utf-8") as fh:
+            for sample in samples.get(task, []):
+                fh.write(json.dumps(sample, default=handle_non_serializable, ensure_ascii=False) + "\n")
+        metric, score = _headline(results["results"].get(task, {}), bench.metric)
+        benchmarks[bench.name] = {
+            "task": task,
+            "lmms_eval_task": bench.task,
+            "metric": metric,
+            "score": score,
+            "n": results.get("n-samples", {}).get(task, {}).get("effective", len(samples.get(task, []))),
+            "samples": str(samples_file),
+            "data": str(data_file) if data_file else bench.task_config()["dataset_path"],
+        }
+    summary = {
+        "model": str(model_path),
+        "model_class": model,
+        "lmms_eval_version": metadata.version("lmms_eval"),
+        "batch_size": batch_size,
+        "limit": limit,
+        "seconds": round(seconds, 3),
+        "results": str(results_file),
+        "benchmarks": benchmarks,
+    }
+    (out / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _headline(task_results: dict[str, Any], metric: str) -> tuple[str, float | None]:
+    """lmms-eval keys metrics `name,filter`; pick the benchmark's metric under whichever filter ran."""
+    for key, value in task_results.items():
+        if key.split(",", 1)[0] == metric and isinstance(value, (int, float)):
+            return key, float(value)
+    return metric, None
+
+
+def load_summary(summary: dict[str, Any] | str | Path) -> dict[str, Any]:
+    """A summary given as a dict, a `summary.json` or the folder holding one."""
+    if isinstance(summary, dict):
+        data = summary
+    else:
+        path = Path(summary)
+        if path.is_dir():
+            path = path / SUMMARY
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise DsvlmError(f"cannot read eval summary {path}: {exc}") from exc
+    if not isinstance(data.get("benchmarks"), dict):
+        raise DsvlmError("not a dsvlm eval summary (no `benchmarks`)")
+    return data

@@ -1,0 +1,229 @@
+"""`dsvlm eval` end to end on a tiny real LLaVA: lmms-eval scores it, lmms-eval's own `llava_hf` agrees
+answer for answer, batching changes nothing, and multiple-choice tasks run through `loglikelihood`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import dsvlm
+
+from dsvlm.evaluation import evaluate
+from dsvlm.model.vlm import build_vlm
+from dsvlm.recipe import load_recipe
+
+N_EVAL = 24
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    """The tiny-synthetic recipe's LLaVA saved as a stripped model. Random weights answer with unrelated
+    words; scaling the answer letters' output rows makes greedy answers letters that still depend on the
+    input."""
+    out = tmp_path_factory.mktemp("model")
+    vlm, processor = build_vlm(load_recipe("tiny-synthetic").model, seed=0)
+    letters = processor.tokenizer.convert_tokens_to_ids(list("ABCD"))
+    with torch.no_grad():
+        vlm.get_output_embeddings().weight[letters] *= 30
+    vlm.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("data") / "synthetic"
+    dsvlm("prepare", "synthetic", str(out), "--n-align", "1", "--n-instruct", "1", "--n-eval", str(N_EVAL))
+    return out
+
+
+@pytest.fixture(scope="module")
+def batch8(tiny_model, dataset, tmp_path_factory) -> tuple[str, Path]:
+    """`dsvlm eval` as users run it (batch 8); returns its stdout and output folder."""
+    out = tmp_path_factory.mktemp("eval8")
+    result = dsvlm(
+        "eval",
+        str(tiny_model),
+        "--bench",
+        "synthetic",
+        "--data-files",
+        f"synthetic={dataset}",
+        "--out",
+        str(out),
+        "--batch-size",
+        "8",
+        "--max-new-tokens",
+        "4",
+    )
+    return result.stdout, out
+
+
+@pytest.fixture(scope="module")
+def batch1(tiny_model, dataset, batch8, tmp_path_factory) -> dict:
+    """The same at batch 1, with --json and --compare against the batch-8 run."""
+    out = tmp_path_factory.mktemp("eval1")
+    result = dsvlm(
+        "eval",
+        str(tiny_model),
+        "--bench",
+        "synthetic",
+        "--data-files",
+        f"synthetic={dataset}",
+        "--out",
+        str(out),
+        "--batch-size",
+        "1",
+        "--max-new-tokens",
+        "4",
+        "--json",
+        "--compare",
+        str(batch8[1]),
+    )
+    return json.loads(result.stdout)
+
+
+def answers(samples_file: str | Path) -> list[str]:
+    return [json.loads(line)["filtered_resps"][0] for line in Path(samples_file).read_text().splitlines()]
+
+
+def test_eval_scores_the_model_through_lmms_eval(batch8):
+    stdout, out = batch8
+    assert stdout.strip() == str(out / "summary.json")
+    summary = json.loads((out / "summary.json").read_text())
+    row = summary["benchmarks"]["synthetic"]
+    assert row["task"] == "dsvlm_synthetic" and row["metric"] == "gpt_eval_score,none"
+    assert row["n"] == N_EVAL and row["data"].endswith("eval/synthetic.parquet")
+    assert (out / "results.json").is_file()
+
+    from lmms_eval.tasks.mmbench.mmbench_evals import MMBench_Evaluator
+
+    # Re-score the saved predictions with MMBench's own static scorer: the summary is the samples' score.
+    records = [json.loads(line)["gpt_eval_score"] for line in Path(row["samples"]).read_text().splitlines()]
+    assert len(records) == N_EVAL
+    overall, _, _ = MMBench_Evaluator().eval_result(records, eval_method="static")
+    assert row["score"] == pytest.approx(100 * overall)
+    assert len(set(answers(row["samples"]))) > 1  # the parity tests below compare varied answers
+
+
+def test_batch_8_gives_the_answers_of_batch_1(batch8, batch1):
+    one = batch1["benchmarks"]["synthetic"]
+    eight = json.loads((batch8[1] / "summary.json").read_text())["benchmarks"]["synthetic"]
+    assert answers(one["samples"]) == answers(eight["samples"])
+    assert batch1["batch_size"] == 1
+    assert batch1["compare"] == {"synthetic": {"base": eight["score"], "new": one["score"], "delta": 0.0}}
+
+
+def test_lmms_eval_llava_hf_gives_the_same_answers(tiny_model, dataset, batch1, tmp_path):
+    summary = evaluate(
+        tiny_model,
+        ["synthetic"],
+        tmp_path,
+        data_files={"synthetic": str(dataset)},
+        max_new_tokens=4,
+        model="llava_hf",
+        model_args={"device_map": "cpu", "device": "cpu"},
+    )
+    reference = summary["benchmarks"]["synthetic"]
+    ours = batch1["benchmarks"]["synthetic"]
+    assert answers(reference["samples"]) == answers(ours["samples"])
+    assert reference["score"] == ours["score"]
+
+
+MC_TASK = """\
+task: dsvlm_test_mc
+dataset_path: parquet
+dataset_kwargs:
+  data_files:
+    dev: {data}
+test_split: dev
+output_type: multiple_choice
+doc_to_visual: !function lmms_eval.tasks.mmbench.en_utils.mmbench_doc_to_visual
+doc_to_text: !function lmms_eval.tasks.mmbench.en_utils.mmbench_doc_to_text
+doc_to_choice: ["A", "B", "C", "D"]
+doc_to_target: answer
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+"""
+
+
+def run_mc(lm, tasks_dir: Path, limit: int = 8) -> dict:
+    from lmms_eval.evaluator import simple_evaluate
+    from lmms_eval.tasks import TaskManager
+
+    manager = TaskManager("WARNING", include_path=str(tasks_dir), include_defaults=False)
+    return simple_evaluate(
+        model=lm,
+        tasks=["dsvlm_test_mc"],
+        task_manager=manager,
+        limit=limit,
+        bootstrap_iters=0,
+        log_samples=True,
+    )
+
+
+@pytest.fixture(scope="module")
+def mc_tasks(dataset, tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("mc")
+    (folder / "mc.yaml").write_text(MC_TASK.format(data=dataset / "eval" / "synthetic.parquet"))
+    return folder
+
+
+def test_multiple_choice_runs_through_loglikelihood(tiny_model, dataset, mc_tasks):
+    from dsvlm.evaluation.lmms_model import DsvlmLlava
+
+    results = run_mc(DsvlmLlava(pretrained=str(tiny_model), batch_size=8), mc_tasks)
+    samples = results["samples"]["dsvlm_test_mc"]
+    assert len(samples) == 8
+    correct = []
+    for sample in samples:
+        pairs = sample["filtered_resps"]
+        assert len(pairs) == 4 and all(isinstance(nll, float) and isinstance(g, bool) for nll, g in pairs)
+        nlls = [nll for nll, _ in pairs]
+        assert all(nll > 0 for nll in nlls)  # losses: lmms-eval picks the answer by argmin
+        correct.append(float("ABCD"[nlls.index(min(nlls))] == sample["target"]))
+    assert results["results"]["dsvlm_test_mc"]["acc,none"] == pytest.approx(sum(correct) / len(correct))
+
+    # Left padding changes nothing, and the first choice matches a plain forward pass with labels.
+    unbatched = run_mc(DsvlmLlava(pretrained=str(tiny_model), batch_size=1), mc_tasks)["samples"][
+        "dsvlm_test_mc"
+    ]
+    for batched, single in zip(samples, unbatched, strict=True):
+        for (nll_8, greedy_8), (nll_1, greedy_1) in zip(
+            batched["filtered_resps"], single["filtered_resps"], strict=True
+        ):
+            assert nll_8 == pytest.approx(nll_1, rel=1e-4) and greedy_8 == greedy_1
+    first = samples[0]
+    eval_file = dataset / "eval" / "synthetic.parquet"
+    assert first["filtered_resps"][0][0] == pytest.approx(
+        reference_nll(tiny_model, eval_file, first, " A"), rel=1e-4
+    )
+
+
+def reference_nll(model_dir: Path, eval_file: Path, sample: dict, continuation: str) -> float:
+    import datasets
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    model = LlavaForConditionalGeneration.from_pretrained(model_dir).eval()
+    processor = AutoProcessor.from_pretrained(model_dir)
+    image = datasets.load_dataset("parquet", data_files=str(eval_file), split="train")[sample["doc_id"]][
+        "image"
+    ]
+    prompt = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": sample["arguments"][0]}]}],
+        add_generation_prompt=True,
+        tokenize=False,
+    )
+    context = processor(
+        text=prompt, images=[image.convert("RGB")], add_special_tokens=False, return_tensors="pt"
+    )
+    cont = processor.tokenizer(continuation, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    input_ids = torch.cat([context["input_ids"], cont], dim=1)
+    labels = torch.full_like(input_ids, -100)
+    labels[:, -cont.shape[1] :] = cont
+    with torch.no_grad():
+        loss = model(input_ids=input_ids, pixel_values=context["pixel_values"], labels=labels).loss
+    return float(loss) * cont.shape[1]
