@@ -23,7 +23,7 @@ demo: install
 	PATH=$(abspath $(VENV))/bin:$$PATH bash scripts/demo.sh
 
 test: install
-	$(PY) -m pytest -q
+	OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest -q
 
 lint: install
 	$(VENV)/bin/ruff check dsvlm tests benchmarks

@@ -9,3 +9,5 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("HF_HOME", tempfile.mkdtemp(prefix="dsvlm-test-hf-"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_MODE", "disabled")
+# On a loaded 2-core machine torch's spinning OpenMP threads slow small ops down 100x; let them sleep.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 
 from rich.console import Console
@@ -25,7 +26,11 @@ STATE = _State()
 
 
 def setup_logging(level: int = logging.INFO) -> None:
-    """Log to stderr through rich; quiet the chatty libraries unless debugging."""
+    """Log to stderr through rich; quiet the chatty libraries (their tqdm bars, warnings) unless debugging."""
+    if level > logging.DEBUG:  # set before transformers/diffusers are imported: they read these once
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     logging.basicConfig(
         level=level,
         format="%(message)s",

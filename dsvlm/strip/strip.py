@@ -24,7 +24,8 @@ from dsvlm.train.rundir import STAGE_INFO, resolve_init
 log = logging.getLogger(__name__)
 
 # What tools that load plain LLaVA checkpoints (lmms-eval llava_hf, vLLM) accept; vLLM refuses anything else.
-LLAVA_PREFIXES = ("model.vision_tower.", "model.multi_modal_projector.", "model.language_model.", "lm_head.")
+# transformers 5 saves LLaVA in the classic layout (`language_model.model.*`, `vision_tower.*`, ...).
+LLAVA_PREFIXES = ("vision_tower.", "multi_modal_projector.", "language_model.", "lm_head.")
 
 
 @dataclass

@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import resource
 import time
 from collections.abc import Iterator
@@ -81,7 +82,7 @@ def train(recipe: Recipe, options: TrainOptions) -> Path:
     stages = [s for s in recipe.stages if s.name in names]
     for stage in stages:  # fail on missing data before any model is built
         _check_data(recipe, stage)
-    state = PartialState()
+    state = PartialState(cpu=_cpu_only())
     run = RunDir.open(Path(recipe.run.output_dir), recipe, names, options.resume, options.overwrite,
                       main=state.is_main_process)
     state.wait_for_everyone()
@@ -118,14 +119,28 @@ def _previous_output(recipe: Recipe, run: RunDir, stage: StageConfig) -> Path | 
     return None
 
 
+def _cpu_only() -> bool:
+    """Without an accelerator, multi-process runs need accelerate's explicit CPU mode (gloo): otherwise each
+    process would silently train alone on all the data."""
+    return not torch.cuda.is_available()
+
+
 def _accelerator(stage: StageConfig) -> Accelerator:
     AcceleratorState._reset_state()  # each stage may use its own precision
-    return Accelerator(
+    accelerator = Accelerator(
+        cpu=_cpu_only(),
         mixed_precision=PRECISION[stage.precision],
+        # Our schedule counts optimizer steps of the global batch: one scheduler step per optimizer step.
+        step_scheduler_with_optimizer=False,
         dataloader_config=DataLoaderConfiguration(even_batches=True),
         # The last encoder layers feed only the diffusion branch; unused parameters are normal.
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if accelerator.num_processes != launched:
+        raise DsvlmError(f"launched {launched} processes but accelerate set up {accelerator.num_processes}; "
+                         "check the accelerate config (on CPU: `accelerate launch --multi_gpu --cpu ...`)")
+    return accelerator
 
 
 def _latent_cache(recipe: Recipe, model: DSVLM, dataset_dir: Path) -> LatentCache | None:
@@ -153,7 +168,7 @@ def run_stage(recipe: Recipe, stage: StageConfig, run: RunDir, init: Path | None
     model = build_model(recipe, init=init)
     freeze_for_stage(model, stage.train)
     if stage.gradient_checkpointing:
-        model.vlm.gradient_checkpointing_enable()
+        model.vlm.activation_checkpointing_enable()
     dataset_dir = Path(stage.dataset or recipe.data.dataset)
     split = PreparedSplit(dataset_dir, stage.split_name, latents=_latent_cache(recipe, model, dataset_dir))
     collator = Collator(

@@ -1,0 +1,234 @@
+"""DS-VLM: a plain transformers LLaVA plus the removable diffusion supervision branch.
+
+The branch's conditions come from the SAME forward pass that feeds the LLM: forward hooks on the vision
+encoder's layers and on the projector copy their outputs while a supervised forward runs. The LLaVA forward
+itself stays the standard one, so with the branch off (or λ = 0) loss and logits are those of plain LLaVA.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoProcessor, LlavaForConditionalGeneration, LlavaProcessor
+
+from dsvlm.errors import RecipeError
+from dsvlm.model.collate import IGNORE_INDEX
+from dsvlm.model.supervision.branch import CONNECTOR, DiffusionSupervision, vision_condition
+from dsvlm.model.vlm import build_vlm
+from dsvlm.recipe.schema import Recipe
+
+log = logging.getLogger(__name__)
+
+VLM_DIR = "vlm"
+SUPERVISION_DIR = "supervision"
+SUPERVISION_WEIGHTS = "weights.safetensors"
+SUPERVISION_INFO = "supervision.json"
+
+
+@dataclass
+class DSVLMOutput:
+    """Losses of one forward: `loss = text_loss + λ·rec_loss`. The parts stay attached (so each can be
+    back-propagated alone); detach them for logging."""
+
+    loss: torch.Tensor
+    text_loss: torch.Tensor
+    rec_loss: torch.Tensor
+    n_text_tokens: int
+    n_rec: int
+    logits: torch.Tensor
+
+
+class DSVLM(nn.Module):
+    """`.vlm` (LlavaForConditionalGeneration), `.processor`, `.supervision` (DiffusionSupervision or None)."""
+
+    def __init__(
+        self, vlm: LlavaForConditionalGeneration, processor: LlavaProcessor, supervision: DiffusionSupervision | None
+    ) -> None:
+        super().__init__()
+        self.vlm = vlm
+        self.supervision = supervision
+        # A plain attribute, not a module: the processor holds no weights and must not enter state dicts.
+        self.processor = processor
+        self._captured: dict[str, torch.Tensor] | None = None
+        if supervision is not None:
+            self._install_hooks(supervision)
+
+    def _install_hooks(self, supervision: DiffusionSupervision) -> None:
+        layers = _encoder_layers(self.vlm.model.vision_tower)
+        too_deep = [layer for layer in supervision.config.vision_layers if layer > len(layers)]
+        if too_deep:
+            raise RecipeError(
+                f"supervision.vision_layers {too_deep} exceed the vision encoder's depth ({len(layers)} layers)"
+            )
+        for layer in supervision.config.vision_layers:
+            # Hidden state k (1-based, as LLaVA's `hidden_states[k]`) is the output of encoder layer k - 1.
+            layers[layer - 1].register_forward_hook(self._capture_hook(vision_condition(layer)))
+        if supervision.config.connector:
+            self.vlm.model.multi_modal_projector.register_forward_hook(self._capture_hook(CONNECTOR))
+
+    def _capture_hook(self, name: str) -> Any:
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            if self._captured is not None:
+                self._captured[name] = output[0] if isinstance(output, tuple) else output
+
+        return hook
+
+    @contextlib.contextmanager
+    def _capturing(self, enabled: bool) -> Iterator[dict[str, torch.Tensor]]:
+        captured: dict[str, torch.Tensor] = {}
+        self._captured = captured if enabled else None
+        try:
+            yield captured
+        finally:
+            self._captured = None
+
+    def forward(
+        self,
+        batch: dict[str, torch.Tensor],
+        supervise: bool = True,
+        text_normalizer: float | None = None,
+        rec_normalizer: float | None = None,
+    ) -> DSVLMOutput:
+        """Text loss (summed next-token CE / `text_normalizer`, default this batch's label-token count) plus
+        λ · reconstruction loss (summed per-image loss / `rec_normalizer`, default this batch's count)."""
+        branch = self.supervision if supervise else None
+        if branch is not None and (branch.config.weight == 0 or "pixel_values" not in batch):
+            branch = None
+        with self._capturing(branch is not None) as captured:
+            logits = self.vlm(
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                pixel_values=batch.get("pixel_values"),
+            ).logits
+        labels = batch["labels"][:, 1:]
+        n_text = int((labels != IGNORE_INDEX).sum())
+        text_sum = F.cross_entropy(
+            logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+        )
+        text_loss = text_sum / (text_normalizer if text_normalizer is not None else max(n_text, 1))
+
+        rec_loss = logits.new_zeros((), dtype=torch.float32)
+        n_rec = 0
+        if branch is not None:
+            per_image, n_rec = self._reconstruction(branch, batch, captured)
+            rec_loss = per_image.sum() / (rec_normalizer if rec_normalizer is not None else max(n_rec, 1))
+            loss = text_loss + branch.config.weight * rec_loss
+        else:
+            loss = text_loss
+        return DSVLMOutput(loss, text_loss, rec_loss, n_text, n_rec, logits)
+
+    def _reconstruction(
+        self, branch: DiffusionSupervision, batch: dict[str, torch.Tensor], captured: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, int]:
+        """Per-image reconstruction loss of the first `reconstruct_per_batch` imaged samples."""
+        if "rec_pixels" not in batch and "latents" not in batch:
+            raise ValueError("a supervised batch needs rec_pixels (Collator rec_resolution) or latents")
+        n_images = batch["pixel_values"].shape[0]
+        k = min(n_images, branch.config.reconstruct_per_batch or n_images)
+        seeds = batch["noise_seeds"] if "noise_seeds" in batch else batch["sample_index"]
+        seeds = seeds[batch["image_mask"]][:k]
+        images = batch["rec_pixels"][:k] if "rec_pixels" in batch else None
+        latents = batch["latents"][:k] if "latents" in batch else None
+        conditions = {name: captured[name][:k] for name in branch.condition_names}
+        return branch(conditions, images, latents, seeds)["loss"], k
+
+    @torch.no_grad()
+    def reconstruct(
+        self, batch: dict[str, torch.Tensor], n: int, steps: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(originals, reconstructions) of the first `n` images, both (n, 3, R, R) in [0, 1], for previews."""
+        branch = self.supervision
+        if branch is None:
+            raise ValueError("this model has no diffusion branch to reconstruct with")
+        if "rec_pixels" not in batch:
+            raise ValueError("reconstruct needs rec_pixels (Collator rec_resolution)")
+        with self._capturing(True) as captured:
+            self.vlm(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], pixel_values=batch["pixel_values"]
+            )
+        n = min(n, batch["pixel_values"].shape[0])
+        conditions = {name: captured[name][:n] for name in branch.condition_names}
+        reconstructions = branch.sample(conditions, steps)
+        return (batch["rec_pixels"][:n].float() + 1) / 2, (reconstructions.float() + 1) / 2
+
+
+def _encoder_layers(vision_tower: nn.Module) -> nn.ModuleList:
+    """The transformer layers of a CLIP / SigLIP vision tower (flat in transformers 5, nested before)."""
+    for path in ("encoder.layers", "vision_model.encoder.layers"):
+        with contextlib.suppress(AttributeError):
+            return vision_tower.get_submodule(path)
+    raise RecipeError(f"{type(vision_tower).__name__} is not a CLIP/SigLIP-style vision tower")
+
+
+def _branch(recipe: Recipe, vlm: LlavaForConditionalGeneration) -> DiffusionSupervision | None:
+    if not recipe.supervision.enabled:
+        return None
+    return DiffusionSupervision(
+        recipe.supervision,
+        vision_hidden_size=vlm.config.vision_config.hidden_size,
+        llm_hidden_size=vlm.config.text_config.hidden_size,
+        seed=recipe.run.seed,
+    )
+
+
+def build_model(recipe: Recipe, init: Path | None = None) -> DSVLM:
+    """A fresh DS-VLM from the recipe, or the one `save_model` wrote to `init`."""
+    if init is not None:
+        return load_model(init, recipe)
+    vlm, processor = build_vlm(recipe.model, seed=recipe.run.seed)
+    return DSVLM(vlm, processor, _branch(recipe, vlm))
+
+
+def save_model(model: DSVLM, out_dir: Path) -> None:
+    """`out_dir/vlm/`: a standard transformers LLaVA directory (safetensors) with its processor.
+    `out_dir/supervision/`: the branch's weights except frozen pretrained parts (reloaded from their source)."""
+    out_dir = Path(out_dir)
+    model.vlm.save_pretrained(out_dir / VLM_DIR, safe_serialization=True)
+    model.processor.save_pretrained(out_dir / VLM_DIR)
+    branch = model.supervision
+    if branch is None:
+        return
+    target = out_dir / SUPERVISION_DIR
+    target.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in branch.trainable_state_dict().items()}
+    save_file(state, target / SUPERVISION_WEIGHTS)
+    info = {
+        "conditions": branch.condition_names,
+        "cross_attention": branch.config.cross_attention,
+        "pretrained": branch.config.diffusion.pretrained,
+        "unet_saved": any(k.startswith("unet.") and ".processor." not in k for k in state),
+        "vae_saved": any(k.startswith("vae.") for k in state),
+        "tensors": len(state),
+        "parameters": sum(v.numel() for v in state.values()),
+    }
+    (target / SUPERVISION_INFO).write_text(json.dumps(info, indent=2) + "\n")
+
+
+def load_model(directory: Path, recipe: Recipe) -> DSVLM:
+    """The DS-VLM `save_model` wrote; the branch follows the recipe (fresh if the directory has none)."""
+    directory = Path(directory)
+    vlm_dir = directory / VLM_DIR
+    if not (vlm_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{directory} holds no saved DS-VLM ({vlm_dir}/config.json missing)")
+    vlm = LlavaForConditionalGeneration.from_pretrained(
+        vlm_dir, dtype=torch.float32, attn_implementation=recipe.model.attn_implementation
+    )
+    processor = AutoProcessor.from_pretrained(vlm_dir)
+    branch = _branch(recipe, vlm)
+    weights = directory / SUPERVISION_DIR / SUPERVISION_WEIGHTS
+    if branch is not None:
+        if weights.is_file():
+            branch.load_trainable_state_dict(load_file(weights))
+        else:
+            log.info("%s has no diffusion branch: starting a fresh one", directory)
+    return DSVLM(vlm, processor, branch)

@@ -1,0 +1,91 @@
+"""The explicit freeze step of a stage: train the named module groups, freeze everything else, say so."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from rich.table import Table
+from torch import nn
+
+from dsvlm.model.dsvlm import DSVLM
+from dsvlm.model.vlm import is_linear_connector
+
+GROUPS = ("vision", "connector", "llm", "supervision")
+
+
+def _group_parameters(model: DSVLM, group: str) -> list[nn.Parameter]:
+    """The parameters a stage that trains `group` updates."""
+    vlm = model.vlm
+    if group == "vision":
+        return list(vlm.model.vision_tower.parameters())
+    if group == "connector":
+        projector = vlm.model.multi_modal_projector
+        if is_linear_connector(vlm):  # linear_2 is the fixed identity of the single linear map
+            return list(projector.linear_1.parameters())
+        return list(projector.parameters())
+    if group == "llm":
+        return [*vlm.model.language_model.parameters(), *vlm.lm_head.parameters()]
+    if group == "supervision":
+        branch = model.supervision
+        if branch is None:
+            raise ValueError("the stage trains `supervision` but the model has no diffusion branch")
+        unet = [] if branch.config.freeze_unet else list(branch.unet.parameters())
+        return [*branch.new_parameters(), *unet]
+    raise ValueError(f"unknown module group {group!r}; choose from {', '.join(GROUPS)}")
+
+
+def _count(params: Iterable[nn.Parameter]) -> tuple[int, int]:
+    unique = {id(p): p for p in params}.values()
+    return sum(p.numel() for p in unique if p.requires_grad), sum(p.numel() for p in unique if not p.requires_grad)
+
+
+def freeze_for_stage(model: DSVLM, train: list[str]) -> list[dict]:
+    """Set requires_grad for a stage: only the `train` groups learn; the VAE (and a frozen UNet) never do.
+
+    Logs a table (group, trainable, frozen parameters) to stderr and returns its rows.
+    """
+    unknown = [g for g in train if g not in GROUPS]
+    if unknown:
+        raise ValueError(f"unknown module group(s) {unknown}; choose from {', '.join(GROUPS)}")
+    model.requires_grad_(False)
+    for group in train:
+        for param in _group_parameters(model, group):
+            param.requires_grad_(True)
+
+    vlm = model.vlm
+    sections: list[tuple[str, list[nn.Parameter]]] = [
+        ("vision", list(vlm.model.vision_tower.parameters())),
+        ("connector", list(vlm.model.multi_modal_projector.parameters())),
+        ("llm", [*vlm.model.language_model.parameters(), *vlm.lm_head.parameters()]),
+    ]
+    branch = model.supervision
+    if branch is not None:
+        new = branch.new_parameters()
+        new_ids = {id(p) for p in new}
+        sections += [
+            ("supervision (adapters, new K/V, routers, LoRA)", new),
+            ("unet", [p for p in branch.unet.parameters() if id(p) not in new_ids]),
+        ]
+        if branch.vae is not None:
+            sections.append(("vae", list(branch.vae.parameters())))
+        if branch.perceptual is not None:
+            sections.append(("perceptual network", list(branch.perceptual.parameters())))
+    rows = []
+    for name, params in sections:
+        trainable, frozen = _count(params)
+        rows.append({"module": name, "trainable": trainable, "frozen": frozen})
+    _log_table(rows, train)
+    return rows
+
+
+def _log_table(rows: list[dict], train: list[str]) -> None:
+    from dsvlm.cli.common import console  # the shared stderr console, so lines do not interleave
+
+    table = Table(title=f"Freeze step: training {', '.join(train)}")
+    table.add_column("module")
+    table.add_column("trainable", justify="right")
+    table.add_column("frozen", justify="right")
+    for row in rows:
+        table.add_row(row["module"], f"{row['trainable']:,}", f"{row['frozen']:,}")
+    table.add_row("total", f"{sum(r['trainable'] for r in rows):,}", f"{sum(r['frozen'] for r in rows):,}")
+    console.print(table)

@@ -1,0 +1,164 @@
+"""The diffusion supervision branch on its own: components, MoE cross-attention, losses, seeding, LoRA."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from diffusers.models.attention_processor import AttnProcessor2_0
+from safetensors.torch import save_file
+from test_model_fixtures import PIXEL_UNET, UNET, VAE, tiny_recipe
+from torch import nn
+
+from dsvlm.errors import RecipeError
+from dsvlm.model.supervision.attention import MoECrossAttnProcessor
+from dsvlm.model.supervision.branch import DiffusionSupervision
+from dsvlm.model.supervision.components import load_scheduler, load_unet, load_vae
+from dsvlm.model.supervision.losses import _VGG16
+from dsvlm.recipe.schema import DiffusionConfig, SupervisionConfig
+
+VISION, LLM = 32, 24
+
+
+def branch(seed: int = 0, **options) -> DiffusionSupervision:
+    return DiffusionSupervision(tiny_recipe(**options).supervision, VISION, LLM, seed=seed)
+
+
+def conditions(model: DiffusionSupervision, n: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    widths = {name: layer.in_features for name, layer in model.adapters.layers.items()}
+    # connector and vision tokens differ in number, as they do in the VLM (no CLS in the connector output)
+    return {name: torch.randn(n, 4 if name == "connector" else 5, w, generator=generator) for name, w in widths.items()}
+
+
+def images(n: int, seed: int = 0) -> torch.Tensor:
+    return torch.rand(n, 3, 16, 16, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+def test_moe_branches_start_as_copies_of_the_text_kv_and_routers_mix_to_one() -> None:
+    model = branch()
+    assert model.condition_names == ["connector", "vision_1", "vision_3"]
+    processors = [p for name, p in model.unet.attn_processors.items() if name.endswith("attn2.processor")]
+    assert processors and all(isinstance(p, MoECrossAttnProcessor) for p in processors)
+    assert not any(isinstance(p, MoECrossAttnProcessor) for n, p in model.unet.attn_processors.items() if "attn1" in n)
+    attn2 = [m for n, m in model.unet.named_modules() if n.endswith("attn2")]
+    for attn, proc in zip(attn2, processors, strict=True):
+        assert len(proc.to_k) == len(proc.to_v) == 2
+        for k, v in zip(proc.to_k, proc.to_v, strict=True):
+            assert torch.equal(k.weight, attn.to_k.weight) and torch.equal(v.weight, attn.to_v.weight)
+            assert k.weight.data_ptr() != attn.to_k.weight.data_ptr()
+        nn.init.normal_(proc.router.weight)
+        weights = proc.route(torch.randn(5, 7, attn.to_q.out_features))
+        assert weights.shape == (5, 3)
+        assert torch.allclose(weights.sum(dim=1), torch.ones(5))
+
+
+@pytest.mark.parametrize("loss", ["perceptual", "mae", "ssim", "eps_mse"])
+def test_each_loss_gives_per_sample_values_and_trains_the_adapters(loss: str) -> None:
+    model = branch(loss={loss: 2.0})
+    out = model(conditions(model, 3), images(3), None, torch.arange(3))
+    assert out["loss"].shape == out[loss].shape == (3,)
+    assert torch.allclose(out["loss"], 2.0 * out[loss])
+    assert torch.isfinite(out["loss"]).all() and (out[loss] >= 0).all()
+    out["loss"].sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.adapters.parameters())
+    assert all(p.grad is None for p in model.vae.parameters())
+
+
+def test_vgg16_perceptual_loss_from_a_weights_file(tmp_path) -> None:
+    layers, channels = [], 3  # a torchvision-layout `features` state dict, random weights
+    for item in _VGG16:
+        layers += [nn.MaxPool2d(2)] if item == "M" else [nn.Conv2d(channels, int(item), 3, padding=1), nn.ReLU()]
+        channels = int(item) if item != "M" else channels
+    state = {f"features.{k}": v for k, v in nn.Sequential(*layers).state_dict().items()}
+    save_file(state, tmp_path / "vgg16.safetensors")
+    options = {"loss": {"perceptual": 1.0, "mae": 0.5}, "perceptual_network": "vgg16",
+               "perceptual_weights": str(tmp_path / "vgg16.safetensors")}
+    model = branch(**options)
+    assert torch.equal(model.perceptual.features[0].weight, state["features.0.weight"])
+    out = model(conditions(model, 2), images(2), None, torch.arange(2))
+    assert torch.allclose(out["loss"], out["perceptual"] + 0.5 * out["mae"])
+    out["loss"].sum().backward()
+    assert model.perceptual.features[0].weight.grad is None
+    torch.save({"classifier.0.weight": torch.zeros(1)}, tmp_path / "bad.pth")
+    with pytest.raises(RecipeError, match="lacks VGG16"):
+        branch(**{**options, "perceptual_weights": str(tmp_path / "bad.pth")})
+
+
+def test_pixel_space_branch_has_no_vae() -> None:
+    model = branch(diffusion={"pretrained": None, "pixel_space": True, "unet_config": PIXEL_UNET,
+                              "num_train_timesteps": 100}, loss={"ssim": 1.0, "eps_mse": 1.0})
+    assert model.vae is None
+    x = images(2)
+    assert torch.equal(model.encode(x), x)
+    out = model(conditions(model, 2), x, None, torch.arange(2))
+    assert out["loss"].shape == (2,)
+
+
+def test_shared_cross_attention_keeps_the_standard_processor() -> None:
+    model = branch(cross_attention="shared")
+    assert model.moe == [] and all(isinstance(p, AttnProcessor2_0) for p in model.unet.attn_processors.values())
+    out = model(conditions(model, 2), images(2), None, torch.arange(2))
+    out["loss"].sum().backward()
+    assert all(p.grad is not None for p in model.adapters.parameters())
+
+
+def test_per_sample_seeds_make_losses_independent_of_the_batch() -> None:
+    model = branch(loss={"mae": 1.0, "eps_mse": 1.0})
+    cond, x, seeds = conditions(model, 3), images(3), torch.tensor([11, 22, 33])
+    together = model(cond, x, None, seeds)["loss"]
+    alone = model({k: v[1:2] for k, v in cond.items()}, x[1:2], None, seeds[1:2])["loss"]
+    assert torch.allclose(together[1:2], alone, atol=1e-5)
+    again = model(cond, x, None, seeds)["loss"]
+    assert torch.equal(together, again)
+    other = model(cond, x, None, seeds + 1)["loss"]
+    assert not torch.allclose(together, other)
+
+
+def test_cached_latents_give_the_same_loss_as_encoding() -> None:
+    model = branch(loss={"mae": 1.0})
+    cond, x, seeds = conditions(model, 2), images(2), torch.arange(2)
+    assert torch.allclose(model(cond, x, None, seeds)["loss"], model(cond, x, model.encode(x), seeds)["loss"])
+
+
+def test_components_from_a_pretrained_diffusers_directory(tmp_path) -> None:
+    unet, vae = UNet2DConditionModel(**UNET), AutoencoderKL(**VAE)
+    unet.save_pretrained(tmp_path / "unet")
+    vae.save_pretrained(tmp_path / "vae")
+    DDPMScheduler(num_train_timesteps=50, prediction_type="v_prediction").save_pretrained(tmp_path / "scheduler")
+    cfg = DiffusionConfig(pretrained=str(tmp_path))
+    assert torch.equal(load_unet(cfg).conv_in.weight, unet.conv_in.weight)
+    assert torch.equal(load_vae(cfg).encoder.conv_in.weight, vae.encoder.conv_in.weight)
+    assert load_scheduler(cfg).config.num_train_timesteps == 50
+    model = DiffusionSupervision(SupervisionConfig(diffusion=cfg, vision_layers=[1], loss={"mae": 1.0},
+                                                   resolution=16), VISION, LLM)
+    assert model.timestep_range == (0, 49)  # clipped to the schedule
+    # frozen pretrained parts are reloaded from their source, never saved
+    assert not any(k.startswith("vae.") for k in model.trainable_state_dict())
+    assert all(".processor." in k for k in model.trainable_state_dict() if k.startswith("unet."))
+    out = model(conditions(model, 2), images(2), None, torch.arange(2))
+    assert torch.isfinite(out["loss"]).all()
+    with pytest.raises(RecipeError, match="scheduler"):
+        load_scheduler(DiffusionConfig(pretrained=str(tmp_path / "missing")))
+
+
+def test_lora_starts_as_the_identity_and_trains_only_itself() -> None:
+    plain, lora = branch(seed=5), branch(seed=5, lora_rank=2)
+    cond, x, seeds = conditions(plain, 2), images(2), torch.arange(2)
+    assert torch.allclose(plain(cond, x, None, seeds)["loss"], lora(cond, x, None, seeds)["loss"], atol=1e-6)
+    assert lora.lora and {id(p) for d in lora.lora for p in d.parameters()} <= {id(p) for p in lora.new_parameters()}
+    lora(cond, x, None, seeds)["loss"].sum().backward()
+    assert all(d.lora_down.grad is not None for d in lora.lora)
+    frozen = [p for n, p in lora.unet.named_parameters() if n.endswith(".original")]
+    assert frozen and all(not p.requires_grad for p in frozen)
+
+
+def test_ddim_preview_samples_are_images() -> None:
+    model = branch()
+    out = model.sample(conditions(model, 2), steps=2)
+    assert out.shape == (2, 3, 16, 16) and out.min() >= -1 and out.max() <= 1
+
+
+def test_mismatched_unet_channels_are_a_recipe_error() -> None:
+    with pytest.raises(RecipeError, match="channels"):
+        branch(diffusion={"pretrained": None, "unet_config": PIXEL_UNET, "vae_config": VAE})
