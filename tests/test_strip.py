@@ -24,6 +24,15 @@ def run(tmp_path_factory) -> Path:
     return out
 
 
+def test_eval_of_a_run_strips_it_on_the_fly(run, tmp_path):
+    data = run.parent / "data"
+    result = dsvlm("eval", str(run), "--bench", "synthetic", "--data-files", f"synthetic={data}", "--limit", "4",
+                   "--out", str(tmp_path / "eval"), "--json")
+    summary = json.loads(result.stdout)
+    assert "synthetic" in json.dumps(summary)
+    assert (run / "align" / "stripped" / "config.json").is_file()
+
+
 def test_strip_writes_a_plain_llava_that_matches_the_training_model(run, tmp_path):
     out = tmp_path / "model"
     result = dsvlm("strip", str(run), "--out", str(out), "--json")

@@ -58,5 +58,5 @@ def main() -> None:
     except common.DsvlmError as exc:
         if common.STATE.debug:
             raise
-        common.console.print(f"[bold red]error:[/] {common.escape(str(exc))}")
+        common.console.print(f"[bold red]error:[/] {common.escape(str(exc))}", soft_wrap=True)
         sys.exit(2)
