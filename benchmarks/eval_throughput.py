@@ -21,7 +21,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -30,9 +29,9 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from dsvlm.data.synthetic import generate_synthetic
+from dsvlm.data.synthetic import SyntheticConfig, generate_synthetic
 from dsvlm.evaluation.benches import get_benchmark, write_task_yaml
-from dsvlm.evaluation.runner import lmms_cli_args
+from dsvlm.evaluation.runner import lmms_cli_args, load_model
 from dsvlm.model.vlm import build_vlm
 from dsvlm.recipe import load_recipe
 
@@ -40,6 +39,7 @@ CONFIGS = [("dsvlm", 1), ("dsvlm", 8), ("llava_hf", 1)]
 
 
 def build_model(out: Path) -> Path:
+    """The tiny-synthetic LLaVA with answer letters made likely (see the module docstring), saved to `out`."""
     vlm, processor = build_vlm(load_recipe("tiny-synthetic").model, seed=0)
     letters = processor.tokenizer.convert_tokens_to_ids(list("ABCD"))
     with torch.no_grad():
@@ -49,23 +49,14 @@ def build_model(out: Path) -> Path:
     return out
 
 
-def load(model: str, path: Path, batch_size: int) -> Any:
-    if model == "dsvlm":
-        from dsvlm.evaluation.lmms_model import DsvlmLlava
-
-        return DsvlmLlava(pretrained=str(path), batch_size=batch_size)
-    from lmms_eval.models import get_model
-
-    return get_model(model).create_from_arg_string(
-        f"pretrained={path},device=cpu,device_map=cpu,batch_size=1"
-    )
-
-
 def run_once(model: str, path: Path, batch_size: int, tasks_dir: Path, task: str, limit: int | None) -> dict:
+    """One `simple_evaluate` of `task` with a fresh model: n, model seconds, total seconds, answers."""
     from lmms_eval.evaluator import simple_evaluate
     from lmms_eval.tasks import TaskManager
 
-    lm = load(model, path, batch_size)
+    # Another class takes device and batch size as its own model args.
+    extra = {} if model == "dsvlm" else {"device": "cpu", "device_map": "cpu", "batch_size": batch_size}
+    lm = load_model(model, path, batch_size, extra=extra)
     generate = lm.generate_until
     spent = [0.0]
 
@@ -116,7 +107,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="dsvlm-eval-bench-") as tmp:
         root = Path(tmp)
         model_dir = build_model(root / "model")
-        data = generate_synthetic(root / "data", n_align=1, n_instruct=1, n_eval=args.n_eval)["eval"]
+        data = generate_synthetic(root / "data", SyntheticConfig(n_align=1, n_instruct=1, n_eval=args.n_eval))["eval"]
         tasks_dir = root / "tasks"
         tasks_dir.mkdir()
         task = write_task_yaml(get_benchmark("synthetic"), tasks_dir, data.resolve(), args.max_new_tokens)

@@ -12,7 +12,7 @@ import torch
 from dsvlm.data.dataset import PreparedSplit
 from dsvlm.data.latents import LatentCache, build_latent_cache, encode, vae_fingerprint, vae_input
 from dsvlm.data.prepared import PreparedDataset
-from dsvlm.data.synthetic import prepare_synthetic
+from dsvlm.data.synthetic import SyntheticConfig, prepare_synthetic
 from dsvlm.errors import DataError
 
 
@@ -35,7 +35,7 @@ def tiny_vae(seed: int = 0):
 @pytest.fixture(scope="module")
 def cached(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, object, str]:
     out = tmp_path_factory.mktemp("latents") / "data"
-    prepare_synthetic(out, n_align=6, n_instruct=10, n_eval=2, progress=False)
+    prepare_synthetic(out, SyntheticConfig(n_align=6, n_instruct=10, n_eval=2), progress=False)
     vae = tiny_vae()
     fingerprint = vae_fingerprint(vae)
     build_latent_cache(out, vae, 32, fingerprint, batch_size=4, progress=False)
@@ -113,7 +113,7 @@ def test_missing_and_stale_cache(cached: tuple[Path, object, str], tmp_path: Pat
 
 def test_rebuild_replaces_the_cache(tmp_path: Path) -> None:
     out = tmp_path / "data"
-    prepare_synthetic(out, n_align=3, n_instruct=3, n_eval=1, progress=False)
+    prepare_synthetic(out, SyntheticConfig(n_align=3, n_instruct=3, n_eval=1), progress=False)
     vae = tiny_vae()
     fingerprint = vae_fingerprint(vae)
     build_latent_cache(out, vae, 32, fingerprint, progress=False)

@@ -15,14 +15,14 @@ from PIL import Image
 from dsvlm.data.common import PARQUET_SCHEMA
 from dsvlm.data.dataset import PreparedSplit
 from dsvlm.data.prepared import PreparedDataset
-from dsvlm.data.synthetic import prepare_synthetic
+from dsvlm.data.synthetic import SyntheticConfig, prepare_synthetic
 from dsvlm.errors import DataError
 
 
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("prepared") / "data"
-    prepare_synthetic(out, n_align=20, n_instruct=200, n_eval=5, progress=False)
+    prepare_synthetic(out, SyntheticConfig(n_align=20, n_instruct=200, n_eval=5), progress=False)
     return out
 
 

@@ -16,6 +16,7 @@ from dsvlm.data.prepared import PreparedDataset
 from dsvlm.data.synthetic import (
     MC_OPTIONS,
     MMBENCH_POST_PROMPT,
+    SyntheticConfig,
     generate_synthetic,
     mmbench_prompt,
     prepare_synthetic,
@@ -24,6 +25,7 @@ from dsvlm.data.synthetic import (
 from dsvlm.errors import DataError
 
 SMALL = {"n_align": 40, "n_instruct": 60, "n_eval": 30}
+ALL_TYPES = {"question_types": list(MC_OPTIONS), "option_order": "shuffled", "max_objects": 4}
 MMBENCH_COLUMNS = ["index", "question", "hint", "A", "B", "C", "D", "answer", "category", "L2-category",
                    "source", "split", "image"]
 
@@ -39,14 +41,14 @@ def _tree_digest(root: Path, skip: tuple[str, ...] = ()) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("syn") / "data"
-    prepare_synthetic(out, **SMALL, progress=False)
+    prepare_synthetic(out, SyntheticConfig(**SMALL), progress=False)
     return out
 
 
 def test_generation_is_deterministic_by_seed(tmp_path: Path) -> None:
-    a = generate_synthetic(tmp_path / "a", **SMALL, seed=3)
-    generate_synthetic(tmp_path / "b", **SMALL, seed=3)
-    generate_synthetic(tmp_path / "c", **SMALL, seed=4)
+    a = generate_synthetic(tmp_path / "a", SyntheticConfig(**SMALL, seed=3))
+    generate_synthetic(tmp_path / "b", SyntheticConfig(**SMALL, seed=3))
+    generate_synthetic(tmp_path / "c", SyntheticConfig(**SMALL, seed=4))
     # JSON files and PNGs are byte-identical; the eval parquet is compared by content
     assert _tree_digest(tmp_path / "a", skip=(".parquet",)) == _tree_digest(tmp_path / "b", skip=(".parquet",))
     assert pq.read_table(a["eval"]).equals(pq.read_table(tmp_path / "b" / "eval" / "synthetic.parquet"))
@@ -55,8 +57,8 @@ def test_generation_is_deterministic_by_seed(tmp_path: Path) -> None:
 
 
 def test_sizes_do_not_shift_other_parts(tmp_path: Path) -> None:
-    generate_synthetic(tmp_path / "a", n_align=10, n_instruct=20, n_eval=5)
-    generate_synthetic(tmp_path / "b", n_align=15, n_instruct=20, n_eval=5)
+    generate_synthetic(tmp_path / "a", SyntheticConfig(n_align=10, n_instruct=20, n_eval=5))
+    generate_synthetic(tmp_path / "b", SyntheticConfig(n_align=15, n_instruct=20, n_eval=5))
     assert (tmp_path / "a" / "instruct.json").read_text() == (tmp_path / "b" / "instruct.json").read_text()
     assert json.loads((tmp_path / "b" / "align.json").read_text())[:10] == json.loads(
         (tmp_path / "a" / "align.json").read_text()
@@ -107,8 +109,7 @@ def test_instruct_opens_with_the_lmms_eval_prompt(synthetic: Path) -> None:
 
 
 def test_shuffled_option_order_and_all_question_types(tmp_path: Path) -> None:
-    generate_synthetic(tmp_path, n_align=5, n_instruct=200, n_eval=5, question_types=list(MC_OPTIONS),
-                       option_order="shuffled", max_objects=4)
+    generate_synthetic(tmp_path, SyntheticConfig(n_align=5, n_instruct=200, n_eval=5, **ALL_TYPES))
     records = json.loads((tmp_path / "instruct.json").read_text())
     orders = set()
     for record in records:
@@ -153,8 +154,7 @@ def test_eval_prompt_matches_lmms_eval(synthetic: Path) -> None:
 
 
 def test_vocabulary_covers_every_text(tmp_path: Path) -> None:
-    generate_synthetic(tmp_path, n_align=300, n_instruct=600, n_eval=50, question_types=list(MC_OPTIONS),
-                       option_order="shuffled", max_objects=4)
+    generate_synthetic(tmp_path, SyntheticConfig(n_align=300, n_instruct=600, n_eval=50, **ALL_TYPES))
     vocabulary = synthetic_vocabulary()
     assert vocabulary == sorted(set(vocabulary))
     texts = [turn["value"]
@@ -182,7 +182,6 @@ def test_vocabulary_covers_every_text(tmp_path: Path) -> None:
         ({"n_align": 0}, "--n-align"),
     ],
 )
-def test_bad_options(tmp_path: Path, kwargs: dict, match: str) -> None:
+def test_bad_options(kwargs: dict, match: str) -> None:
     with pytest.raises(DataError, match=match):
-        prepare_synthetic(tmp_path / "out", **{**SMALL, **kwargs}, progress=False)
-    assert not (tmp_path / "out").exists()
+        SyntheticConfig(**{**SMALL, **kwargs})

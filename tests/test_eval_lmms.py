@@ -39,49 +39,27 @@ def dataset(tmp_path_factory) -> Path:
     return out
 
 
+def run_eval(model: Path, dataset: Path, out: Path, batch_size: int, *extra: str) -> str:
+    """`dsvlm eval` on the synthetic benchmark as users run it; returns its stdout."""
+    result = dsvlm(
+        "eval", str(model), "--bench", "synthetic", "--data-files", f"synthetic={dataset}", "--out", str(out),
+        "--batch-size", str(batch_size), "--max-new-tokens", "4", *extra,
+    )
+    return result.stdout
+
+
 @pytest.fixture(scope="module")
 def batch8(tiny_model, dataset, tmp_path_factory) -> tuple[str, Path]:
-    """`dsvlm eval` as users run it (batch 8); returns its stdout and output folder."""
+    """`dsvlm eval` at batch 8; returns its stdout and output folder."""
     out = tmp_path_factory.mktemp("eval8")
-    result = dsvlm(
-        "eval",
-        str(tiny_model),
-        "--bench",
-        "synthetic",
-        "--data-files",
-        f"synthetic={dataset}",
-        "--out",
-        str(out),
-        "--batch-size",
-        "8",
-        "--max-new-tokens",
-        "4",
-    )
-    return result.stdout, out
+    return run_eval(tiny_model, dataset, out, 8), out
 
 
 @pytest.fixture(scope="module")
 def batch1(tiny_model, dataset, batch8, tmp_path_factory) -> dict:
     """The same at batch 1, with --json and --compare against the batch-8 run."""
     out = tmp_path_factory.mktemp("eval1")
-    result = dsvlm(
-        "eval",
-        str(tiny_model),
-        "--bench",
-        "synthetic",
-        "--data-files",
-        f"synthetic={dataset}",
-        "--out",
-        str(out),
-        "--batch-size",
-        "1",
-        "--max-new-tokens",
-        "4",
-        "--json",
-        "--compare",
-        str(batch8[1]),
-    )
-    return json.loads(result.stdout)
+    return json.loads(run_eval(tiny_model, dataset, out, 1, "--json", "--compare", str(batch8[1])))
 
 
 def answers(samples_file: str | Path) -> list[str]:

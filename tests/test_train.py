@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from dsvlm.model.dsvlm import build_model
 from helpers import REPO, dsvlm, prepare_small_synthetic, tiny_overrides
 from safetensors.torch import load_file
 
 from dsvlm.errors import DsvlmError
+from dsvlm.model.dsvlm import build_model
 from dsvlm.recipe import load_recipe
 from dsvlm.train.loop import TrainOptions, train
 

@@ -17,7 +17,9 @@ def register(app: typer.Typer) -> None:
 
 
 def eval_command(
-    model: Path = typer.Argument(..., help="Stripped model directory (the output of `dsvlm strip`)."),
+    model: Path = typer.Argument(
+        ..., help="Stripped model directory (the output of `dsvlm strip`), or a training run (stripped on the fly)."
+    ),
     bench: list[str] = typer.Option(
         ..., "--bench", "-b", help=f"Benchmarks, comma-separated or repeated: {', '.join(BENCHMARKS)}."
     ),

@@ -24,14 +24,22 @@ app = typer.Typer(
     help="Prepare datasets: LLaVA-format JSON, a hub dataset, or the built-in synthetic set.", no_args_is_help=True
 )
 
-OVERRIDES_HELP = "Recipe overrides `key.sub=value` for --latents, e.g. supervision.resolution=64."
-LATENTS_HELP = (
-    "Also cache VAE latents for this recipe (bundled name or file): every image encoded once by the "
-    "recipe's VAE at supervision.resolution. Skipped for pixel-space recipes."
+# Arguments and options several commands share (typer copies them per command).
+OUT = typer.Argument(..., help="Output dataset directory.")
+RECIPE_OVERRIDES = typer.Argument(
+    None, help="Recipe overrides `key.sub=value` for --latents, e.g. supervision.resolution=64.", show_default=False
 )
-WORKERS_HELP = "Processes that check images in parallel."
-OVERWRITE_HELP = "Replace an existing OUT (kept until the new dataset is complete)."
-JSON_HELP = "Print a JSON summary on stdout instead of the path."
+STRICT = typer.Option(False, "--strict", help="Stop at the first bad record (exit 2) instead of skipping.")
+WORKERS = typer.Option(1, "--workers", min=1, help="Processes that check images in parallel.")
+OVERWRITE = typer.Option(False, "--overwrite", help="Replace an existing OUT (kept until the new dataset is complete).")
+LATENTS = typer.Option(
+    None,
+    "--latents",
+    metavar="RECIPE",
+    help="Also cache VAE latents for this recipe (bundled name or file): every image encoded once by the "
+    "recipe's VAE at supervision.resolution. Skipped for pixel-space recipes.",
+)
+AS_JSON = typer.Option(False, "--json", help="Print a JSON summary on stdout instead of the path.")
 
 
 class OptionOrder(str, Enum):
@@ -67,12 +75,13 @@ def _latent_request(recipe_name: str | None, overrides: list[str] | None) -> Lat
 
 
 def _report(out: Path, manifest: dict[str, Any], as_json: bool) -> None:
+    from dsvlm.data.common import SKIPPED
     from dsvlm.data.llava import summary_table
 
     console.print(summary_table(manifest, title=f"{out} ({manifest['kind']})"))
     skipped = sum(sum(split["skipped"].values()) for split in manifest["splits"].values())
     if skipped:
-        console.print(f"{skipped} record(s) skipped; each is listed with its reason in {out / 'skipped.jsonl'}")
+        console.print(f"{skipped} record(s) skipped; each is listed with its reason in {out / SKIPPED}")
     if "latents" in manifest:
         info = manifest["latents"]
         console.print(f"latent cache: {info['images']} images at {info['resolution']} px, shape {info['shape']}")
@@ -84,8 +93,8 @@ def _report(out: Path, manifest: dict[str, Any], as_json: bool) -> None:
 
 @app.command()
 def synthetic(
-    out: Path = typer.Argument(..., help="Output dataset directory."),
-    overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP, show_default=False),
+    out: Path = OUT,
+    overrides: list[str] = RECIPE_OVERRIDES,
     n_align: int = typer.Option(2000, "--n-align", min=1, help="Caption records (stage 1)."),
     n_instruct: int = typer.Option(3000, "--n-instruct", min=1, help="Chat records (stage 2)."),
     n_eval: int = typer.Option(500, "--n-eval", min=1, help="Held-out MMBench-format eval items."),
@@ -100,44 +109,41 @@ def synthetic(
         help="canonical: fixed option letters per question type (learnable in minutes); shuffled: random.",
     ),
     max_objects: int = typer.Option(2, "--max-objects", min=1, max=4, help="Shapes per image, at most."),
-    workers: int = typer.Option(1, "--workers", min=1, help=WORKERS_HELP),
-    overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
-    latents: str = typer.Option(None, "--latents", metavar="RECIPE", help=LATENTS_HELP),
-    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+    workers: int = WORKERS,
+    overwrite: bool = OVERWRITE,
+    latents: str = LATENTS,
+    as_json: bool = AS_JSON,
 ) -> None:
     """Generate the built-in synthetic set (coloured shapes, captions, chat, MMBench-format eval) and prepare it."""
-    from dsvlm.data.synthetic import prepare_synthetic
+    from dsvlm.data.synthetic import SyntheticConfig, prepare_synthetic
 
-    request = _latent_request(latents, overrides)
-    manifest = prepare_synthetic(
-        out,
+    config = SyntheticConfig(
         n_align=n_align,
         n_instruct=n_instruct,
         n_eval=n_eval,
         seed=seed,
         image_size=image_size,
-        question_types=[t.strip() for t in question_types.split(",") if t.strip()],
+        question_types=tuple(t.strip() for t in question_types.split(",") if t.strip()),
         option_order=option_order.value,
         max_objects=max_objects,
-        workers=workers,
-        overwrite=overwrite,
-        latents=request,
     )
+    request = _latent_request(latents, overrides)
+    manifest = prepare_synthetic(out, config, workers=workers, overwrite=overwrite, latents=request)
     _report(out, manifest, as_json)
 
 
 @app.command()
 def llava(
-    out: Path = typer.Argument(..., help="Output dataset directory."),
-    overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP, show_default=False),
+    out: Path = OUT,
+    overrides: list[str] = RECIPE_OVERRIDES,
     align: Path = typer.Option(None, "--align", help="Stage-1 captions (JSON list or JSONL), e.g. LCS-558K."),
     instruct: Path = typer.Option(None, "--instruct", help="Stage-2 chat data (JSON list or JSONL), e.g. mix-665K."),
     image_root: Path = typer.Option(..., "--image-root", help="Directory the records' `image` paths are relative to."),
-    strict: bool = typer.Option(False, "--strict", help="Stop at the first bad record (exit 2) instead of skipping."),
-    workers: int = typer.Option(1, "--workers", min=1, help=WORKERS_HELP),
-    overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
-    latents: str = typer.Option(None, "--latents", metavar="RECIPE", help=LATENTS_HELP),
-    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+    strict: bool = STRICT,
+    workers: int = WORKERS,
+    overwrite: bool = OVERWRITE,
+    latents: str = LATENTS,
+    as_json: bool = AS_JSON,
 ) -> None:
     """Validate and prepare LLaVA-format data; bad records are skipped and reported (or --strict stops)."""
     from dsvlm.data.llava import prepare_llava
@@ -155,8 +161,8 @@ def llava(
 @app.command()
 def hub(
     repo: str = typer.Argument(..., help="Hub dataset repo, e.g. liuhaotian/LLaVA-Pretrain."),
-    out: Path = typer.Argument(..., help="Output dataset directory."),
-    overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP, show_default=False),
+    out: Path = OUT,
+    overrides: list[str] = RECIPE_OVERRIDES,
     align: str = typer.Option(None, "--align", help="Captions file inside the repo (known repos: preset)."),
     instruct: str = typer.Option(None, "--instruct", help="Chat file inside the repo."),
     archive: str = typer.Option(None, "--archive", help="Zip of images inside the repo, extracted into OUT/images."),
@@ -165,11 +171,11 @@ def hub(
     ),
     revision: str = typer.Option(None, "--revision", help="Branch, tag or commit."),
     download_dir: Path = typer.Option(None, "--download-dir", help="Where the repo files go (default: OUT-hub)."),
-    strict: bool = typer.Option(False, "--strict", help="Stop at the first bad record (exit 2) instead of skipping."),
-    workers: int = typer.Option(1, "--workers", min=1, help=WORKERS_HELP),
-    overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
-    latents: str = typer.Option(None, "--latents", metavar="RECIPE", help=LATENTS_HELP),
-    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+    strict: bool = STRICT,
+    workers: int = WORKERS,
+    overwrite: bool = OVERWRITE,
+    latents: str = LATENTS,
+    as_json: bool = AS_JSON,
 ) -> None:
     """Download a LLaVA-format dataset repo from the hub and prepare it (offline: says what to run instead)."""
     from dsvlm.data.hub import prepare_hub
@@ -198,7 +204,7 @@ def latents_cmd(
     recipe: str = typer.Argument(..., help="Recipe (bundled name or file) whose VAE and resolution to use."),
     overrides: list[str] = typer.Argument(None, help="Recipe overrides `key.sub=value`.", show_default=False),
     batch_size: int = typer.Option(16, "--batch-size", min=1, help="Images per VAE forward pass."),
-    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+    as_json: bool = AS_JSON,
 ) -> None:
     """(Re)build the VAE latent cache of an existing prepared dataset for a recipe."""
     from dsvlm.data.prepared import PreparedDataset

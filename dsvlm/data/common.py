@@ -4,20 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
-import os
 import re
-import shutil
-import tempfile
-from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
 
 import pyarrow as pa
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from dsvlm.errors import DataError
+from dsvlm.io import atomic_dir
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -53,22 +48,17 @@ def word_length(conversations: list[dict[str, str]]) -> int:
 
 
 def now_iso() -> str:
+    """Now, in UTC, to the second (a manifest's `created`)."""
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in chunks (sources can be gigabytes)."""
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         while block := fh.read(chunk):
             digest.update(block)
     return digest.hexdigest()
-
-
-def write_json(path: Path, data: Any) -> None:
-    """Write JSON through a temporary file and os.replace, so readers never see a half-written file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
 
 
 def check_output(out: Path, overwrite: bool) -> None:
@@ -85,44 +75,13 @@ def check_output(out: Path, overwrite: bool) -> None:
         raise DataError(f"{out} exists and is not a prepared dataset (no {MANIFEST}); refusing to replace it")
 
 
-def temp_dir(prefix: str, parent: Path) -> Path:
-    """A fresh directory in `parent` with the usual permissions (mkdtemp's 0700 would end up on the dataset)."""
-    path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    path.chmod(0o777 & ~umask)
-    return path
-
-
-@contextlib.contextmanager
-def atomic_output(out: Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary directory next to `out`; on success it becomes `out`, on any error it is removed.
-
-    An existing `out` (only with overwrite) stays in place until the new one is complete, then the two are
-    swapped by renames; a crash at any point leaves either the old dataset or no OUT, never a partial one.
-    """
+def atomic_output(out: Path, overwrite: bool = False) -> contextlib.AbstractContextManager[Path]:
+    """A temporary directory next to `out` that becomes `out` once the `with` block completes (`atomic_dir`),
+    after `check_output`: an existing dataset is replaced only with overwrite, and stays until the new one is
+    complete; an error, Ctrl-C included, leaves no partial dataset."""
     out = Path(out)
     check_output(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_dir(f".{out.name}.tmp-", out.parent)
-    try:
-        yield tmp
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            old.rmdir()  # only the unique name is wanted: rename needs a free target
-            os.rename(out, old)
-            try:
-                os.rename(tmp, out)
-            except BaseException:
-                os.rename(old, out)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
-    except BaseException:
-        # BaseException: Ctrl-C during a long prepare must clean up too.
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    return atomic_dir(out, replace=overwrite)
 
 
 def progress_bar(enabled: bool) -> Progress:

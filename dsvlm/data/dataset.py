@@ -7,7 +7,7 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
-from dsvlm.data.latents import LatentCache
+from dsvlm.data.latents import LatentCache, rebuild_hint
 from dsvlm.data.prepared import PreparedDataset
 from dsvlm.errors import DataError
 
@@ -29,8 +29,7 @@ class PreparedSplit(Dataset):
             if missing:
                 raise DataError(
                     f"{latents.directory}: {len(missing)} image(s) of split {split!r} are not in the latent cache "
-                    f"(e.g. {missing[0]!r}); it is stale: rebuild it with "
-                    f"`dsvlm prepare latents {self.dataset.path} RECIPE [overrides]`"
+                    f"(e.g. {missing[0]!r}); it is stale: {rebuild_hint(self.dataset.path)}"
                 )
 
     def __len__(self) -> int:

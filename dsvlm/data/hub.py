@@ -88,6 +88,46 @@ def _extract(archive: Path, dest: Path, progress: bool) -> None:
             bar.advance(task)
 
 
+def _download(
+    repo_id: str,
+    out: Path,
+    files: dict[str, str],
+    archive: str | None,
+    image_root: str | None,
+    revision: str | None,
+    download_dir: Path | None,
+) -> Path:
+    """Download only the named files, the archive and the repo's image folder; return the local copy.
+
+    An offline or unreachable hub raises at once (no retry loop) with `offline_message`'s instructions.
+    """
+    patterns = [*files.values(), *([archive] if archive else [])]
+    if image_root and not Path(image_root).is_absolute():
+        patterns.append(f"{image_root.rstrip('/')}/**")
+    target = Path(download_dir) if download_dir else out.with_name(f"{out.name}-hub")
+    try:
+        snapshot = Path(
+            snapshot_download(
+                repo_id, repo_type="dataset", revision=revision, local_dir=target, allow_patterns=patterns
+            )
+        )
+    except LocalEntryNotFoundError as exc:
+        # raised both in offline mode and when the hub can't be reached and nothing is cached
+        reason = "offline mode (HF_HUB_OFFLINE=1)" if _offline() else f"the hub is unreachable ({exc})"
+        raise DataError(offline_message(repo_id, out, files, archive, image_root, revision, reason)) from None
+    except HfHubHTTPError as exc:
+        raise DataError(f"{repo_id}: {str(exc).splitlines()[0]}") from None
+    except _CONNECTION_ERRORS as exc:
+        reason = f"the hub is unreachable ({type(exc).__name__}: {exc})"
+        raise DataError(offline_message(repo_id, out, files, archive, image_root, revision, reason)) from None
+    for name, path in files.items():
+        if not (snapshot / path).is_file():
+            raise DataError(f"{repo_id}: no file {path!r} (--{name}) in the downloaded repo {snapshot}")
+    if archive and not (snapshot / archive).is_file():
+        raise DataError(f"{repo_id}: no archive {archive!r} in the downloaded repo {snapshot}")
+    return snapshot
+
+
 def prepare_hub(
     repo_id: str,
     out: Path,
@@ -128,32 +168,7 @@ def prepare_hub(
                         "OUT/images) or --image-root DIR (a folder in the repo, or a local absolute path)")
     check_output(out, overwrite)  # before a long download, not after it
 
-    local_root = image_root is not None and Path(image_root).is_absolute()
-    patterns = [*files.values(), *([archive] if archive else [])]
-    if image_root and not local_root:
-        patterns.append(f"{image_root.rstrip('/')}/**")
-    target = Path(download_dir) if download_dir else out.with_name(f"{out.name}-hub")
-    try:
-        snapshot = Path(
-            snapshot_download(
-                repo_id, repo_type="dataset", revision=revision, local_dir=target, allow_patterns=patterns
-            )
-        )
-    except LocalEntryNotFoundError as exc:
-        # raised both in offline mode and when the hub can't be reached and nothing is cached
-        reason = "offline mode (HF_HUB_OFFLINE=1)" if _offline() else f"the hub is unreachable ({exc})"
-        raise DataError(offline_message(repo_id, out, files, archive, image_root, revision, reason)) from None
-    except HfHubHTTPError as exc:
-        raise DataError(f"{repo_id}: {str(exc).splitlines()[0]}") from None
-    except _CONNECTION_ERRORS as exc:
-        reason = f"the hub is unreachable ({type(exc).__name__}: {exc})"
-        raise DataError(offline_message(repo_id, out, files, archive, image_root, revision, reason)) from None
-    for name, path in files.items():
-        if not (snapshot / path).is_file():
-            raise DataError(f"{repo_id}: no file {path!r} (--{name}) in the downloaded repo {snapshot}")
-    if archive and not (snapshot / archive).is_file():
-        raise DataError(f"{repo_id}: no archive {archive!r} in the downloaded repo {snapshot}")
-
+    snapshot = _download(repo_id, out, files, archive, image_root, revision, download_dir)
     options = {
         "repo_id": repo_id,
         "revision": revision,
@@ -169,9 +184,9 @@ def prepare_hub(
             _extract(snapshot / archive, tmp / "images", progress)
             root, shown_root = tmp / "images", "images"
         else:
-            root = Path(image_root) if local_root else snapshot / image_root
+            root = Path(image_root) if Path(image_root).is_absolute() else snapshot / image_root
             shown_root = str(root.resolve())
-        manifest = prepare_into(
+        return prepare_into(
             tmp,
             {name: snapshot / path for name, path in files.items()},
             root,
@@ -181,7 +196,5 @@ def prepare_hub(
             strict=strict,
             workers=workers,
             progress=progress,
+            latents=latents,
         )
-        if latents is not None:
-            manifest = latents.build(tmp, progress=progress)
-    return manifest

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,9 +20,10 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from dsvlm.data.common import MANIFEST, progress_bar, temp_dir, write_json
+from dsvlm.data.common import MANIFEST, progress_bar
 from dsvlm.data.prepared import PreparedDataset
 from dsvlm.errors import DataError
+from dsvlm.io import atomic_dir, atomic_write_json
 
 LATENTS_DIR = "latents"
 INDEX = "index.json"
@@ -72,7 +71,75 @@ def build_latent_cache(
     """Encode every distinct image of every split once and write `latents/` (built in a temporary directory,
     then swapped in). Records the cache in the manifest and returns the updated manifest."""
     dataset = PreparedDataset(dataset_dir)
-    images: dict[str, None] = {}  # ordered set of image paths: records sharing an image share its latent
+    paths, ids = _distinct_images(dataset)
+    was_training = vae.training
+    vae.eval()
+    try:
+        with atomic_dir(dataset.path / LATENTS_DIR, replace=True) as tmp:
+            shards, location, shape = _write_shards(tmp, dataset, paths, vae, resolution, batch_size, progress)
+            index = {
+                "version": CACHE_VERSION,
+                "fingerprint": fingerprint,
+                "resolution": resolution,
+                "shape": shape,
+                "scaling_factor": float(vae.config.scaling_factor),
+                "shards": shards,
+                "images": location,
+                "ids": ids,
+            }
+            atomic_write_json(tmp / INDEX, index, ensure_ascii=False)
+    finally:
+        vae.train(was_training)
+    manifest = dataset.manifest
+    manifest["latents"] = {
+        "dir": LATENTS_DIR,
+        "fingerprint": fingerprint,
+        "resolution": resolution,
+        "shape": shape,
+        "images": len(paths),
+    }
+    atomic_write_json(dataset.path / MANIFEST, manifest, ensure_ascii=False)
+    return manifest
+
+
+def _write_shards(
+    directory: Path,
+    dataset: PreparedDataset,
+    paths: list[str],
+    vae: Any,
+    resolution: int,
+    batch_size: int,
+    progress: bool,
+) -> tuple[list[str], dict[str, list[int]], list[int] | None]:
+    """Encode `paths` into SHARD_SIZE-latent shard files in `directory`. Returns the shard file names, image
+    path -> [shard, row], and the shape of one latent (None without images)."""
+    shards: list[str] = []
+    location: dict[str, list[int]] = {}
+    shape: list[int] | None = None
+    with progress_bar(progress) as bar:
+        task = bar.add_task("encoding latents", total=len(paths))
+        for start in range(0, len(paths), SHARD_SIZE):
+            chunk = paths[start : start + SHARD_SIZE]
+            parts = []
+            for b in range(0, len(chunk), batch_size):
+                batch = chunk[b : b + batch_size]
+                pixels = torch.stack([vae_input(dataset.load_image({"image": p}), resolution) for p in batch])
+                parts.append(encode(vae, pixels))
+                bar.advance(task, len(batch))
+            latents = torch.cat(parts)
+            shape = list(latents.shape[1:])
+            name = f"shard-{len(shards):05d}.safetensors"
+            save_file({"latents": latents.contiguous()}, str(directory / name))
+            for row, rel in enumerate(chunk):
+                location[rel] = [len(shards), row]
+            shards.append(name)
+    return shards, location, shape
+
+
+def _distinct_images(dataset: PreparedDataset) -> tuple[list[str], dict[str, str]]:
+    """Every distinct image path over all splits, in order (records sharing an image share its latent), and
+    record id -> image path for the ids that name one image only."""
+    images: dict[str, None] = {}  # an ordered set
     ids: dict[str, str] = {}
     ambiguous: set[str] = set()
     for split in dataset.splits:
@@ -86,74 +153,7 @@ def build_latent_cache(
                 ambiguous.add(record["id"])
     for rid in ambiguous:
         del ids[rid]
-
-    paths = list(images)
-    was_training = vae.training
-    vae.eval()
-    tmp = temp_dir(f".{LATENTS_DIR}.tmp-", dataset.path)
-    try:
-        shards: list[str] = []
-        location: dict[str, list[int]] = {}
-        shape: list[int] | None = None
-        with progress_bar(progress) as bar:
-            task = bar.add_task("encoding latents", total=len(paths))
-            for start in range(0, len(paths), SHARD_SIZE):
-                chunk = paths[start : start + SHARD_SIZE]
-                parts = []
-                for b in range(0, len(chunk), batch_size):
-                    batch = chunk[b : b + batch_size]
-                    pixels = torch.stack([vae_input(dataset.load_image({"image": p}), resolution) for p in batch])
-                    parts.append(encode(vae, pixels))
-                    bar.advance(task, len(batch))
-                latents = torch.cat(parts)
-                shape = list(latents.shape[1:])
-                name = f"shard-{len(shards):05d}.safetensors"
-                save_file({"latents": latents.contiguous()}, str(tmp / name))
-                for row, rel in enumerate(chunk):
-                    location[rel] = [len(shards), row]
-                shards.append(name)
-        index = {
-            "version": CACHE_VERSION,
-            "fingerprint": fingerprint,
-            "resolution": resolution,
-            "shape": shape,
-            "scaling_factor": float(vae.config.scaling_factor),
-            "shards": shards,
-            "images": location,
-            "ids": ids,
-        }
-        write_json(tmp / INDEX, index)
-        _swap_in(tmp, dataset.path / LATENTS_DIR)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        vae.train(was_training)
-    manifest = dataset.manifest
-    manifest["latents"] = {
-        "dir": LATENTS_DIR,
-        "fingerprint": fingerprint,
-        "resolution": resolution,
-        "shape": shape,
-        "images": len(paths),
-    }
-    write_json(dataset.path / MANIFEST, manifest)
-    return manifest
-
-
-def _swap_in(new: Path, target: Path) -> None:
-    """Replace `target` by `new` with renames; an old cache is deleted only once the new one is in place."""
-    if not target.exists():
-        os.rename(new, target)
-        return
-    old = target.with_name(f".{target.name}.old-{os.getpid()}")
-    os.rename(target, old)
-    try:
-        os.rename(new, target)
-    except BaseException:
-        os.rename(old, target)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
+    return list(images), ids
 
 
 @dataclass
@@ -169,7 +169,8 @@ class LatentRequest:
         return build_latent_cache(dataset_dir, self.vae, self.resolution, self.fingerprint, self.batch_size, progress)
 
 
-def _rebuild_hint(dataset_dir: Path) -> str:
+def rebuild_hint(dataset_dir: Path) -> str:
+    """How to get a cache that fits (for errors about a missing, mismatched or stale one)."""
     return (
         f"rebuild it with `dsvlm prepare latents {dataset_dir} RECIPE [overrides]` for the recipe you train, "
         "or train without it (data.use_latent_cache=false)"
@@ -197,18 +198,21 @@ class LatentCache:
         except FileNotFoundError:
             raise DataError(f"{dataset_dir}: no latent cache ({directory / INDEX} missing); build one with "
                             f"`dsvlm prepare latents {dataset_dir} RECIPE [overrides]`") from None
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{directory / INDEX}: malformed JSON at line {exc.lineno}; "
+                            f"{rebuild_hint(dataset_dir)}") from None
         if index.get("version") != CACHE_VERSION:
             raise DataError(f"{directory}: latent cache version {index.get('version')!r} is not "
-                            f"{CACHE_VERSION}; {_rebuild_hint(dataset_dir)}")
+                            f"{CACHE_VERSION}; {rebuild_hint(dataset_dir)}")
         if index["fingerprint"] != fingerprint:
             raise DataError(
                 f"{directory}: the latent cache was built for another VAE (fingerprint "
-                f"{index['fingerprint'][:12]}, this VAE {fingerprint[:12]}); {_rebuild_hint(dataset_dir)}"
+                f"{index['fingerprint'][:12]}, this VAE {fingerprint[:12]}); {rebuild_hint(dataset_dir)}"
             )
         if index["resolution"] != resolution:
             raise DataError(
                 f"{directory}: the latent cache was built at resolution {index['resolution']}, the recipe uses "
-                f"{resolution} (supervision.resolution); {_rebuild_hint(dataset_dir)}"
+                f"{resolution} (supervision.resolution); {rebuild_hint(dataset_dir)}"
             )
         return cls(directory, index)
 
@@ -224,7 +228,7 @@ class LatentCache:
             shard, row = self.index["images"][image]
         except KeyError:
             raise DataError(f"{self.directory}: no latent for image {image!r}; the cache is stale, "
-                            f"{_rebuild_hint(self.directory.parent)}") from None
+                            f"{rebuild_hint(self.directory.parent)}") from None
         handle = self._handles.get(shard)
         if handle is None:
             handle = self._handles[shard] = safe_open(str(self.directory / self.index["shards"][shard]), "pt")

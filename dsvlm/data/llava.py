@@ -8,12 +8,13 @@ Every writer of prepared datasets (synthetic, hub) goes through `prepare_into`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import multiprocessing
 import re
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import Executor, ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from functools import partial
@@ -37,10 +38,10 @@ from dsvlm.data.common import (
     progress_bar,
     sha256_file,
     word_length,
-    write_json,
 )
 from dsvlm.data.images import ImageCheck, check_images
 from dsvlm.errors import DataError
+from dsvlm.io import atomic_write_json
 
 if TYPE_CHECKING:
     from rich.progress import Progress
@@ -128,7 +129,8 @@ def read_source(path: Path) -> Iterator[tuple[int, Any]]:
 
 def _position(text: str, pos: int) -> str:
     line = text.count("\n", 0, pos) + 1
-    return f"line {line}, column {pos - text.rfind(chr(10), 0, pos)}"
+    column = pos - text.rfind("\n", 0, pos)
+    return f"line {line}, column {column}"
 
 
 def _read_json_list(path: Path, text: str, start: int) -> Iterator[tuple[int, Any]]:
@@ -164,7 +166,8 @@ def _read_json_list(path: Path, text: str, start: int) -> Iterator[tuple[int, An
 def _read_jsonl(path: Path, text: str) -> Iterator[tuple[int, Any]]:
     lines = text.split("\n")
     first = next((raw for raw in lines if raw.strip()), "")
-    if first.lstrip().startswith("{") and _not_json(first) and isinstance(_json_or_none(text), dict):
+    # A pretty-printed single object starts with a '{' line that is not JSON on its own.
+    if first.lstrip().startswith("{") and _json_or_none(first) is None and isinstance(_json_or_none(text), dict):
         raise DataError(f"{path}: a single JSON object; expected a JSON list of records or JSONL")
     for number, raw in enumerate(lines, 1):
         if not raw.strip():
@@ -173,10 +176,6 @@ def _read_jsonl(path: Path, text: str) -> Iterator[tuple[int, Any]]:
             yield number, json.loads(raw)
         except json.JSONDecodeError as exc:
             yield number, _Malformed(f"column {exc.colno}: {exc.msg}")
-
-
-def _not_json(raw: str) -> bool:
-    return _json_or_none(raw) is None
 
 
 def _json_or_none(raw: str) -> Any:
@@ -251,7 +250,33 @@ def _check_split(
     pool: Executor | None,
     progress: Progress,
 ) -> tuple[list[Record], dict[str, ImageCheck], list[Skip]]:
-    """Validate one split: structural pass, then the image checks (deduplicated by path)."""
+    """Validate one split: structural pass, then the image checks (deduplicated by path).
+
+    Returns the records kept, the image checks by path and the skips in line order; with strict, the first
+    skip (by line) is raised instead.
+    """
+    records, skips = _read_records(name, source, shown_source, strict=strict, progress=progress)
+    checks = _check_images(name, records, root, strict=strict, pool=pool, progress=progress)
+    kept: list[Record] = []
+    for record in records:
+        check = checks.get(record.image) if record.image is not None else None
+        if record.image is not None and check is None:
+            break  # strict stopped the image checks before this record
+        if check is not None and check.reason is not None:
+            skips.append(Skip(name, shown_source, record.line, record.id, check.reason, check.detail))
+            continue
+        kept.append(record)
+    skips.sort(key=lambda s: s.line)
+    if strict and skips:
+        raise DataError(skips[0].message() + "\n(--strict stops at the first bad record; without it bad records "
+                        "are skipped and listed in skipped.jsonl)")
+    return kept, checks, skips
+
+
+def _read_records(
+    name: str, source: Path, shown_source: str, *, strict: bool, progress: Progress
+) -> tuple[list[Record], list[Skip]]:
+    """The structural pass: structurally valid records with unique ids, and the skips of the others."""
     records: list[Record] = []
     skips: list[Skip] = []
     first_line: dict[str, int] = {}
@@ -271,7 +296,13 @@ def _check_split(
         if strict:
             break  # records after the first bad one are not needed; earlier ones still get image checks
     progress.remove_task(reading)
+    return records, skips
 
+
+def _check_images(
+    name: str, records: list[Record], root: str, *, strict: bool, pool: Executor | None, progress: Progress
+) -> dict[str, ImageCheck]:
+    """Check each distinct image of `records` once; with strict, stop at the first bad one."""
     unique = list(dict.fromkeys(r.image for r in records if r.image is not None))
     results: dict[str, ImageCheck] = {}
     task = progress.add_task(f"{name}: checking images", total=len(unique))
@@ -283,21 +314,7 @@ def _check_split(
             break
     progress.remove_task(task)
     checks.close()
-
-    kept: list[Record] = []
-    for record in records:
-        check = results.get(record.image) if record.image is not None else None
-        if record.image is not None and check is None:
-            break  # strict stopped the image checks before this record
-        if check is not None and check.reason is not None:
-            skips.append(Skip(name, shown_source, record.line, record.id, check.reason, check.detail))
-            continue
-        kept.append(record)
-    skips.sort(key=lambda s: s.line)
-    if strict and skips:
-        raise DataError(skips[0].message() + "\n(--strict stops at the first bad record; without it bad records "
-                        "are skipped and listed in skipped.jsonl)")
-    return kept, results, skips
+    return results
 
 
 # -------------------------------------------------------------------------------------------- writing
@@ -337,8 +354,10 @@ def prepare_into(
     workers: int = 1,
     progress: bool = True,
     extra: dict[str, Any] | None = None,
+    latents: LatentRequest | None = None,
 ) -> dict[str, Any]:
-    """Validate `splits` and write parquet files, skipped.jsonl and manifest.json into `dest`.
+    """Validate `splits` and write parquet files, skipped.jsonl and manifest.json into `dest`, then the latent
+    cache if `latents` asks for one.
 
     The one preparation path: `prepare_llava`, the synthetic set and the hub all end here. `dest` is the
     temporary directory of an `atomic_output`. Returns the manifest.
@@ -363,38 +382,42 @@ def prepare_into(
         "options": options,
     }
     all_skips: list[Skip] = []
-    # spawn, not fork: the parent may hold torch/OpenMP threads and rich's refresh thread; the workers only
-    # need dsvlm.data.images.
-    pool = (
-        ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
-        if workers > 1
-        else None
-    )
-    try:
-        with progress_bar(progress) as bar:
-            for name, source in splits.items():
-                shown = _shown(source, dest)
-                records, checks, skips = _check_split(
-                    name, source, shown, root, strict=strict, pool=pool, progress=bar
-                )
-                _write_split(dest / f"{name}.parquet", records, checks)
-                all_skips.extend(skips)
-                manifest["splits"][name] = {
-                    "file": f"{name}.parquet",
-                    "records": len(records),
-                    "skipped": dict(sorted(Counter(s.reason for s in skips).items())),
-                    "source": {"path": shown, "sha256": sha256_file(source)},
-                }
-                log.debug("%s: %d records kept, %d skipped", name, len(records), len(skips))
-    finally:
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
+    with _image_pool(workers) as pool, progress_bar(progress) as bar:
+        for name, source in splits.items():
+            shown = _shown(source, dest)
+            records, checks, skips = _check_split(name, source, shown, root, strict=strict, pool=pool, progress=bar)
+            _write_split(dest / f"{name}.parquet", records, checks)
+            all_skips.extend(skips)
+            manifest["splits"][name] = {
+                "file": f"{name}.parquet",
+                "records": len(records),
+                "skipped": dict(sorted(Counter(s.reason for s in skips).items())),
+                "source": {"path": shown, "sha256": sha256_file(source)},
+            }
+            log.debug("%s: %d records kept, %d skipped", name, len(records), len(skips))
     with open(dest / SKIPPED, "w") as fh:
         for skip in all_skips:
             fh.write(json.dumps(asdict(skip), ensure_ascii=False) + "\n")
     manifest.update(extra or {})
-    write_json(dest / MANIFEST, manifest)
+    atomic_write_json(dest / MANIFEST, manifest, ensure_ascii=False)
+    if latents is not None:
+        manifest = latents.build(dest, progress=progress)
     return manifest
+
+
+@contextlib.contextmanager
+def _image_pool(workers: int) -> Iterator[Executor | None]:
+    """Worker processes for the image checks; None (check in this process) for a single worker."""
+    if workers == 1:
+        yield None
+        return
+    # spawn, not fork: the parent may hold torch/OpenMP threads and rich's refresh thread; the workers only
+    # need dsvlm.data.images.
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+    try:
+        yield pool
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def prepare_llava(
@@ -428,7 +451,7 @@ def prepare_llava(
         "workers": workers,
     }
     with atomic_output(out, overwrite) as tmp:
-        manifest = prepare_into(
+        return prepare_into(
             tmp,
             {name: Path(src) for name, src in splits.items()},
             image_root,
@@ -438,10 +461,8 @@ def prepare_llava(
             strict=strict,
             workers=workers,
             progress=progress,
+            latents=latents,
         )
-        if latents is not None:
-            manifest = latents.build(tmp, progress=progress)
-    return manifest
 
 
 def summary_table(manifest: dict[str, Any], title: str = "prepared") -> Table:
@@ -452,10 +473,3 @@ def summary_table(manifest: dict[str, Any], title: str = "prepared") -> Table:
         reasons = ", ".join(f"{reason} {count}" for reason, count in skipped.items()) or "-"
         table.add_row(name, str(split["records"]), str(sum(skipped.values())), reasons, split["source"]["path"])
     return table
-
-
-def skipped_records(dataset_dir: Path) -> Iterable[dict[str, Any]]:
-    """The records skipped while preparing `dataset_dir` (the lines of skipped.jsonl)."""
-    with open(Path(dataset_dir) / SKIPPED) as fh:
-        for line in fh:
-            yield json.loads(line)

@@ -18,7 +18,7 @@ import io
 import json
 import random
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from itertools import combinations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -274,10 +274,47 @@ def _caption(scene: Scene) -> str:
     return " and ".join(parts) + "."
 
 
-def _sample_choice(rng: random.Random, max_objects: int, types: tuple[str, ...], order: str) -> tuple[Scene, Choice]:
+@dataclass(frozen=True)
+class SyntheticConfig:
+    """What the synthetic set holds (the options of `dsvlm prepare synthetic`), checked on creation."""
+
+    n_align: int = 2000
+    n_instruct: int = 3000
+    n_eval: int = 500
+    seed: int = 0
+    image_size: int = 32
+    # The multiple-choice types of the instruct and of the eval set (a list is accepted and kept as a tuple).
+    question_types: tuple[str, ...] = ("colour", "count")
+    option_order: str = "canonical"
+    max_objects: int = 2
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "question_types", tuple(self.question_types))
+        for flag, value in (("--n-align", self.n_align), ("--n-instruct", self.n_instruct), ("--n-eval", self.n_eval)):
+            if value < 1:
+                raise DataError(f"{flag} must be at least 1, got {value}")
+        if self.image_size < 16:
+            raise DataError(f"--image-size must be at least 16 pixels, got {self.image_size}")
+        if not self.question_types:
+            raise DataError(f"--question-types needs at least one of {', '.join(QUESTION_TYPES)}")
+        unknown = [t for t in self.question_types if t not in QUESTION_TYPES]
+        if unknown:
+            raise DataError(f"unknown question type(s) {', '.join(unknown)}; choose from {', '.join(QUESTION_TYPES)}")
+        if self.option_order not in OPTION_ORDERS:
+            raise DataError(f"--option-order must be one of {', '.join(OPTION_ORDERS)}, got {self.option_order!r}")
+        if not 1 <= self.max_objects <= len(LAYOUTS):
+            raise DataError(f"--max-objects must be between 1 and {len(LAYOUTS)}, got {self.max_objects}")
+
+    def stream(self, part: str) -> random.Random:
+        """The random stream of one part (align, instruct, eval): the sizes of the others don't shift it."""
+        # String seeds are hashed with SHA-512 by `random`: stable across runs and Python versions.
+        return random.Random(f"dsvlm-synthetic/{self.seed}/{part}")
+
+
+def _sample_choice(rng: random.Random, config: SyntheticConfig) -> tuple[Scene, Choice]:
     while True:  # terminates: every type has scenes that allow it (position: any 1-object side layout)
-        scene = _sample_scene(rng, max_objects)
-        choice = _choice(rng, scene, rng.choice(types), order)
+        scene = _sample_scene(rng, config.max_objects)
+        choice = _choice(rng, scene, rng.choice(config.question_types), config.option_order)
         if choice is not None:
             return scene, choice
 
@@ -292,98 +329,60 @@ def _write_records(path: Path, records: list[dict[str, Any]]) -> None:
     path.write_text("[\n" + ",\n".join(json.dumps(r, ensure_ascii=False) for r in records) + "\n]\n")
 
 
-def _stream(seed: int, name: str) -> random.Random:
-    # String seeds are hashed with SHA-512 by `random`: stable across runs and Python versions.
-    return random.Random(f"dsvlm-synthetic/{seed}/{name}")
+def _turns(*pairs: tuple[str, str]) -> list[dict[str, str]]:
+    """LLaVA turns from (question, answer) pairs."""
+    return [turn for q, a in pairs for turn in ({"from": "human", "value": q}, {"from": "gpt", "value": a})]
 
 
-def _check_options(
-    n_align: int, n_instruct: int, n_eval: int, image_size: int, question_types: tuple[str, ...], option_order: str,
-    max_objects: int,
-) -> None:
-    for flag, value in (("--n-align", n_align), ("--n-instruct", n_instruct), ("--n-eval", n_eval)):
-        if value < 1:
-            raise DataError(f"{flag} must be at least 1, got {value}")
-    if image_size < 16:
-        raise DataError(f"--image-size must be at least 16 pixels, got {image_size}")
-    if not question_types:
-        raise DataError(f"--question-types needs at least one of {', '.join(QUESTION_TYPES)}")
-    unknown = [t for t in question_types if t not in QUESTION_TYPES]
-    if unknown:
-        raise DataError(f"unknown question type(s) {', '.join(unknown)}; choose from {', '.join(QUESTION_TYPES)}")
-    if option_order not in OPTION_ORDERS:
-        raise DataError(f"--option-order must be one of {', '.join(OPTION_ORDERS)}, got {option_order!r}")
-    if not 1 <= max_objects <= len(LAYOUTS):
-        raise DataError(f"--max-objects must be between 1 and {len(LAYOUTS)}, got {max_objects}")
-
-
-def generate_synthetic(
-    out_raw_dir: Path,
-    n_align: int = 2000,
-    n_instruct: int = 3000,
-    n_eval: int = 500,
-    seed: int = 0,
-    image_size: int = 32,
-    question_types: tuple[str, ...] | list[str] = ("colour", "count"),
-    option_order: str = "canonical",
-    max_objects: int = 2,
-) -> dict[str, Path]:
+def generate_synthetic(out_raw_dir: Path, config: SyntheticConfig = SyntheticConfig()) -> dict[str, Path]:
     """Write LLaVA-format `align.json`, `instruct.json`, their PNGs under `images/`, and the MMBench-format
-    eval set `eval/synthetic.parquet` into `out_raw_dir`. Deterministic by seed. Returns those paths.
-
-    `question_types` are the multiple-choice types of the instruct set and of the eval set.
-    """
-    question_types = tuple(question_types)
-    _check_options(n_align, n_instruct, n_eval, image_size, question_types, option_order, max_objects)
+    eval set `eval/synthetic.parquet` into `out_raw_dir`. Deterministic by `config`. Returns those paths."""
     out = Path(out_raw_dir)
     images = out / "images"
+    _write_records(out / "align.json", _align_records(config, images))
+    _write_records(out / "instruct.json", _instruct_records(config, images))
+    eval_path = out / EVAL_FILE
+    _write_eval(eval_path, config)
+    return {"align": out / "align.json", "instruct": out / "instruct.json", "images": images, "eval": eval_path}
 
-    rng = _stream(seed, "align")
-    align = []
-    for i in range(n_align):
-        scene = _sample_scene(rng, max_objects)
+
+def _align_records(config: SyntheticConfig, images: Path) -> list[dict[str, Any]]:
+    """Stage-1 captions, one per image; the PNGs are written under `images`."""
+    rng = config.stream("align")
+    records = []
+    for i in range(config.n_align):
+        scene = _sample_scene(rng, config.max_objects)
         rel = f"align/{i:06d}.png"
-        _write_image(render(scene, image_size), images / rel)
+        _write_image(render(scene, config.image_size), images / rel)
         prompt = rng.choice(CAPTION_PROMPTS)
-        align.append({
-            "id": f"align-{i:06d}",
-            "image": rel,
-            "conversations": [
-                {"from": "human", "value": f"{IMAGE_TOKEN}\n{prompt}"},
-                {"from": "gpt", "value": _caption(scene)},
-            ],
-        })
+        turns = _turns((f"{IMAGE_TOKEN}\n{prompt}", _caption(scene)))
+        records.append({"id": f"align-{i:06d}", "image": rel, "conversations": turns})
+    return records
 
-    rng = _stream(seed, "instruct")
-    instruct = []
-    for i in range(n_instruct):
+
+def _instruct_records(config: SyntheticConfig, images: Path) -> list[dict[str, Any]]:
+    """Stage-2 chats: a multiple-choice question in lmms-eval's wording, then 0-2 open follow-ups; a few
+    text-only chats. The PNGs are written under `images`."""
+    rng = config.stream("instruct")
+    records = []
+    for i in range(config.n_instruct):
+        rid = f"instruct-{i:06d}"
         if rng.random() < TEXT_ONLY_FRACTION:
-            turns = []
-            for question, answer in rng.sample(TEXT_ONLY, rng.randint(1, 2)):
-                turns += [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
-            instruct.append({"id": f"instruct-{i:06d}", "conversations": turns})
+            records.append({"id": rid, "conversations": _turns(*rng.sample(TEXT_ONLY, rng.randint(1, 2)))})
             continue
-        scene, choice = _sample_choice(rng, max_objects, question_types, option_order)
-        turns = [
-            {"from": "human", "value": f"{IMAGE_TOKEN}\n{mmbench_prompt(choice.question, choice.options)}"},
-            {"from": "gpt", "value": choice.answer},
-        ]
+        scene, choice = _sample_choice(rng, config)
+        pairs = [(f"{IMAGE_TOKEN}\n{mmbench_prompt(choice.question, choice.options)}", choice.answer)]
         # Follow-ups never repeat the multiple-choice question's type in open form.
         follow_types = [t for t in OPEN_TYPES if t != choice.category]
         for _ in range(rng.randint(0, 2)):
             qa = None
             while qa is None:  # terminates: only comparison can refuse a scene
                 qa = _open_question(rng, scene, rng.choice(follow_types))
-            turns += [{"from": "human", "value": qa[0]}, {"from": "gpt", "value": qa[1]}]
+            pairs.append(qa)
         rel = f"instruct/{i:06d}.png"
-        _write_image(render(scene, image_size), images / rel)
-        instruct.append({"id": f"instruct-{i:06d}", "image": rel, "conversations": turns})
-
-    _write_records(out / "align.json", align)
-    _write_records(out / "instruct.json", instruct)
-    eval_path = out / EVAL_FILE
-    _write_eval(eval_path, _stream(seed, "eval"), n_eval, image_size, question_types, option_order, max_objects)
-    return {"align": out / "align.json", "instruct": out / "instruct.json", "images": images, "eval": eval_path}
+        _write_image(render(scene, config.image_size), images / rel)
+        records.append({"id": rid, "image": rel, "conversations": _turns(*pairs)})
+    return records
 
 
 # Columns of a local MMBench file (lmms-eval's mmbench_en_dev_static reads these), with their types.
@@ -404,16 +403,16 @@ MMBENCH_FEATURES = {
 }
 
 
-def _write_eval(
-    path: Path, rng: random.Random, n: int, image_size: int, types: tuple[str, ...], order: str, max_objects: int
-) -> None:
+def _write_eval(path: Path, config: SyntheticConfig) -> None:
+    """The held-out multiple-choice items as a parquet file in MMBench's schema."""
     import datasets
 
+    rng = config.stream("eval")
     rows: dict[str, list[Any]] = {key: [] for key in MMBENCH_FEATURES}
-    for index in range(n):
-        scene, choice = _sample_choice(rng, max_objects, types, order)
+    for index in range(config.n_eval):
+        scene, choice = _sample_choice(rng, config)
         buffer = io.BytesIO()
-        render(scene, image_size).save(buffer, format="PNG")
+        render(scene, config.image_size).save(buffer, format="PNG")
         row = {
             "index": index,
             "question": choice.question,
@@ -472,15 +471,8 @@ def synthetic_vocabulary() -> list[str]:
 
 def prepare_synthetic(
     out: Path,
+    config: SyntheticConfig = SyntheticConfig(),
     *,
-    n_align: int = 2000,
-    n_instruct: int = 3000,
-    n_eval: int = 500,
-    seed: int = 0,
-    image_size: int = 32,
-    question_types: tuple[str, ...] | list[str] = ("colour", "count"),
-    option_order: str = "canonical",
-    max_objects: int = 2,
     workers: int = 1,
     overwrite: bool = False,
     latents: LatentRequest | None = None,
@@ -488,23 +480,10 @@ def prepare_synthetic(
 ) -> dict[str, Any]:
     """Generate the synthetic set into a new dataset `out` and prepare it like any LLaVA data. Returns the
     manifest. The raw files stay in the dataset: `align.json`, `instruct.json`, `images/`, `eval/`."""
-    options = {
-        "n_align": n_align,
-        "n_instruct": n_instruct,
-        "n_eval": n_eval,
-        "seed": seed,
-        "image_size": image_size,
-        "question_types": list(question_types),
-        "option_order": option_order,
-        "max_objects": max_objects,
-        "workers": workers,
-    }
-    _check_options(n_align, n_instruct, n_eval, image_size, tuple(question_types), option_order, max_objects)
+    options = {**asdict(config), "question_types": list(config.question_types), "workers": workers}
     with atomic_output(Path(out), overwrite) as tmp:
-        files = generate_synthetic(
-            tmp, n_align, n_instruct, n_eval, seed, image_size, question_types, option_order, max_objects
-        )
-        manifest = prepare_into(
+        files = generate_synthetic(tmp, config)
+        return prepare_into(
             tmp,
             {"align": files["align"], "instruct": files["instruct"]},
             files["images"],
@@ -515,7 +494,5 @@ def prepare_synthetic(
             workers=workers,
             progress=progress,
             extra={"eval": {"synthetic": EVAL_FILE}},
+            latents=latents,
         )
-        if latents is not None:
-            manifest = latents.build(tmp, progress=progress)
-    return manifest

@@ -243,16 +243,14 @@ def write_task_yaml(
     original = bench.task_config()
     config: dict[str, Any] = {"include": str(bench.yaml_path), "task": bench.local_task, "tag": []}
     config.update(bench.overrides)
-    dataset_kwargs = {k: v for k, v in (original.get("dataset_kwargs") or {}).items() if k != "token"}
     if data_file is not None:
-        split = original["test_split"]
         config.update(
             dataset_path=BUILDERS[data_file.suffix],
             dataset_name=None,
-            dataset_kwargs={"data_files": {split: str(data_file)}},
+            dataset_kwargs={"data_files": {original["test_split"]: str(data_file)}},
         )
-    else:
-        config["dataset_kwargs"] = dataset_kwargs
+    else:  # `token: True` fails without a stored token, even offline
+        config["dataset_kwargs"] = {k: v for k, v in (original.get("dataset_kwargs") or {}).items() if k != "token"}
     if max_new_tokens is not None:
         generation = dict(config.get("generation_kwargs") or original.get("generation_kwargs") or {})
         generation["max_new_tokens"] = min(

@@ -132,12 +132,7 @@ class DsvlmLlava(lmms):
                 cont_lens.append(len(cont))
                 if "pixel_values" in encoded:
                     pixel_values.append(encoded["pixel_values"])
-            width = max(map(len, rows))
-            input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-            attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-            for r, row in enumerate(rows):
-                input_ids[r, width - len(row) :] = torch.tensor(row)
-                attention_mask[r, width - len(row) :] = 1
+            input_ids, attention_mask = _left_pad(rows, self.pad_id)
             # Left padding: positions must count real tokens only, as they would without padding.
             position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
             keep = max(cont_lens) + 1
@@ -155,7 +150,7 @@ class DsvlmLlava(lmms):
             for r, (i, n) in enumerate(zip(batch, cont_lens, strict=True)):
                 if n == 0:
                     continue
-                target = input_ids[r, width - n :]
+                target = input_ids[r, -n:]
                 scores = logprobs[r, keep - 1 - n :]
                 token_logprobs = scores.gather(-1, target[:, None]).squeeze(-1)
                 results[i] = (float(-token_logprobs.sum()), bool((scores.argmax(-1) == target).all()))
@@ -221,6 +216,18 @@ class DsvlmLlava(lmms):
         if temperature > 0:
             args.update(temperature=temperature, top_p=float(gen_kwargs.get("top_p") or 1.0))
         return args
+
+
+def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows as one [B, width] batch aligned on the right: input_ids (padded with `pad_id`) and the
+    attention mask."""
+    width = max(map(len, rows))
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, row in enumerate(rows):
+        input_ids[r, width - len(row) :] = torch.tensor(row)
+        attention_mask[r, width - len(row) :] = 1
+    return input_ids, attention_mask
 
 
 def _kwargs_key(gen_kwargs: dict[str, Any]) -> str:

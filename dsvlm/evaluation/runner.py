@@ -30,6 +30,7 @@ from dsvlm.evaluation.benches import (
     write_task_yaml,
 )
 from dsvlm.evaluation.compat import check_filelock, keep_loglikelihood_pairs
+from dsvlm.io import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +38,15 @@ SUMMARY = "summary.json"
 
 
 def resolve_model(path: str | Path) -> Path:
-    """The model directory to evaluate: a stripped dsvlm model (a transformers LLaVA folder)."""
+    """The model directory to evaluate: a stripped dsvlm model (a transformers LLaVA folder), or a training
+    run / stage output, stripped on the fly into RUN/<stage>/stripped (reused when already there)."""
     path = Path(path).expanduser()
     if not path.exists():
         raise DsvlmError(f"model {path} does not exist")
+    if path.is_dir() and not (path / "config.json").is_file():
+        stripped = _strip_run(path)
+        if stripped is not None:
+            return stripped
     problems = []
     config = path / "config.json"
     if not path.is_dir():
@@ -67,6 +73,24 @@ def resolve_model(path: str | Path) -> Path:
             "the output of `dsvlm strip RUN` (a transformers LLaVA folder with its processor)"
         )
     return path.resolve()
+
+
+def _strip_run(path: Path) -> Path | None:
+    """Strip a run or stage output next to its `final/` (once; again when the stage output is newer)."""
+    from dsvlm.train.rundir import STAGE_INFO, resolve_init
+
+    try:
+        final = resolve_init(path)
+    except DsvlmError:
+        return None  # not a run either: resolve_model explains what a model directory needs
+    stripped = final.parent / "stripped"
+    done = stripped / "config.json"
+    if not done.is_file() or done.stat().st_mtime < (final / STAGE_INFO).stat().st_mtime:
+        from dsvlm.strip.strip import strip
+
+        log.info("%s is a training run: stripping %s into %s", path, final, stripped)
+        strip(final, stripped, force=True)
+    return stripped.resolve()
 
 
 def evaluate(
@@ -101,7 +125,7 @@ def evaluate(
 
         _route_lmms_eval_logs()
         keep_loglikelihood_pairs()
-        lm = _load_model(model, model_path, batch_size, device, dtype, model_args or {})
+        lm = load_model(model, model_path, batch_size, device, dtype, model_args)
         task_manager = TaskManager(
             "WARNING", include_path=include_dir, include_defaults=False, model_name=model
         )
@@ -182,10 +206,20 @@ def _plan(benches: list[str], data_files: dict[str, str]) -> list[tuple[Benchmar
     return plan
 
 
-def _load_model(
-    model: str, path: Path, batch_size: int, device: str, dtype: str, extra: dict[str, Any]
+def load_model(
+    model: str,
+    path: Path,
+    batch_size: int = 8,
+    device: str = "cpu",
+    dtype: str = "float32",
+    extra: dict[str, Any] | None = None,
 ) -> Any:
-    """An lmms-eval model instance: dsvlm's class directly, any other through lmms-eval's registry."""
+    """An lmms-eval model instance: dsvlm's class directly, any other through lmms-eval's registry.
+
+    `batch_size`, `device` and `dtype` apply to the dsvlm class; another class gets `pretrained` and `extra`
+    (its own model args) only.
+    """
+    extra = extra or {}
     if model == "dsvlm":
         from dsvlm.evaluation.lmms_model import DsvlmLlava
 
@@ -231,9 +265,7 @@ def _write_outputs(
         raise DsvlmError("lmms-eval returned no results")
     samples = results.pop("samples", {})
     results_file = out / "results.json"
-    results_file.write_text(
-        json.dumps(results, indent=2, default=handle_non_serializable, ensure_ascii=False)
-    )
+    atomic_write_text(results_file, json.dumps(results, indent=2, default=handle_non_serializable, ensure_ascii=False))
     benchmarks = {}
     for bench, data_file in plan:
         task = tasks[bench.name]
@@ -261,7 +293,7 @@ def _write_outputs(
         "results": str(results_file),
         "benchmarks": benchmarks,
     }
-    (out / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
+    atomic_write_json(out / SUMMARY, summary)
     return summary
 
 

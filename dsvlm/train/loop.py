@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs, PartialState
 from accelerate.state import AcceleratorState
+from accelerate.utils import DistributedType
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch.utils.data import DataLoader, Sampler
 from transformers import get_scheduler
@@ -136,6 +137,10 @@ def _accelerator(stage: StageConfig) -> Accelerator:
         # The last encoder layers feed only the diffusion branch; unused parameters are normal.
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
+    if accelerator.distributed_type == DistributedType.DEEPSPEED and stage.accumulation_steps(
+            accelerator.num_processes) > 1:
+        raise DsvlmError(f"stage {stage.name}: under DeepSpeed dsvlm needs gradient accumulation 1; set "
+                         f"per_device_batch_size = global_batch_size / {accelerator.num_processes}")
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if accelerator.num_processes != launched:
         raise DsvlmError(f"launched {launched} processes but accelerate set up {accelerator.num_processes}; "
