@@ -15,6 +15,7 @@ from dsvlm.model.dsvlm import DSVLM, build_model, load_model, save_model
 from dsvlm.model.freeze import freeze_for_stage
 from dsvlm.model.templates import CHAT_TEMPLATES
 from dsvlm.model.tokenizer import build_word_tokenizer
+from dsvlm.recipe import load_recipe
 from dsvlm.recipe.schema import Recipe
 
 VLM_INPUTS = ("input_ids", "attention_mask", "pixel_values")
@@ -112,9 +113,20 @@ def test_reconstruct_per_batch_and_normalisers() -> None:
     assert out.n_rec == 2
     scaled = model(batch, text_normalizer=2 * out.n_text_tokens, rec_normalizer=4.0)
     assert torch.allclose(scaled.text_loss, out.text_loss / 2) and torch.allclose(scaled.rec_loss, out.rec_loss / 2)
-    originals, reconstructions = model.reconstruct(batch, n=3, steps=2)
-    assert originals.shape == reconstructions.shape == (3, 3, 16, 16)
-    assert float(reconstructions.min()) >= 0 and float(reconstructions.max()) <= 1
+    originals, one_step, sampled = model.reconstruct(batch, n=3, steps=2)
+    assert originals.shape == one_step.shape == sampled.shape == (3, 3, 16, 16)
+    assert all(float(x.min()) >= 0 and float(x.max()) <= 1 for x in (one_step, sampled))
+
+
+def test_one_step_preview_at_the_lowest_noise_is_the_image_in_pixel_space() -> None:
+    """x̂0 from t=0 is the image whatever the UNet predicts (the noise is 1% there); sampling from pure noise is not."""
+    model = build_model(load_recipe("tiny-synthetic"))
+    examples = [example(i) for i in range(3)]
+    for item in examples:
+        item["image"] = item["image"].resize((32, 32))
+    batch = Collator(model.processor, "chat", max_length=64, rec_resolution=32)(examples)
+    originals, nearly_clean, sampled = model.reconstruct(batch, n=3, steps=2, timestep=0)
+    assert float((nearly_clean - originals).abs().max()) < 0.1 < float((sampled - originals).abs().max())
 
 
 def test_freeze_for_stage_trains_exactly_the_named_groups() -> None:

@@ -144,9 +144,11 @@ class DSVLM(nn.Module):
 
     @torch.no_grad()
     def reconstruct(
-        self, batch: dict[str, torch.Tensor], n: int, steps: int | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(originals, reconstructions) of the first `n` images, both (n, 3, R, R) in [0, 1], for previews."""
+        self, batch: dict[str, torch.Tensor], n: int, steps: int | None = None, timestep: int = 250
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Previews of the first `n` images, each (n, 3, R, R) in [0, 1]: the originals, their one-step
+        reconstruction from noise level `timestep` (what the loss sees), and DDIM samples from pure noise
+        conditioned on the visual features alone (what the features hold)."""
         branch = self.supervision
         if branch is None:
             raise ValueError("this model has no diffusion branch to reconstruct with")
@@ -158,8 +160,11 @@ class DSVLM(nn.Module):
             )
         n = min(n, batch["pixel_values"].shape[0])
         conditions = {name: captured[name][:n] for name in branch.condition_names}
-        reconstructions = branch.sample(conditions, steps)
-        return (batch["rec_pixels"][:n].float() + 1) / 2, (reconstructions.float() + 1) / 2
+        originals = batch["rec_pixels"][:n].float()
+        timestep = min(timestep, branch.timestep_range[1])
+        one_step = branch.denoise(conditions, originals, timestep)
+        sampled = branch.sample(conditions, steps)
+        return tuple((x.float() + 1) / 2 for x in (originals, one_step, sampled))
 
 
 def _encoder_layers(vision_tower: nn.Module) -> nn.ModuleList:

@@ -346,9 +346,9 @@ def _write_preview(accelerator: Accelerator, model: torch.nn.Module, batch: dict
     if accelerator.is_main_process:
         batch = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
         with torch.no_grad():
-            originals, reconstructions = accelerator.unwrap_model(model).reconstruct(
+            rows = accelerator.unwrap_model(model).reconstruct(
                 batch, recipe.run.preview_images, recipe.supervision.sampler_steps)
-        image_grid([originals, reconstructions], out)
+        image_grid(list(rows), out)
     accelerator.wait_for_everyone()
 
 

@@ -222,6 +222,18 @@ class DiffusionSupervision(nn.Module):
         raise RecipeError(f"unsupported scheduler prediction_type {kind!r}")
 
     @torch.no_grad()
+    def denoise(self, conditions: dict[str, torch.Tensor], images: torch.Tensor, timestep: int,
+                seed: int = 0) -> torch.Tensor:
+        """x̂0 from one UNet call on the images noised to `timestep`: what the training loss sees, in [-1, 1]."""
+        latents = self.encode(images).float()
+        noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed)).to(latents.device)
+        t = torch.full((latents.shape[0],), timestep, device=latents.device, dtype=torch.long)
+        alpha = self.alphas_cumprod[t].view(-1, 1, 1, 1)
+        noisy = alpha.sqrt() * latents + (1 - alpha).sqrt() * noise
+        prediction = self.unet(noisy, t, encoder_hidden_states=self._encoder_states(conditions)).sample
+        return self.decode(self._eps_and_x0(prediction.float(), noisy, alpha)[1]).clamp(-1, 1)
+
+    @torch.no_grad()
     def sample(self, conditions: dict[str, torch.Tensor], steps: int | None = None, seed: int = 0) -> torch.Tensor:
         """Images in [-1, 1] generated from the conditions alone by DDIM (previews of what the branch sees)."""
         n = next(iter(conditions.values())).shape[0]
