@@ -122,3 +122,16 @@ def test_rebuild_replaces_the_cache(tmp_path: Path) -> None:
     assert json.loads((out / "latents" / "index.json").read_text())["resolution"] == 16
     assert LatentCache.open(out, fingerprint, 16).get("align-000000").shape == (4, 8, 8)
     assert sorted(p.name for p in out.iterdir() if p.name.startswith((".", "latents"))) == ["latents"]
+
+
+def test_cache_and_training_branch_share_the_shift_and_scale() -> None:
+    """SD3/FLUX-style VAEs have a shift factor: the cache must apply it exactly as training does."""
+    from dsvlm.model.supervision import branch
+
+    vae = tiny_vae()
+    pixels = torch.rand(2, 3, 32, 32) * 2 - 1
+    plain = encode(vae, pixels)
+    vae.register_to_config(shift_factor=0.1)
+    shifted = encode(vae, pixels)
+    assert torch.allclose(plain - shifted, torch.full_like(plain, 0.1 * vae.config.scaling_factor), atol=1e-6)
+    assert branch.encode_latents is encode  # the branch encodes with this same function

@@ -54,10 +54,11 @@ def vae_input(image: Image.Image, resolution: int) -> torch.Tensor:
 
 @torch.no_grad()
 def encode(vae: Any, pixels: torch.Tensor) -> torch.Tensor:
-    """Latents of a [B, 3, R, R] batch in [-1, 1]: posterior mean x scaling_factor, float32 on the CPU."""
+    """The UNet-space latents of a [B, 3, R, R] batch in [-1, 1]: (posterior mean - shift) x scale, float32 on the
+    VAE's device. The only encoding formula: the cache and the training branch both use it."""
     param = next(vae.parameters())
     posterior = vae.encode(pixels.to(param.device, param.dtype)).latent_dist
-    return (posterior.mean * vae.config.scaling_factor).float().cpu()
+    return ((posterior.mean - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor).float()
 
 
 def build_latent_cache(
@@ -124,7 +125,7 @@ def _write_shards(
             for b in range(0, len(chunk), batch_size):
                 batch = chunk[b : b + batch_size]
                 pixels = torch.stack([vae_input(dataset.load_image({"image": p}), resolution) for p in batch])
-                parts.append(encode(vae, pixels))
+                parts.append(encode(vae, pixels).cpu())
                 bar.advance(task, len(batch))
             latents = torch.cat(parts)
             shape = list(latents.shape[1:])

@@ -12,6 +12,7 @@ import torch
 from diffusers import DDIMScheduler
 from torch import nn
 
+from dsvlm.data.latents import encode as encode_latents
 from dsvlm.errors import RecipeError
 from dsvlm.model.supervision.adapters import ConditionAdapters
 from dsvlm.model.supervision.attention import MoECrossAttnProcessor, install_moe
@@ -130,9 +131,7 @@ class DiffusionSupervision(nn.Module):
         """
         if self.vae is None:
             return images
-        vae_config = self.vae.config
-        latents = self.vae.encode(images.to(self.vae.dtype)).latent_dist.mean
-        return (latents - (vae_config.shift_factor or 0.0)) * vae_config.scaling_factor
+        return encode_latents(self.vae, images)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """The inverse of `encode`, differentiable (the VAE is frozen, not detached)."""
