@@ -15,6 +15,7 @@ from dsvlm.cli import prepare as prepare_cli
 from dsvlm.cli.app import app
 from dsvlm.data.latents import LatentCache, vae_fingerprint
 from dsvlm.data.prepared import PreparedDataset
+from dsvlm.data.synthetic import QUESTION_TYPES
 from dsvlm.errors import DataError
 
 SMALL = ["--n-align", "8", "--n-instruct", "12", "--n-eval", "4"]
@@ -55,6 +56,7 @@ def test_json_summary(tmp_path: Path) -> None:
     assert summary["path"] == str(out)
     assert summary["splits"]["instruct"]["records"] == 12
     assert summary["options"]["option_order"] == "shuffled"
+    assert summary["options"]["question_types"] == list(QUESTION_TYPES)  # the CLI default is the library's
     assert summary["eval"] == {"synthetic": "eval/synthetic.parquet"}
 
 

@@ -101,8 +101,9 @@ def synthetic(
     seed: int = typer.Option(0, help="Seed; the same seed gives the same files."),
     image_size: int = typer.Option(32, "--image-size", min=16, help="Image side in pixels."),
     question_types: str = typer.Option(
-        "colour,count", "--question-types",
-        help="Comma-separated multiple-choice types of the instruct and eval sets: colour, shape, count, position.",
+        "colour,shape,count,position,relative_position,relative_size,count_small", "--question-types",
+        help="Comma-separated multiple-choice types of the instruct and eval sets (each an eval category): "
+        "colour, shape, count, position, relative_position, relative_size, count_small (3-6 tiny shapes).",
     ),
     option_order: OptionOrder = typer.Option(
         OptionOrder.canonical, "--option-order",

@@ -5,11 +5,16 @@ Three parts, each from its own random stream (so the eval set is held out and si
 - instruct: multi-turn chat; every record opens with a multiple-choice question worded exactly like
   lmms-eval's `mmbench_en_dev_static` prompt (answer: the letter) so a tiny model learns the eval format,
   followed by 0-2 open questions (colour, shape, count, position, comparison, detail); ~2 % are text-only;
-- eval: held-out multiple-choice items in MMBench's schema, a parquet file lmms-eval reads like MMBench.
+- eval: held-out multiple-choice items in MMBench's schema, a parquet file lmms-eval reads like MMBench, one
+  `category` per question type.
+
+Each question type draws its own kind of scene (align draws the same mix, so stage 1 sees every kind): colour,
+shape, count and position 1..max_objects shapes; relative_position and relative_size 2-3 shapes of distinct
+colours; count_small 3-6 tiny shapes on a 3x3 grid (colours may repeat).
 
 What a tiny model learns in minutes (docs/miniature.md): colour and count (<= 2 objects) fast, shape slowly,
-shuffled option letters not at all. Hence the defaults: colour+count questions, canonical option order per
-question type (red is always A), at most 2 objects.
+shuffled option letters not at all. Hence a canonical option order per question type (red is always A) by
+default. Every type is on by default, so the eval's per-category scores say something about visual detail.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import io
 import json
 import random
 import re
+from collections import Counter
 from dataclasses import asdict, dataclass
 from itertools import combinations
 from pathlib import Path
@@ -42,9 +48,12 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 }
 SHAPES = ("circle", "square", "triangle")
 SIZES = {"small": 0.13, "large": 0.2}  # radius as a fraction of the image side
+TINY = "tiny"  # the size of count_small's shapes, whose centres are only 0.25 apart
+RADII = {**SIZES, TINY: 0.08}
 BACKGROUNDS: dict[str, tuple[int, int, int]] = {"white": (255, 255, 255), "gray": (128, 128, 128), "black": (0, 0, 0)}
-COUNT_WORDS = ("one", "two", "three", "four")
+COUNT_WORDS = ("one", "two", "three", "four", "five", "six")
 JITTER = 0.03  # centre offset, fraction of the side: images of one layout are not pixel-identical
+TINY_JITTER = 0.015  # keeps tiny neighbours >= 1.9 px apart at 32 px
 # Object centres (fractions of the side) and how answers name them. All layouts keep centres >= 0.5 apart,
 # so the largest shapes (radius 0.2) never overlap.
 CENTRES = {
@@ -76,13 +85,19 @@ LAYOUTS: dict[int, list[tuple[str, ...]]] = {
     3: list(combinations(_CORNERS, 3)),
     4: [_CORNERS],
 }
+GRID_OBJECTS = (3, 6)  # count_small: this many tiny shapes, each in its own cell of the 3x3 grid of CENTRES
+# Relative position: the relation, and the axis (0: x, 1: y) and direction in which the other shape lies.
+RELATIONS: dict[str, tuple[int, int]] = {"left of": (0, -1), "right of": (0, 1), "above": (1, -1), "below": (1, 1)}
 
 # Multiple-choice question types with their canonical options (the option order used unless shuffled).
 MC_OPTIONS: dict[str, tuple[str, ...]] = {
     "colour": tuple(COLOURS),
     "shape": SHAPES,
-    "count": COUNT_WORDS,
+    "count": COUNT_WORDS[:4],
     "position": ("left", "right", "top", "bottom"),
+    "relative_position": tuple(COLOURS),
+    "relative_size": ("larger", "smaller"),
+    "count_small": COUNT_WORDS[2:6],
 }
 QUESTION_TYPES = tuple(MC_OPTIONS)
 OPTION_ORDERS = ("canonical", "shuffled")
@@ -97,6 +112,9 @@ MC_QUESTIONS = {
     "shape": "What shape is the {colour} object?",
     "count": "How many shapes are in the image?",
     "position": "Where is the {colour} shape?",
+    "relative_position": "What colour is the shape {relation} the {colour} shape?",
+    "relative_size": "Is the {colour1} shape larger or smaller than the {colour2} shape?",
+    "count_small": "How many tiny shapes are in the image?",
 }
 CAPTION_PROMPTS = ("Describe the image briefly.", "Give a short caption of the picture.", "What is in the image?")
 CAPTION_OBJECT = "a {size} {colour} {shape} {place}"
@@ -162,8 +180,8 @@ def mmbench_prompt(question: str, options: dict[str, str], hint: str | None = No
     return f"{query}\n{MMBENCH_POST_PROMPT}"
 
 
-def _sample_scene(rng: random.Random, max_objects: int) -> Scene:
-    layout = rng.choice(LAYOUTS[rng.randint(1, max_objects)])
+def _sample_scene(rng: random.Random, max_objects: int, min_objects: int = 1) -> Scene:
+    layout = rng.choice(LAYOUTS[rng.randint(min_objects, max_objects)])
     colours = rng.sample(list(COLOURS), len(layout))  # distinct colours: "the red object" is unambiguous
     objects = tuple(
         Shape(
@@ -179,13 +197,39 @@ def _sample_scene(rng: random.Random, max_objects: int) -> Scene:
     return Scene(background=rng.choice(list(BACKGROUNDS)), objects=objects)
 
 
+def _sample_grid_scene(rng: random.Random) -> Scene:
+    """3-6 tiny shapes in distinct cells of the 3x3 grid; colours may repeat (there are only four)."""
+    positions = rng.sample(list(CENTRES), rng.randint(*GRID_OBJECTS))
+    objects = tuple(
+        Shape(
+            colour=rng.choice(list(COLOURS)),
+            shape=rng.choice(SHAPES),
+            size=TINY,
+            position=position,
+            dx=rng.uniform(-TINY_JITTER, TINY_JITTER),
+            dy=rng.uniform(-TINY_JITTER, TINY_JITTER),
+        )
+        for position in positions
+    )
+    return Scene(background=rng.choice(list(BACKGROUNDS)), objects=objects)
+
+
+def _scene_for(rng: random.Random, kind: str, max_objects: int) -> Scene:
+    """A scene with the object count question type `kind` needs (`max_objects` bounds the original four)."""
+    if kind == "count_small":
+        return _sample_grid_scene(rng)
+    if kind in ("relative_position", "relative_size"):
+        return _sample_scene(rng, 3, min_objects=2)  # 3 corners at most: some relation is always unambiguous
+    return _sample_scene(rng, max_objects)
+
+
 def render(scene: Scene, size: int) -> Image.Image:
     """Draw a scene (no anti-aliasing: the pixels depend only on the scene)."""
     image = Image.new("RGB", (size, size), BACKGROUNDS[scene.background])
     draw = ImageDraw.Draw(image)
     for obj in scene.objects:
         fx, fy = CENTRES[obj.position]
-        cx, cy, r = (fx + obj.dx) * size, (fy + obj.dy) * size, SIZES[obj.size] * size
+        cx, cy, r = (fx + obj.dx) * size, (fy + obj.dy) * size, RADII[obj.size] * size
         fill = COLOURS[obj.colour]
         if obj.shape == "circle":
             draw.ellipse([round(cx - r), round(cy - r), round(cx + r), round(cy + r)], fill=fill)
@@ -198,8 +242,34 @@ def render(scene: Scene, size: int) -> Image.Image:
     return image
 
 
+def only_neighbour(scene: Scene, reference: Shape, relation: str) -> Shape | None:
+    """The one shape lying `relation` the reference (e.g. further left, in any row), None unless exactly one."""
+    axis, sign = RELATIONS[relation]
+    ref = CENTRES[reference.position][axis]
+    found = [o for o in scene.objects if (CENTRES[o.position][axis] - ref) * sign > 0]
+    return found[0] if len(found) == 1 else None
+
+
 def _choice(rng: random.Random, scene: Scene, kind: str, order: str) -> Choice | None:
     """A multiple-choice item of type `kind` about the scene; None when the scene doesn't allow it."""
+    if kind == "relative_position":
+        triples = [(ref, relation, other) for ref in scene.objects for relation in RELATIONS
+                   if (other := only_neighbour(scene, ref, relation)) is not None]
+        if not triples:
+            return None
+        ref, relation, other = rng.choice(triples)
+        return _options(rng, MC_QUESTIONS[kind].format(relation=relation, colour=ref.colour), other.colour, kind,
+                        order)
+    if kind == "relative_size":
+        pairs = [(a, b) for a in scene.objects for b in scene.objects if a.size != b.size]
+        if not pairs:
+            return None
+        first, second = rng.choice(pairs)
+        answer = "larger" if RADII[first.size] > RADII[second.size] else "smaller"
+        return _options(rng, MC_QUESTIONS[kind].format(colour1=first.colour, colour2=second.colour), answer, kind,
+                        order)
+    if kind == "count_small":
+        return _options(rng, MC_QUESTIONS[kind], COUNT_WORDS[len(scene.objects) - 1], kind, order)
     obj = rng.choice(scene.objects)
     if kind == "colour":
         question, answer = MC_QUESTIONS[kind].format(target=scene.target(obj)), obj.colour
@@ -211,20 +281,34 @@ def _choice(rng: random.Random, scene: Scene, kind: str, order: str) -> Choice |
         if obj.position not in MC_OPTIONS["position"]:
             return None
         question, answer = MC_QUESTIONS[kind].format(colour=obj.colour), obj.position
+    return _options(rng, question, answer, kind, order)
+
+
+def _options(rng: random.Random, question: str, answer: str, kind: str, order: str) -> Choice:
     values = list(MC_OPTIONS[kind])
     if order == "shuffled":
         rng.shuffle(values)
-    options = dict(zip(LETTERS, values, strict=False))  # shape has 3 options, the rest 4
+    options = dict(zip(LETTERS, values, strict=False))  # shape has 3 options, relative_size 2, the rest 4
     letter = next(key for key, value in options.items() if value == answer)
     return Choice(question, options, letter, kind)
 
 
+def _unique(scene: Scene, *fields: str) -> set[Shape]:
+    """The shapes that `fields` (e.g. colour) name unambiguously: no other shape shares those values."""
+    keys = Counter(tuple(getattr(o, f) for f in fields) for o in scene.objects)
+    return {o for o in scene.objects if keys[tuple(getattr(o, f) for f in fields)] == 1}
+
+
 def _open_question(rng: random.Random, scene: Scene, kind: str) -> tuple[str, str] | None:
-    """An open question and its short answer; None when the scene doesn't allow it (comparison of one)."""
+    """An open question and its short answer; None when the scene doesn't allow it: a comparison of one
+    shape, or a question naming a shape by colour (and shape) that another shape shares (count_small scenes)."""
+    by_colour, by_name = _unique(scene, "colour"), _unique(scene, "colour", "shape")
     obj = rng.choice(scene.objects)
     if kind == "colour":
         q, a = OPEN["colour"]
         return q.format(target=scene.target(obj)), a.format(colour=obj.colour)
+    if kind in ("shape", "position") and obj not in (by_colour if kind == "shape" else by_name):
+        return None
     if kind == "shape":
         q, a = OPEN["shape"]
         return q.format(colour=obj.colour), a.format(shape=obj.shape)
@@ -240,18 +324,24 @@ def _open_question(rng: random.Random, scene: Scene, kind: str) -> tuple[str, st
             return None
         first, second = rng.sample(scene.objects, 2)
         if rng.random() < 0.5:
+            if not {first, second} <= by_name:
+                return None
             q, larger, same = OPEN["larger"]
             question = q.format(colour1=first.colour, shape1=first.shape, colour2=second.colour, shape2=second.shape)
             if first.size == second.size:
                 return question, same
-            big = first if first.size == "large" else second
+            big = first if RADII[first.size] > RADII[second.size] else second
             return question, larger.format(colour=big.colour, shape=big.shape)
+        if not {first, second} <= by_colour:
+            return None
         q, yes, no = OPEN["same_shape"]
         question = q.format(colour1=first.colour, colour2=second.colour)
         return question, yes if first.shape == second.shape else no
     # detail: things only the pixels tell
     pick = rng.randrange(3)
     if pick == 0:
+        if obj not in by_colour or obj.size not in SIZES:  # tiny is neither small nor large
+            return None
         q, a = OPEN["size"]
         return q.format(colour=obj.colour), a.format(size=obj.size)
     if pick == 1:
@@ -284,7 +374,7 @@ class SyntheticConfig:
     seed: int = 0
     image_size: int = 32
     # The multiple-choice types of the instruct and of the eval set (a list is accepted and kept as a tuple).
-    question_types: tuple[str, ...] = ("colour", "count")
+    question_types: tuple[str, ...] = QUESTION_TYPES
     option_order: str = "canonical"
     max_objects: int = 2
 
@@ -312,9 +402,10 @@ class SyntheticConfig:
 
 
 def _sample_choice(rng: random.Random, config: SyntheticConfig) -> tuple[Scene, Choice]:
+    kind = rng.choice(config.question_types)
     while True:  # terminates: every type has scenes that allow it (position: any 1-object side layout)
-        scene = _sample_scene(rng, config.max_objects)
-        choice = _choice(rng, scene, rng.choice(config.question_types), config.option_order)
+        scene = _scene_for(rng, kind, config.max_objects)
+        choice = _choice(rng, scene, kind, config.option_order)
         if choice is not None:
             return scene, choice
 
@@ -347,11 +438,12 @@ def generate_synthetic(out_raw_dir: Path, config: SyntheticConfig = SyntheticCon
 
 
 def _align_records(config: SyntheticConfig, images: Path) -> list[dict[str, Any]]:
-    """Stage-1 captions, one per image; the PNGs are written under `images`."""
+    """Stage-1 captions, one per image, of the scenes the question types draw; the PNGs are written under
+    `images`."""
     rng = config.stream("align")
     records = []
     for i in range(config.n_align):
-        scene = _sample_scene(rng, config.max_objects)
+        scene = _scene_for(rng, rng.choice(config.question_types), config.max_objects)
         rel = f"align/{i:06d}.png"
         _write_image(render(scene, config.image_size), images / rel)
         prompt = rng.choice(CAPTION_PROMPTS)
@@ -376,7 +468,7 @@ def _instruct_records(config: SyntheticConfig, images: Path) -> list[dict[str, A
         follow_types = [t for t in OPEN_TYPES if t != choice.category]
         for _ in range(rng.randint(0, 2)):
             qa = None
-            while qa is None:  # terminates: only comparison can refuse a scene
+            while qa is None:  # terminates: colour, count and background suit every scene
                 qa = _open_question(rng, scene, rng.choice(follow_types))
             pairs.append(qa)
         rel = f"instruct/{i:06d}.png"
@@ -458,10 +550,11 @@ def synthetic_vocabulary() -> list[str]:
         *(text for pair in TEXT_ONLY for text in pair),
         *COLOURS,
         *SHAPES,
-        *SIZES,
+        *RADII,
         *BACKGROUNDS,
         *COUNT_WORDS,
         *CENTRES,
+        *RELATIONS,
         *PLACES.values(),
         *(option for options in MC_OPTIONS.values() for option in options),
     ]
