@@ -4,6 +4,8 @@ answer for answer, batching changes nothing, and multiple-choice tasks run throu
 from __future__ import annotations
 
 import json
+import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -39,27 +41,27 @@ def dataset(tmp_path_factory) -> Path:
     return out
 
 
-def run_eval(model: Path, dataset: Path, out: Path, batch_size: int, *extra: str) -> str:
-    """`dsvlm eval` on the synthetic benchmark as users run it; returns its stdout."""
-    result = dsvlm(
+def run_eval(model: Path, dataset: Path, out: Path, batch_size: int, *extra: str) -> subprocess.CompletedProcess:
+    """`dsvlm eval` on the synthetic benchmark as users run it."""
+    return dsvlm(
         "eval", str(model), "--bench", "synthetic", "--data-files", f"synthetic={dataset}", "--out", str(out),
-        "--batch-size", str(batch_size), "--max-new-tokens", "4", *extra,
+        "--batch-size", str(batch_size), "--max-new-tokens", "4", *extra, env={"COLUMNS": "160"},
     )
-    return result.stdout
 
 
 @pytest.fixture(scope="module")
-def batch8(tiny_model, dataset, tmp_path_factory) -> tuple[str, Path]:
-    """`dsvlm eval` at batch 8; returns its stdout and output folder."""
+def batch8(tiny_model, dataset, tmp_path_factory) -> tuple[str, Path, str]:
+    """`dsvlm eval` at batch 8; returns its stdout, output folder and stderr."""
     out = tmp_path_factory.mktemp("eval8")
-    return run_eval(tiny_model, dataset, out, 8), out
+    result = run_eval(tiny_model, dataset, out, 8)
+    return result.stdout, out, result.stderr
 
 
 @pytest.fixture(scope="module")
 def batch1(tiny_model, dataset, batch8, tmp_path_factory) -> dict:
     """The same at batch 1, with --json and --compare against the batch-8 run."""
     out = tmp_path_factory.mktemp("eval1")
-    return json.loads(run_eval(tiny_model, dataset, out, 1, "--json", "--compare", str(batch8[1])))
+    return json.loads(run_eval(tiny_model, dataset, out, 1, "--json", "--compare", str(batch8[1])).stdout)
 
 
 def answers(samples_file: str | Path) -> list[str]:
@@ -67,7 +69,7 @@ def answers(samples_file: str | Path) -> list[str]:
 
 
 def test_eval_scores_the_model_through_lmms_eval(batch8):
-    stdout, out = batch8
+    stdout, out, _ = batch8
     assert stdout.strip() == str(out / "summary.json")
     summary = json.loads((out / "summary.json").read_text())
     row = summary["benchmarks"]["synthetic"]
@@ -83,6 +85,29 @@ def test_eval_scores_the_model_through_lmms_eval(batch8):
     overall, _, _ = MMBench_Evaluator().eval_result(records, eval_method="static")
     assert row["score"] == pytest.approx(100 * overall)
     assert len(set(answers(row["samples"]))) > 1  # the parity tests below compare varied answers
+
+
+def test_summary_scores_each_category(batch8, batch1):
+    """Per-category scores in summary.json, the --json output and the table on stderr, equal to a
+    recomputation from the samples file: each item's category and its correctness."""
+    from lmms_eval.tasks.mmbench.mmbench_evals import MMBench_Evaluator
+
+    _, out, stderr = batch8
+    row = json.loads((out / "summary.json").read_text())["benchmarks"]["synthetic"]
+    correct: dict[str, list[int]] = {}
+    for line in Path(row["samples"]).read_text().splitlines():
+        record = json.loads(line)["gpt_eval_score"]
+        hit, _, _ = MMBench_Evaluator().eval_result([record], eval_method="static")  # this item alone
+        correct.setdefault(record["category"], []).append(int(hit))
+    expected = {name: {"score": pytest.approx(100 * sum(hits) / len(hits)), "n": len(hits)}
+                for name, hits in correct.items()}
+    assert row["categories"] == expected
+    assert len(expected) >= 4  # the default question types are several categories
+    assert len({part["score"] for part in row["categories"].values()}) > 1
+    assert sum(p["score"] * p["n"] for p in row["categories"].values()) / N_EVAL == pytest.approx(row["score"])
+    assert batch1["benchmarks"]["synthetic"]["categories"] == row["categories"]  # --json (batch 1: same answers)
+    for name, part in row["categories"].items():
+        assert re.search(rf"│\s+{name}\s+│\s+│\s+category\s+│\s+{part['score']:.4g}\s+│\s+{part['n']}\s+│", stderr)
 
 
 def test_batch_8_gives_the_answers_of_batch_1(batch8, batch1):

@@ -1,19 +1,23 @@
 """Run benchmarks through lmms-eval and summarise them: `evaluate`, `compare`, `resolve_model`.
 
 Outputs under `out_dir`: `results.json` (lmms-eval's results), `samples_<bench>.jsonl` (lmms-eval's
-per-sample records), `summary.json` (per benchmark: task, metric, score, n, samples file) and whatever the
-tasks' own aggregations write (e.g. `submissions/`), which lmms-eval puts under its output path.
+per-sample records), `summary.json` (per benchmark: task, metric, score, n, samples file, and for the
+MMBench-schema benchmarks per-category scores) and whatever the tasks' own aggregations write (e.g.
+`submissions/`), which lmms-eval puts under its output path.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import json
 import logging
 import sys
 import tempfile
 import time
+import warnings
+from collections import Counter
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -167,6 +171,8 @@ def summary_table(summary: dict[str, Any]) -> Table:
     for name, row in summary["benchmarks"].items():
         score = "-" if row["score"] is None else f"{row['score']:.4g}"
         table.add_row(name, row["task"], row["metric"], score, str(row["n"]))
+        for category, part in row.get("categories", {}).items():
+            table.add_row(f"  {category}", "", "category", f"{part['score']:.4g}", str(part["n"]), style="dim")
     return table
 
 
@@ -283,6 +289,9 @@ def _write_outputs(
             "samples": str(samples_file),
             "data": str(data_file) if data_file else bench.task_config()["dataset_path"],
         }
+        categories = category_scores(samples.get(task, []))
+        if categories is not None:
+            benchmarks[bench.name]["categories"] = categories
     summary = {
         "model": str(model_path),
         "model_class": model,
@@ -295,6 +304,23 @@ def _write_outputs(
     }
     atomic_write_json(out / SUMMARY, summary)
     return summary
+
+
+def category_scores(samples: list[dict[str, Any]]) -> dict[str, dict[str, Any]] | None:
+    """Per `category` of an MMBench-schema benchmark (synthetic, mmbench): score and item count, scored by
+    lmms-eval's static MMBench scorer like the headline (so in percent, and the n-weighted mean of the
+    categories is the headline). None for a benchmark whose samples carry no MMBench record."""
+    records = [sample.get("gpt_eval_score") for sample in samples]
+    if not records or not all(isinstance(r, dict) and "category" in r for r in records):
+        return None
+    from lmms_eval.tasks.mmbench.mmbench_evals import MMBench_Evaluator
+
+    # The scorer prints a report (stdout belongs to the caller) and trips pandas' chained-assignment warning.
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _, accuracy, _ = MMBench_Evaluator().eval_result(records, eval_method="static")
+    counts = Counter(r["category"] for r in records if r["index"] < 1_000_000)  # >= 1e6: circular copies
+    return {name: {"score": 100 * float(accuracy[name]), "n": counts[name]} for name in sorted(accuracy)}
 
 
 def _headline(task_results: dict[str, Any], metric: str) -> tuple[str, float | None]:
