@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 from typing import Any
 
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
 from dsvlm.data.latents import LatentCache, rebuild_hint
 from dsvlm.data.prepared import PreparedDataset
@@ -45,3 +46,15 @@ class PreparedSplit(Dataset):
             "conversations": [dict(turn) for turn in record["conversations"]],  # a collator may edit its copy
             "latent": self.latents.get_image(record["image"]) if has_image and self.latents is not None else None,
         }
+
+
+def fixed_subset(split: PreparedSplit, size: int) -> Subset:
+    """`size` records of the split: the first `size` of a permutation seeded by the split's name alone, so
+    runs of any seed train on the same records and a smaller subset lies inside a larger one (a controlled
+    low-data comparison varies only the size). Items keep their index in the whole split."""
+    if size > len(split):
+        raise DataError(f"max_records {size} exceeds the {len(split)} records of split {split.split!r}")
+    order = list(range(len(split)))
+    # String seeds are hashed with SHA-512 by `random`: stable across runs and Python versions.
+    random.Random(f"dsvlm-subset/{split.split}").shuffle(order)
+    return Subset(split, sorted(order[:size]))

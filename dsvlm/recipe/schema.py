@@ -214,6 +214,12 @@ class StageConfig(Strict):
     per_device_batch_size: PositiveInt = Field(..., description="Samples per forward pass per device.")
     epochs: PositiveFloat = Field(1.0, description="Passes over the split (ignored when max_steps is set).")
     max_steps: PositiveInt | None = Field(None, description="Stop after this many optimizer steps.")
+    max_records: PositiveInt | None = Field(
+        None,
+        description="Train on a fixed subset of this many records of the split (None = all), e.g. for a "
+        "low-instruction-data regime. The subset is seeded by the split name, not run.seed: every seed and arm "
+        "trains on the same records, and a smaller subset lies inside a larger one.",
+    )
     warmup_ratio: float = Field(0.03, ge=0.0, lt=1.0, description="Fraction of steps of linear warmup.")
     schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="Decay after warmup.")
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
@@ -227,6 +233,10 @@ class StageConfig(Strict):
             raise ValueError(
                 f"global_batch_size {self.global_batch_size} is not divisible by "
                 f"per_device_batch_size {self.per_device_batch_size}"
+            )
+        if self.max_records is not None and self.max_records < self.global_batch_size:
+            raise ValueError(
+                f"max_records {self.max_records} is smaller than one global batch ({self.global_batch_size})"
             )
         return self
 

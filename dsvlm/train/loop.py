@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, Sampler
 from transformers import get_scheduler
 
 from dsvlm.cli.common import console
-from dsvlm.data.dataset import PreparedSplit
+from dsvlm.data.dataset import PreparedSplit, fixed_subset
 from dsvlm.data.latents import LatentCache, vae_fingerprint
 from dsvlm.data.prepared import PreparedDataset
 from dsvlm.errors import DsvlmError
@@ -107,6 +107,10 @@ def _check_data(recipe: Recipe, stage: StageConfig) -> None:
     if stage.split_name not in dataset.splits:
         raise DsvlmError(f"stage {stage.name}: the prepared dataset {path} has no split {stage.split_name!r} "
                          f"(it has {', '.join(dataset.splits)}); set stages.N.split or prepare that split")
+    records = dataset.manifest["splits"][stage.split_name]["records"]
+    if stage.max_records is not None and stage.max_records > records:
+        raise DsvlmError(f"stage {stage.name}: max_records {stage.max_records} exceeds the {records} records of "
+                         f"split {stage.split_name!r} in {path}")
 
 
 def _previous_output(recipe: Recipe, run: RunDir, stage: StageConfig) -> Path | None:
@@ -176,6 +180,8 @@ def run_stage(recipe: Recipe, stage: StageConfig, run: RunDir, init: Path | None
         model.vlm.activation_checkpointing_enable()
     dataset_dir = Path(stage.dataset or recipe.data.dataset)
     split = PreparedSplit(dataset_dir, stage.split_name, latents=_latent_cache(recipe, model, dataset_dir))
+    if stage.max_records is not None:
+        split = fixed_subset(split, stage.max_records)  # the same records for every run seed
     collator = Collator(
         model.processor, stage.template_name, recipe.data.max_length,
         rec_resolution=recipe.supervision.resolution if supervise else None,
@@ -256,7 +262,7 @@ def run_stage(recipe: Recipe, stage: StageConfig, run: RunDir, init: Path | None
         metrics = read_metrics(metrics_path)
         plot_losses(metrics, stage_dir / "loss.png", f"{recipe.description[:60]} - stage {stage.name}")
         info = {"stage": stage.name, "steps": total, "wall_time_s": round(wall, 2), "init": str(init or ""),
-                "dataset": str(dataset_dir), "split": stage.split_name, "supervision": supervise,
+                "dataset": str(dataset_dir), "split": stage.split_name, "records": len(split), "supervision": supervise,
                 "world_size": world, "rank_checksums": checksums,
                 "peak_memory_mb": _peak_memory_mb(accelerator), "last_metrics": metrics[-1] if metrics else {},
                 "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}
