@@ -7,9 +7,12 @@ both fields, so an error names the exact path.
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, field_validator, model_validator
+
+log = logging.getLogger(__name__)
 
 ModuleName = Literal["connector", "vision", "llm", "supervision"]
 StageName = Literal["align", "instruct"]
@@ -295,10 +298,14 @@ class Recipe(Strict):
             raise ValueError(f"stage name used twice: {', '.join(dupes)}")
         for i, stage in enumerate(self.stages):
             if not self.supervision.enabled and "supervision" in stage.train:
-                raise ValueError(
-                    f"stages.{i} ({stage.name}) trains `supervision` but supervision.enabled is false; "
-                    "remove it from `train` or enable supervision"
-                )
+                # `supervision.enabled=false` alone must give the plain LLaVA baseline of any recipe.
+                kept = [module for module in stage.train if module != "supervision"]
+                if not kept:
+                    raise ValueError(
+                        f"stages.{i} ({stage.name}) trains only `supervision` but supervision.enabled is false"
+                    )
+                log.info("supervision is disabled: stage %s no longer trains `supervision`", stage.name)
+                stage.train = kept
         depth = vision_depth(self.model.vision)
         if self.supervision.enabled and depth is not None:
             too_deep = [layer for layer in self.supervision.vision_layers if layer > depth]
