@@ -228,6 +228,7 @@ def load_model(directory: Path, recipe: Recipe) -> DSVLM:
     vlm = LlavaForConditionalGeneration.from_pretrained(
         vlm_dir, dtype=torch.float32, attn_implementation=recipe.model.attn_implementation
     )
+    vlm.config.image_aspect_ratio = recipe.model.image_aspect_ratio  # what evaluation will apply
     processor = AutoProcessor.from_pretrained(vlm_dir)
     branch = _branch(recipe, vlm)
     weights = directory / SUPERVISION_DIR / SUPERVISION_WEIGHTS

@@ -79,6 +79,12 @@ class ModelConfig(Strict):
     image_size: PositiveInt | None = Field(
         None, description="Input resolution of the encoder; defaults to the encoder config's image_size."
     )
+    image_aspect_ratio: Literal["pad", "crop"] = Field(
+        "pad",
+        description="How a non-square image becomes the encoder's square input: `pad` centres it on the image "
+        "processor's mean colour (LLaVA-1.5's pad-to-square), `crop` keeps its centre square. The diffusion "
+        "target is the same square; evaluation applies it too (recorded in the model's config.json).",
+    )
     vision_feature_layer: int = Field(
         -2, description="Encoder hidden state fed to the connector (LLaVA-1.5 uses the penultimate, -2)."
     )

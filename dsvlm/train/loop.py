@@ -31,6 +31,7 @@ from transformers import get_scheduler
 
 from dsvlm.cli.common import console
 from dsvlm.data.dataset import PreparedSplit
+from dsvlm.data.geometry import SquareGeometry
 from dsvlm.data.latents import LatentCache, vae_fingerprint
 from dsvlm.data.prepared import PreparedDataset
 from dsvlm.errors import DsvlmError
@@ -148,14 +149,14 @@ def _accelerator(stage: StageConfig) -> Accelerator:
     return accelerator
 
 
-def _latent_cache(recipe: Recipe, model: DSVLM, dataset_dir: Path) -> LatentCache | None:
+def _latent_cache(recipe: Recipe, model: DSVLM, dataset_dir: Path, geometry: SquareGeometry) -> LatentCache | None:
     branch = model.supervision
     if branch is None or branch.vae is None or not recipe.data.use_latent_cache:
         return None
     if not (dataset_dir / "latents").is_dir():
         log.info("no latent cache in %s: the VAE encoder runs every step", dataset_dir)
         return None
-    return LatentCache.open(dataset_dir, vae_fingerprint(branch.vae), recipe.supervision.resolution)
+    return LatentCache.open(dataset_dir, vae_fingerprint(branch.vae), recipe.supervision.resolution, geometry)
 
 
 def noise_seeds(seed: int, step: int, sample_index: torch.Tensor) -> torch.Tensor:
@@ -175,11 +176,13 @@ def run_stage(recipe: Recipe, stage: StageConfig, run: RunDir, init: Path | None
     if stage.gradient_checkpointing:
         model.vlm.activation_checkpointing_enable()
     dataset_dir = Path(stage.dataset or recipe.data.dataset)
-    split = PreparedSplit(dataset_dir, stage.split_name, latents=_latent_cache(recipe, model, dataset_dir))
     collator = Collator(
         model.processor, stage.template_name, recipe.data.max_length,
         rec_resolution=recipe.supervision.resolution if supervise else None,
+        image_aspect_ratio=recipe.model.image_aspect_ratio,
     )
+    latents = _latent_cache(recipe, model, dataset_dir, collator.geometry)
+    split = PreparedSplit(dataset_dir, stage.split_name, latents=latents)
     sampler = EpochPermutation(len(split), recipe.run.seed)
     loader = DataLoader(split, batch_size=stage.per_device_batch_size, sampler=sampler, collate_fn=collator,
                         drop_last=True, num_workers=recipe.data.num_workers)
