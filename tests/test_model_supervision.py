@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-from diffusers.models.attention_processor import AttnProcessor2_0
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from safetensors.torch import save_file
 from test_model_fixtures import PIXEL_UNET, UNET, VAE, tiny_recipe
 from torch import nn
@@ -26,7 +26,7 @@ def branch(seed: int = 0, **options) -> DiffusionSupervision:
 
 def conditions(model: DiffusionSupervision, n: int, seed: int = 0) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
-    widths = {name: layer.in_features for name, layer in model.adapters.layers.items()}
+    widths = model.adapters.widths
     # connector and vision tokens differ in number, as they do in the VLM (no CLS in the connector output)
     return {name: torch.randn(n, 4 if name == "connector" else 5, w, generator=generator) for name, w in widths.items()}
 
@@ -101,6 +101,51 @@ def test_shared_cross_attention_keeps_the_standard_processor() -> None:
     out = model(conditions(model, 2), images(2), None, torch.arange(2))
     out["loss"].sum().backward()
     assert all(p.grad is not None for p in model.adapters.parameters())
+
+
+def moe_parameters(model: DiffusionSupervision) -> int:
+    """Trainable parameters added to the UNet's cross-attention (new K/V pairs, routers)."""
+    return sum(p.numel() for proc in model.moe for p in proc.parameters() if p.requires_grad)
+
+
+def test_shared_matched_has_the_capacity_of_moe_and_starts_as_shared() -> None:
+    moe, matched, shared = (branch(cross_attention=kind) for kind in ("moe", "shared_matched", "shared"))
+    assert moe_parameters(shared) == 0
+    assert moe_parameters(matched) > 0
+    assert abs(moe_parameters(matched) - moe_parameters(moe)) / moe_parameters(moe) < 0.05
+    assert all(proc.router is None for proc in matched.moe)
+    # Every new K/V pair starts as a copy of the original: averaged, the output is plain shared attention.
+    inputs = conditions(shared, 2), images(2), None, torch.arange(2)
+    assert torch.allclose(matched(*inputs)["loss"], shared(*inputs)["loss"], atol=1e-5)
+    out = matched(*inputs)
+    out["loss"].sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for proc in matched.moe for p in proc.to_k.parameters())
+
+
+def test_single_branch_moe_equals_the_diffusers_attention_processor() -> None:
+    """Oracle: with one condition, MoE cross-attention is exactly diffusers' own AttnProcessor2_0."""
+    torch.manual_seed(0)
+    attn = Attention(query_dim=32, cross_attention_dim=24, heads=4, dim_head=8)
+    hidden, condition = torch.randn(2, 10, 32), torch.randn(2, 7, 24)
+    attn.set_processor(AttnProcessor2_0())
+    expected = attn(hidden, encoder_hidden_states=condition)
+    attn.set_processor(MoECrossAttnProcessor(attn, 1))
+    assert torch.allclose(attn(hidden, encoder_hidden_states=(condition,)), expected, atol=1e-6)
+    spatial = torch.randn(2, 32, 3, 4)  # the 4-D path a UNet block may take
+    attn.set_processor(AttnProcessor2_0())
+    expected = attn(spatial, encoder_hidden_states=condition)
+    attn.set_processor(MoECrossAttnProcessor(attn, 1))
+    assert torch.allclose(attn(spatial, encoder_hidden_states=(condition,)), expected, atol=1e-6)
+
+
+def test_qformer_adapter_gives_a_fixed_number_of_queries_and_trains() -> None:
+    model = branch(adapter="qformer", adapter_queries=6)
+    conds = conditions(model, 2)
+    adapted = model.adapters(conds)
+    assert [a.shape for a in adapted] == [(2, 6, UNET["cross_attention_dim"])] * 3
+    out = model(conds, images(2), None, torch.arange(2))
+    out["loss"].sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.adapters.parameters())
 
 
 def test_per_sample_seeds_make_losses_independent_of_the_batch() -> None:

@@ -133,12 +133,19 @@ class SupervisionConfig(Strict):
         description="Vision encoder layers (1-based hidden-state indices) whose states condition the UNet.",
     )
     connector: bool = Field(True, description="Also condition on the connector output (the 'text' branch).")
-    cross_attention: Literal["moe", "shared"] = Field(
+    cross_attention: Literal["moe", "shared", "shared_matched"] = Field(
         "moe",
         description="`moe`: one K/V branch per condition, mixed by a learned router per layer (paper). "
-        "`shared`: all condition tokens concatenated into the original cross-attention (ablation).",
+        "`shared`: all condition tokens concatenated into the original cross-attention (ablation; no new "
+        "UNet parameters). `shared_matched`: `shared` with MoE's capacity [ours]: as many K/V pairs as "
+        "conditions (copies of the original), each over all tokens, outputs averaged, no router.",
     )
-    adapter: Literal["linear"] = Field("linear", description="Adapter from each condition to the UNet width.")
+    adapter: Literal["linear", "qformer"] = Field(
+        "linear",
+        description="Adapter from each condition to the UNet width: `linear` per token (paper), or `qformer`: "
+        "`adapter_queries` learned queries cross-attending to the condition, then an MLP (adapter ablation).",
+    )
+    adapter_queries: PositiveInt = Field(16, description="Learned queries per condition of the `qformer` adapter.")
     loss: dict[LossName, PositiveFloat] = Field(
         default_factory=lambda: {"perceptual": 1.0},
         description="Reconstruction loss(es) and their weights, e.g. {perceptual: 1.0, mae: 0.5}.",

@@ -63,7 +63,7 @@ class DiffusionSupervision(nn.Module):
             raise RecipeError("the UNet's cross_attention_dim must be one integer for all blocks")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed + 2)
-            self.adapters = ConditionAdapters(widths, cross_dim)
+            self.adapters = ConditionAdapters(widths, cross_dim, config.adapter, config.adapter_queries)
 
         # Frozen before the new modules exist, so these stay trainable whatever the UNet's setting.
         if self.vae is not None:
@@ -71,7 +71,8 @@ class DiffusionSupervision(nn.Module):
         if config.freeze_unet:
             self.unet.requires_grad_(False)
         self.moe: list[MoECrossAttnProcessor] = (
-            install_moe(self.unet, len(widths)) if config.cross_attention == "moe" else []
+            install_moe(self.unet, len(widths), routed=config.cross_attention == "moe")
+            if config.cross_attention in ("moe", "shared_matched") else []
         )
         self.lora = install_lora(self.unet, config.lora_rank, seed + 3) if config.lora_rank else []
 
@@ -191,8 +192,8 @@ class DiffusionSupervision(nn.Module):
 
     def _encoder_states(self, conditions: dict[str, torch.Tensor]) -> torch.Tensor | tuple[torch.Tensor, ...]:
         adapted = self.adapters(conditions)
-        # MoE processors take the conditions apart; `shared` feeds all tokens to the original cross-attention.
-        return tuple(adapted) if self.moe else torch.cat(adapted, dim=1)
+        # MoE processors take the conditions apart; `shared*` feed all tokens to every K/V of the cross-attention.
+        return tuple(adapted) if self.config.cross_attention == "moe" else torch.cat(adapted, dim=1)
 
     def _draw(
         self, seeds: torch.Tensor, shape: torch.Size, device: torch.device
