@@ -12,7 +12,7 @@ from torch import nn
 
 from dsvlm.errors import RecipeError
 from dsvlm.model.supervision.attention import MoECrossAttnProcessor
-from dsvlm.model.supervision.branch import DiffusionSupervision
+from dsvlm.model.supervision.branch import DiffusionSupervision, timestep_buckets
 from dsvlm.model.supervision.components import load_scheduler, load_unet, load_vae
 from dsvlm.model.supervision.losses import _VGG16
 from dsvlm.recipe.schema import DiffusionConfig, SupervisionConfig
@@ -207,3 +207,33 @@ def test_ddim_preview_samples_are_images() -> None:
 def test_mismatched_unet_channels_are_a_recipe_error() -> None:
     with pytest.raises(RecipeError, match="channels"):
         branch(diffusion={"pretrained": None, "unet_config": PIXEL_UNET, "vae_config": VAE})
+
+
+def test_timestep_buckets_split_the_schedule() -> None:
+    assert timestep_buckets(1000) == [(0, 249), (250, 499), (500, 749), (750, 999)]
+    assert timestep_buckets(100)[-1] == (75, 99)
+
+
+@pytest.mark.parametrize("loss", ["mae", "eps_mse"])
+def test_min_snr_weighting_scales_each_sample_by_its_noise_level(loss: str) -> None:
+    options = {"loss": {loss: 1.0}, "timestep_range": [0, 99]}
+    plain, weighted = branch(**options), branch(**options, timestep_weighting="min_snr", min_snr_gamma=2.0)
+    inputs = conditions(plain, 6), images(6), None, torch.arange(6) * 7919
+    a, b = plain(*inputs), weighted(*inputs)
+    assert torch.equal(a["timesteps"], b["timesteps"])
+    alpha = plain.alphas_cumprod[a["timesteps"]]
+    snr = alpha / (1 - alpha)
+    expected = snr.clamp(max=2.0) / (2.0 if loss == "mae" else snr)
+    assert torch.allclose(b["loss"], a["loss"] * expected, rtol=1e-5)
+    assert not torch.allclose(b["loss"], a["loss"])
+
+
+def test_x0_clamp_bounds_the_decoded_one_step_estimate() -> None:
+    pixel = {"pretrained": None, "pixel_space": True, "unet_config": PIXEL_UNET, "num_train_timesteps": 100}
+    model = branch(diffusion=pixel, loss={"mae": 1.0}, x0_clamp=1e-6, timestep_range=[90, 99])
+    x = images(2)
+    out = model(conditions(model, 2), x, None, torch.arange(2))
+    # x̂0 clamped to ~0: the reconstruction is flat grey whatever the UNet predicted.
+    assert torch.allclose(out["mae"], x.abs().flatten(1).mean(dim=1), atol=1e-5)
+    unclamped = branch(diffusion=pixel, loss={"mae": 1.0}, timestep_range=[90, 99])
+    assert not torch.allclose(unclamped(conditions(model, 2), x, None, torch.arange(2))["mae"], out["mae"])

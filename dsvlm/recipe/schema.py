@@ -160,7 +160,19 @@ class SupervisionConfig(Strict):
     )
     weight: float = Field(1.0, ge=0.0, description="λ in L = L_text + λ·L_rec.")
     timestep_range: tuple[int, int] = Field(
-        (0, 999), description="Inclusive range of sampled diffusion timesteps."
+        (0, 999), description="Inclusive range of the uniformly sampled diffusion timesteps (a lower maximum "
+        "keeps image-space losses off images decoded from near-pure noise)."
+    )
+    timestep_weighting: Literal["none", "min_snr"] = Field(
+        "none",
+        description="Per-sample loss weight by noise level [ours]: `min_snr` weights eps_mse by "
+        "min(SNR, γ)/SNR and the image-space losses (on x̂0) by min(SNR, γ)/γ (Min-SNR, Hang et al. 2023).",
+    )
+    min_snr_gamma: PositiveFloat = Field(5.0, description="γ of `min_snr` weighting.")
+    x0_clamp: PositiveFloat | None = Field(
+        None,
+        description="Clamp the one-step x̂0 to [-c, c] before decoding [ours] (1.0 in pixel space; SD latents "
+        "are roughly unit-scaled): bounds the ~1/sqrt(ᾱ) amplification of the ε error at high t.",
     )
     resolution: PositiveInt = Field(256, description="Image resolution fed to the VAE / UNet.")
     freeze_unet: bool = Field(

@@ -39,6 +39,7 @@ from dsvlm.io import atomic_dir, atomic_write_json, atomic_write_text
 from dsvlm.model.collate import Collator
 from dsvlm.model.dsvlm import DSVLM, build_model, save_model
 from dsvlm.model.freeze import freeze_for_stage
+from dsvlm.model.supervision.branch import TIMESTEP_BUCKETS, timestep_buckets
 from dsvlm.recipe.load import dump_recipe
 from dsvlm.recipe.schema import Recipe, StageConfig
 from dsvlm.train import checkpoint
@@ -295,6 +296,7 @@ def _optimizer_step(accelerator: Accelerator, model: torch.nn.Module, optimizer,
     text_tokens, rec_images, tokens = accelerator.reduce(counts, reduction="sum").tolist()
     text_loss = torch.zeros((), device=accelerator.device)
     rec_loss = torch.zeros((), device=accelerator.device)
+    rec_buckets = torch.zeros(TIMESTEP_BUCKETS, 2, device=accelerator.device)
     for i, batch in enumerate(micro):
         batch["noise_seeds"] = noise_seeds(seed, step, batch["sample_index"])
         sync = contextlib.nullcontext() if i == len(micro) - 1 else accelerator.no_sync(model)
@@ -306,6 +308,8 @@ def _optimizer_step(accelerator: Accelerator, model: torch.nn.Module, optimizer,
             accelerator.backward(out.loss)
         text_loss += out.text_loss.detach()
         rec_loss += out.rec_loss.detach()
+        if out.rec_buckets is not None:
+            rec_buckets += out.rec_buckets
     norm = stage.max_grad_norm or float("inf")
     grad_norm = accelerator.clip_grad_norm_(trainable, norm)
     optimizer.step()
@@ -313,9 +317,17 @@ def _optimizer_step(accelerator: Accelerator, model: torch.nn.Module, optimizer,
     optimizer.zero_grad(set_to_none=True)
     losses = accelerator.reduce(torch.stack([text_loss, rec_loss]), reduction="sum") / world
     text, rec = losses.tolist()
-    return {"loss": text + (rec * _weight(model) if supervise else 0.0), "text_loss": text,
-            "rec_loss": rec if supervise else None, "lr": scheduler.get_last_lr()[0],
-            "grad_norm": float(grad_norm), "tokens": tokens}
+    record = {"loss": text + (rec * _weight(model) if supervise else 0.0), "text_loss": text,
+              "rec_loss": rec if supervise else None, "lr": scheduler.get_last_lr()[0],
+              "grad_norm": float(grad_norm), "tokens": tokens}
+    if supervise:
+        # Mean per-image reconstruction loss by noise level, for the buckets this step drew.
+        sums = accelerator.reduce(rec_buckets, reduction="sum").tolist()
+        n_timesteps = len(_unwrapped(model).supervision.alphas_cumprod)
+        for (lo, hi), (total, count) in zip(timestep_buckets(n_timesteps), sums, strict=True):
+            if count:
+                record[f"rec_loss_t{lo}-{hi}"] = total / count
+    return record
 
 
 def _unwrapped(model: torch.nn.Module) -> DSVLM:

@@ -29,6 +29,13 @@ from dsvlm.model.supervision.losses import (
 from dsvlm.recipe.schema import SupervisionConfig
 
 CONNECTOR = "connector"
+TIMESTEP_BUCKETS = 4  # reconstruction-loss logging: equal slices of the noise schedule
+
+
+def timestep_buckets(n_timesteps: int) -> list[tuple[int, int]]:
+    """Inclusive (low, high) timestep ranges splitting the schedule into TIMESTEP_BUCKETS equal parts."""
+    edges = [round(i * n_timesteps / TIMESTEP_BUCKETS) for i in range(TIMESTEP_BUCKETS + 1)]
+    return [(edges[i], edges[i + 1] - 1) for i in range(TIMESTEP_BUCKETS)]
 
 
 def vision_condition(layer: int) -> str:
@@ -148,7 +155,7 @@ class DiffusionSupervision(nn.Module):
         latents: torch.Tensor | None,
         seeds: torch.Tensor,
     ) -> dict[str, torch.Tensor]:
-        """Per-sample losses `{"loss": weighted total (n,), "<loss name>": term (n,)}`.
+        """Per-sample losses `{"loss": weighted total (n,), "<loss name>": term (n,), "timesteps": t (n,)}`.
 
         `conditions` holds one (n, tokens, width) tensor per `condition_names`; `images` (n, 3, R, R) in
         [-1, 1] are the targets (needed by image-space losses and when `latents` is None); `latents` are
@@ -171,7 +178,7 @@ class DiffusionSupervision(nn.Module):
         if any(name != "eps_mse" for name in self.config.loss):
             if images is None:
                 raise ValueError("image-space reconstruction losses need the images, not only latents")
-            reconstruction = self.decode(x0).float()
+            reconstruction = self.decode(self._clamp(x0)).float()
             target = images.float()
             if "perceptual" in self.config.loss:
                 terms["perceptual"] = self._perceptual(reconstruction, target)
@@ -179,8 +186,24 @@ class DiffusionSupervision(nn.Module):
                 terms["mae"] = mae_loss(reconstruction, target)
             if "ssim" in self.config.loss:
                 terms["ssim"] = ssim_loss(reconstruction, target)
-        total = sum(self.config.loss[name] * term for name, term in terms.items())
-        return {"loss": total, **terms}
+        image_weight, eps_weight = self._snr_weights(alpha.flatten())
+        total = sum(self.config.loss[name] * (eps_weight if name == "eps_mse" else image_weight) * term
+                    for name, term in terms.items())
+        return {"loss": total, **terms, "timesteps": timesteps}
+
+    def _clamp(self, x0: torch.Tensor) -> torch.Tensor:
+        clamp = self.config.x0_clamp
+        return x0 if clamp is None else x0.clamp(-clamp, clamp)
+
+    def _snr_weights(self, alpha: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-sample weights (of x̂0-space terms, of eps_mse) for the recipe's timestep weighting."""
+        if self.config.timestep_weighting == "none":
+            ones = torch.ones_like(alpha)
+            return ones, ones
+        gamma = self.config.min_snr_gamma
+        snr = alpha / (1 - alpha).clamp_min(1e-12)
+        capped = snr.clamp(max=gamma)
+        return capped / gamma, capped / snr.clamp_min(1e-12)
 
     def _perceptual(self, reconstruction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if self.perceptual is not None:
@@ -231,7 +254,7 @@ class DiffusionSupervision(nn.Module):
         alpha = self.alphas_cumprod[t].view(-1, 1, 1, 1)
         noisy = alpha.sqrt() * latents + (1 - alpha).sqrt() * noise
         prediction = self.unet(noisy, t, encoder_hidden_states=self._encoder_states(conditions)).sample
-        return self.decode(self._eps_and_x0(prediction.float(), noisy, alpha)[1]).clamp(-1, 1)
+        return self.decode(self._clamp(self._eps_and_x0(prediction.float(), noisy, alpha)[1])).clamp(-1, 1)
 
     @torch.no_grad()
     def sample(self, conditions: dict[str, torch.Tensor], steps: int | None = None, seed: int = 0) -> torch.Tensor:
