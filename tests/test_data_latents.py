@@ -10,10 +10,13 @@ import pytest
 import torch
 
 from dsvlm.data.dataset import PreparedSplit
+from dsvlm.data.geometry import SquareGeometry
 from dsvlm.data.latents import LatentCache, build_latent_cache, encode, vae_fingerprint, vae_input
 from dsvlm.data.prepared import PreparedDataset
 from dsvlm.data.synthetic import SyntheticConfig, prepare_synthetic
 from dsvlm.errors import DataError
+
+PAD = SquareGeometry("pad", (122, 116, 104))
 
 
 def tiny_vae(seed: int = 0):
@@ -38,7 +41,7 @@ def cached(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, object, str]
     prepare_synthetic(out, SyntheticConfig(n_align=6, n_instruct=10, n_eval=2), progress=False)
     vae = tiny_vae()
     fingerprint = vae_fingerprint(vae)
-    build_latent_cache(out, vae, 32, fingerprint, batch_size=4, progress=False)
+    build_latent_cache(out, vae, 32, fingerprint, PAD, batch_size=4, progress=False)
     return out, vae, fingerprint
 
 
@@ -57,29 +60,29 @@ def test_fingerprint_tracks_config_and_weights() -> None:
 def test_round_trip(cached: tuple[Path, object, str]) -> None:
     out, vae, fingerprint = cached
     dataset = PreparedDataset(out)
-    cache = LatentCache.open(out, fingerprint, 32)
+    cache = LatentCache.open(out, fingerprint, 32, PAD)
     with_images = [r for split in dataset.splits for r in dataset.records(split) if r["image"] is not None]
     assert len(cache) == len(with_images)
     assert cache.shape == (4, 16, 16)
     for record in with_images[:5] + with_images[-3:]:
-        pixels = vae_input(dataset.load_image(record), 32)
+        pixels = vae_input(PAD(dataset.load_image(record)), 32)
         assert pixels.shape == (3, 32, 32) and pixels.min() >= -1.0 and pixels.max() <= 1.0
         expected = encode(vae, pixels[None])[0]
         assert torch.allclose(cache.get(record["id"]), expected, atol=1e-5)
         assert torch.equal(cache.get(record["id"]), cache.get_image(record["image"]))
     # deterministic: the posterior mean, not a sample
     record = with_images[0]
-    twice = [encode(vae, vae_input(dataset.load_image(record), 32)[None]) for _ in range(2)]
+    twice = [encode(vae, vae_input(PAD(dataset.load_image(record)), 32)[None]) for _ in range(2)]
     assert torch.equal(*twice)
     info = dataset.manifest["latents"]
-    assert info == {"dir": "latents", "fingerprint": fingerprint, "resolution": 32, "shape": [4, 16, 16],
-                    "images": len(with_images)}
+    assert info == {"dir": "latents", "fingerprint": fingerprint, "resolution": 32, "geometry": PAD.key,
+                    "shape": [4, 16, 16], "images": len(with_images)}
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
 
 
 def test_prepared_split_serves_latents(cached: tuple[Path, object, str]) -> None:
     out, _, fingerprint = cached
-    cache = LatentCache.open(out, fingerprint, 32)
+    cache = LatentCache.open(out, fingerprint, 32, PAD)
     split = PreparedSplit(out, "align", latents=cache)
     item = split[2]
     assert torch.equal(item["latent"], cache.get(item["id"]))
@@ -93,16 +96,18 @@ def test_mismatched_cache_is_refused(cached: tuple[Path, object, str]) -> None:
     out, _, fingerprint = cached
     other = vae_fingerprint(tiny_vae(1))
     with pytest.raises(DataError, match=r"built for another VAE.*dsvlm prepare latents"):
-        LatentCache.open(out, other, 32)
+        LatentCache.open(out, other, 32, PAD)
     with pytest.raises(DataError, match=r"built at resolution 32, the recipe uses 64.*dsvlm prepare latents"):
-        LatentCache.open(out, fingerprint, 64)
+        LatentCache.open(out, fingerprint, 64, PAD)
+    with pytest.raises(DataError, match=r"image geometry pad\[122, 116, 104\], the recipe uses crop"):
+        LatentCache.open(out, fingerprint, 32, SquareGeometry("crop"))
 
 
 def test_missing_and_stale_cache(cached: tuple[Path, object, str], tmp_path: Path) -> None:
     out, _, fingerprint = cached
     with pytest.raises(DataError, match=r"no latent cache.*dsvlm prepare latents"):
-        LatentCache.open(tmp_path, fingerprint, 32)
-    cache = LatentCache.open(out, fingerprint, 32)
+        LatentCache.open(tmp_path, fingerprint, 32, PAD)
+    cache = LatentCache.open(out, fingerprint, 32, PAD)
     first = PreparedDataset(out).records("align")[0]["image"]
     del cache.index["images"][first]
     with pytest.raises(DataError, match="not in the latent cache"):
@@ -116,11 +121,11 @@ def test_rebuild_replaces_the_cache(tmp_path: Path) -> None:
     prepare_synthetic(out, SyntheticConfig(n_align=3, n_instruct=3, n_eval=1), progress=False)
     vae = tiny_vae()
     fingerprint = vae_fingerprint(vae)
-    build_latent_cache(out, vae, 32, fingerprint, progress=False)
-    manifest = build_latent_cache(out, vae, 16, fingerprint, progress=False)
+    build_latent_cache(out, vae, 32, fingerprint, PAD, progress=False)
+    manifest = build_latent_cache(out, vae, 16, fingerprint, PAD, progress=False)
     assert manifest["latents"]["resolution"] == 16
     assert json.loads((out / "latents" / "index.json").read_text())["resolution"] == 16
-    assert LatentCache.open(out, fingerprint, 16).get("align-000000").shape == (4, 8, 8)
+    assert LatentCache.open(out, fingerprint, 16, PAD).get("align-000000").shape == (4, 8, 8)
     assert sorted(p.name for p in out.iterdir() if p.name.startswith((".", "latents"))) == ["latents"]
 
 

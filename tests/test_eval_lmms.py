@@ -230,3 +230,21 @@ def reference_nll(model_dir: Path, eval_file: Path, sample: dict, continuation: 
     with torch.no_grad():
         loss = model(input_ids=input_ids, pixel_values=context["pixel_values"], labels=labels).loss
     return float(loss) * cont.shape[1]
+
+
+def test_evaluation_pads_images_as_training_did(tiny_model):
+    from PIL import Image
+
+    from dsvlm.evaluation.lmms_model import DsvlmLlava
+
+    lm = DsvlmLlava(pretrained=str(tiny_model), batch_size=1)
+    wide = Image.new("RGB", (48, 24), (255, 0, 0))
+    fill = tuple(int(x * 255) for x in lm.processor.image_processor.image_mean)
+    padded = Image.new("RGB", (48, 48), fill)
+    padded.paste(wide, (0, 12))
+    got = lm._encode([lm._prompt("What colour is the shape ?", 1)], [wide])["pixel_values"]
+    expected = lm.processor.image_processor(images=[padded], return_tensors="pt")["pixel_values"]
+    assert torch.equal(got, expected)
+    # The processor alone would centre-crop the red: the padding is what changed the input.
+    cropped = lm.processor.image_processor(images=[wide], return_tensors="pt")["pixel_values"]
+    assert not torch.equal(got, cropped)

@@ -5,14 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-from diffusers.models.attention_processor import AttnProcessor2_0
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from safetensors.torch import save_file
 from test_model_fixtures import PIXEL_UNET, UNET, VAE, tiny_recipe
 from torch import nn
 
 from dsvlm.errors import RecipeError
 from dsvlm.model.supervision.attention import MoECrossAttnProcessor
-from dsvlm.model.supervision.branch import DiffusionSupervision
+from dsvlm.model.supervision.branch import DiffusionSupervision, timestep_buckets
 from dsvlm.model.supervision.components import load_scheduler, load_unet, load_vae
 from dsvlm.model.supervision.losses import _VGG16
 from dsvlm.recipe.schema import DiffusionConfig, SupervisionConfig
@@ -26,7 +26,7 @@ def branch(seed: int = 0, **options) -> DiffusionSupervision:
 
 def conditions(model: DiffusionSupervision, n: int, seed: int = 0) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
-    widths = {name: layer.in_features for name, layer in model.adapters.layers.items()}
+    widths = model.adapters.widths
     # connector and vision tokens differ in number, as they do in the VLM (no CLS in the connector output)
     return {name: torch.randn(n, 4 if name == "connector" else 5, w, generator=generator) for name, w in widths.items()}
 
@@ -103,6 +103,51 @@ def test_shared_cross_attention_keeps_the_standard_processor() -> None:
     assert all(p.grad is not None for p in model.adapters.parameters())
 
 
+def moe_parameters(model: DiffusionSupervision) -> int:
+    """Trainable parameters added to the UNet's cross-attention (new K/V pairs, routers)."""
+    return sum(p.numel() for proc in model.moe for p in proc.parameters() if p.requires_grad)
+
+
+def test_shared_matched_has_the_capacity_of_moe_and_starts_as_shared() -> None:
+    moe, matched, shared = (branch(cross_attention=kind) for kind in ("moe", "shared_matched", "shared"))
+    assert moe_parameters(shared) == 0
+    assert moe_parameters(matched) > 0
+    assert abs(moe_parameters(matched) - moe_parameters(moe)) / moe_parameters(moe) < 0.05
+    assert all(proc.router is None for proc in matched.moe)
+    # Every new K/V pair starts as a copy of the original: averaged, the output is plain shared attention.
+    inputs = conditions(shared, 2), images(2), None, torch.arange(2)
+    assert torch.allclose(matched(*inputs)["loss"], shared(*inputs)["loss"], atol=1e-5)
+    out = matched(*inputs)
+    out["loss"].sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for proc in matched.moe for p in proc.to_k.parameters())
+
+
+def test_single_branch_moe_equals_the_diffusers_attention_processor() -> None:
+    """Oracle: with one condition, MoE cross-attention is exactly diffusers' own AttnProcessor2_0."""
+    torch.manual_seed(0)
+    attn = Attention(query_dim=32, cross_attention_dim=24, heads=4, dim_head=8)
+    hidden, condition = torch.randn(2, 10, 32), torch.randn(2, 7, 24)
+    attn.set_processor(AttnProcessor2_0())
+    expected = attn(hidden, encoder_hidden_states=condition)
+    attn.set_processor(MoECrossAttnProcessor(attn, 1))
+    assert torch.allclose(attn(hidden, encoder_hidden_states=(condition,)), expected, atol=1e-6)
+    spatial = torch.randn(2, 32, 3, 4)  # the 4-D path a UNet block may take
+    attn.set_processor(AttnProcessor2_0())
+    expected = attn(spatial, encoder_hidden_states=condition)
+    attn.set_processor(MoECrossAttnProcessor(attn, 1))
+    assert torch.allclose(attn(spatial, encoder_hidden_states=(condition,)), expected, atol=1e-6)
+
+
+def test_qformer_adapter_gives_a_fixed_number_of_queries_and_trains() -> None:
+    model = branch(adapter="qformer", adapter_queries=6)
+    conds = conditions(model, 2)
+    adapted = model.adapters(conds)
+    assert [a.shape for a in adapted] == [(2, 6, UNET["cross_attention_dim"])] * 3
+    out = model(conds, images(2), None, torch.arange(2))
+    out["loss"].sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.adapters.parameters())
+
+
 def test_per_sample_seeds_make_losses_independent_of_the_batch() -> None:
     model = branch(loss={"mae": 1.0, "eps_mse": 1.0})
     cond, x, seeds = conditions(model, 3), images(3), torch.tensor([11, 22, 33])
@@ -162,3 +207,33 @@ def test_ddim_preview_samples_are_images() -> None:
 def test_mismatched_unet_channels_are_a_recipe_error() -> None:
     with pytest.raises(RecipeError, match="channels"):
         branch(diffusion={"pretrained": None, "unet_config": PIXEL_UNET, "vae_config": VAE})
+
+
+def test_timestep_buckets_split_the_schedule() -> None:
+    assert timestep_buckets(1000) == [(0, 249), (250, 499), (500, 749), (750, 999)]
+    assert timestep_buckets(100)[-1] == (75, 99)
+
+
+@pytest.mark.parametrize("loss", ["mae", "eps_mse"])
+def test_min_snr_weighting_scales_each_sample_by_its_noise_level(loss: str) -> None:
+    options = {"loss": {loss: 1.0}, "timestep_range": [0, 99]}
+    plain, weighted = branch(**options), branch(**options, timestep_weighting="min_snr", min_snr_gamma=2.0)
+    inputs = conditions(plain, 6), images(6), None, torch.arange(6) * 7919
+    a, b = plain(*inputs), weighted(*inputs)
+    assert torch.equal(a["timesteps"], b["timesteps"])
+    alpha = plain.alphas_cumprod[a["timesteps"]]
+    snr = alpha / (1 - alpha)
+    expected = snr.clamp(max=2.0) / (2.0 if loss == "mae" else snr)
+    assert torch.allclose(b["loss"], a["loss"] * expected, rtol=1e-5)
+    assert not torch.allclose(b["loss"], a["loss"])
+
+
+def test_x0_clamp_bounds_the_decoded_one_step_estimate() -> None:
+    pixel = {"pretrained": None, "pixel_space": True, "unet_config": PIXEL_UNET, "num_train_timesteps": 100}
+    model = branch(diffusion=pixel, loss={"mae": 1.0}, x0_clamp=1e-6, timestep_range=[90, 99])
+    x = images(2)
+    out = model(conditions(model, 2), x, None, torch.arange(2))
+    # x̂0 clamped to ~0: the reconstruction is flat grey whatever the UNet predicted.
+    assert torch.allclose(out["mae"], x.abs().flatten(1).mean(dim=1), atol=1e-5)
+    unclamped = branch(diffusion=pixel, loss={"mae": 1.0}, timestep_range=[90, 99])
+    assert not torch.allclose(unclamped(conditions(model, 2), x, None, torch.arange(2))["mae"], out["mae"])

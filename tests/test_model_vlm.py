@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from test_model_fixtures import CLIP, LLAMA, example, image, tiny_recipe
 from transformers import (
+    AutoConfig,
     AutoProcessor,
     CLIPConfig,
     CLIPModel,
@@ -15,12 +18,14 @@ from transformers import (
     LlavaForConditionalGeneration,
 )
 
+from dsvlm.data.geometry import SquareGeometry
+from dsvlm.data.latents import vae_input
 from dsvlm.data.synthetic import synthetic_vocabulary
 from dsvlm.errors import DataError, RecipeError
 from dsvlm.model.collate import IGNORE_INDEX, Collator
 from dsvlm.model.templates import CHAT_TEMPLATES, IMAGE_TOKEN
 from dsvlm.model.tokenizer import build_word_tokenizer
-from dsvlm.model.vlm import build_vlm
+from dsvlm.model.vlm import build_vlm, image_geometry
 from dsvlm.recipe.schema import ModelConfig
 
 QUESTION = "What colour is the shape ?"
@@ -193,3 +198,52 @@ def test_collator_refuses_inconsistent_examples() -> None:
     missing = example(0)
     missing["conversations"][0]["value"] = QUESTION  # the image token is added in front
     assert (collate([missing])["input_ids"] == processor.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)).any()
+
+
+def two_colour_image() -> Image.Image:
+    """48 wide x 24 high: red left half, blue right half (an aspect ratio and a layout that geometry changes)."""
+    pixels = np.zeros((24, 48, 3), dtype=np.uint8)
+    pixels[:, :24] = (255, 0, 0)
+    pixels[:, 24:] = (0, 0, 255)
+    return Image.fromarray(pixels)
+
+
+def expected_square(mode: str, fill: tuple[int, int, int]) -> Image.Image:
+    """The square the encoder must get, built by hand: padded top and bottom, or the centre 24 x 24."""
+    if mode == "pad":
+        square = Image.new("RGB", (48, 48), fill)
+        square.paste(two_colour_image(), (0, 12))
+        return square
+    return two_colour_image().crop((12, 0, 36, 24))
+
+
+@pytest.mark.parametrize("mode", ["pad", "crop"])
+def test_reconstruction_target_is_the_geometry_the_encoder_saw(mode: str) -> None:
+    _, processor = build_vlm(tiny_recipe().model)
+    fill = tuple(int(x * 255) for x in processor.image_processor.image_mean)
+    ex = example(0)
+    ex["image"] = two_colour_image()
+    batch = Collator(processor, "chat", max_length=64, rec_resolution=16, image_aspect_ratio=mode)([ex])
+    square = expected_square(mode, fill)
+    encoder_input = processor.image_processor(images=[square], return_tensors="pt")["pixel_values"]
+    assert torch.equal(batch["pixel_values"], encoder_input)
+    assert torch.equal(batch["rec_pixels"][0], vae_input(square, 16))
+    # The layout itself, independently of the helpers: where the fill, the red and the blue are.
+    target = ((batch["rec_pixels"][0] + 1) * 127.5).round()
+    red, blue = torch.tensor([255.0, 0, 0]), torch.tensor([0, 0, 255.0])
+    middle = 8  # row 8 of 16 is inside the picture in both modes
+    assert torch.allclose(target[:, middle, 1], red, atol=2) and torch.allclose(target[:, middle, 14], blue, atol=2)
+    if mode == "pad":
+        assert torch.allclose(target[:, 0, 8], torch.tensor(fill, dtype=torch.float32), atol=2)
+        assert torch.allclose(target[:, 15, 8], torch.tensor(fill, dtype=torch.float32), atol=2)
+    else:
+        assert torch.allclose(target[:, 0, 1], red, atol=2) and torch.allclose(target[:, 15, 14], blue, atol=2)
+
+
+def test_image_geometry_matches_the_collator_and_is_saved_for_evaluation(tmp_path) -> None:
+    cfg = tiny_recipe().model.model_copy(update={"image_aspect_ratio": "crop"})
+    vlm, processor = build_vlm(cfg)
+    assert image_geometry(cfg) == Collator(processor, "chat", 64, image_aspect_ratio="crop").geometry
+    assert image_geometry(tiny_recipe().model) == SquareGeometry("pad", (122, 116, 104))  # CLIP's mean colour
+    vlm.save_pretrained(tmp_path)
+    assert AutoConfig.from_pretrained(tmp_path).image_aspect_ratio == "crop"

@@ -17,7 +17,10 @@ from dsvlm.data.latents import LatentCache, vae_fingerprint
 from dsvlm.data.prepared import PreparedDataset
 from dsvlm.data.synthetic import QUESTION_TYPES
 from dsvlm.errors import DataError
+from dsvlm.model.vlm import image_geometry
+from dsvlm.recipe import load_recipe
 
+TINY_GEOMETRY = image_geometry(load_recipe("tiny-synthetic").model)
 SMALL = ["--n-align", "8", "--n-instruct", "12", "--n-eval", "4"]
 DSVLM = Path(sys.executable).with_name("dsvlm")
 
@@ -110,14 +113,15 @@ def test_latents_with_a_vae(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     assert result.exit_code == 0, result.output
     assert result.stdout == f"{out}\n"
     assert seen[0].supervision.resolution == 16
-    cache = LatentCache.open(out, vae_fingerprint(tiny_vae()), 16)
+    cache = LatentCache.open(out, vae_fingerprint(tiny_vae()), 16, TINY_GEOMETRY)
     assert cache.get("align-000000").shape == (4, 16, 16)
     assert "latent cache:" in result.stderr
 
     rebuilt = run("latents", str(out), "tiny-synthetic", "supervision.resolution=32", "--batch-size", "5")
     assert rebuilt.exit_code == 0, rebuilt.output
     assert rebuilt.stdout == f"{out}\n"
-    assert LatentCache.open(out, vae_fingerprint(tiny_vae()), 32).get("align-000000").shape == (4, 32, 32)
+    rebuilt_cache = LatentCache.open(out, vae_fingerprint(tiny_vae()), 32, TINY_GEOMETRY)
+    assert rebuilt_cache.get("align-000000").shape == (4, 32, 32)
 
 
 def test_latents_not_needed_for_pixel_space(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

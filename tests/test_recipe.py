@@ -1,6 +1,7 @@
 """Recipe schema, overrides and the `dsvlm recipe` commands, including the bad inputs users make."""
 
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -44,6 +45,15 @@ def test_paper_recipes_have_a_baseline_by_one_override(name):
     assert not recipe.supervision.enabled
 
 
+@pytest.mark.parametrize("name", sorted(bundled_recipes()))
+def test_disabling_supervision_alone_gives_the_plain_llava_baseline(name, caplog):
+    with caplog.at_level(logging.INFO, logger="dsvlm.recipe.schema"):
+        recipe = load_recipe(name, ["supervision.enabled=false"])
+    assert all("supervision" not in stage.train for stage in recipe.stages)
+    assert all(stage.train for stage in recipe.stages)
+    assert "no longer trains `supervision`" in caplog.text
+
+
 def test_paper_recipe_matches_the_paper():
     recipe = load_recipe("llava15-vicuna7b-ds")
     align, instruct = recipe.stages
@@ -84,7 +94,9 @@ def test_accumulation_from_global_batch():
         (lambda d: d.__setitem__("stages", []), "stages: List should have at least 1 item"),
         (lambda d: d["stages"][1].__setitem__("name", "align"), "stage name used twice: align"),
         (lambda d: d["supervision"].__setitem__("vision_layers", [2, 9]), "[9] exceed the vision encoder's depth (4"),
-        (lambda d: d["supervision"].__setitem__("enabled", False), "trains `supervision` but supervision.enabled"),
+        (lambda d: (d["supervision"].__setitem__("enabled", False),
+                    d["stages"][0].__setitem__("train", ["supervision"])),
+         "trains only `supervision` but supervision.enabled is false"),
         (lambda d: d["supervision"].__setitem__("cross_attention", "mix"), "supervision.cross_attention: Input should"),
     ],
 )

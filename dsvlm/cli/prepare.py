@@ -71,7 +71,9 @@ def _latent_request(recipe_name: str | None, overrides: list[str] | None) -> Lat
         console.print(f"recipe {recipe_name} diffuses in pixel space (no VAE): no latent cache needed, "
                       "skipping --latents")
         return None
-    return LatentRequest(vae, recipe.supervision.resolution, vae_fingerprint(vae))
+    from dsvlm.model.vlm import image_geometry
+
+    return LatentRequest(vae, recipe.supervision.resolution, vae_fingerprint(vae), image_geometry(recipe.model))
 
 
 def _report(out: Path, manifest: dict[str, Any], as_json: bool) -> None:

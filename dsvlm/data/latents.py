@@ -1,9 +1,10 @@
 """VAE latent cache: every image of a prepared dataset encoded once, so training skips the VAE encoder.
 
 Layout: `DATASET/latents/index.json` + `shard-NNNNN.safetensors` files, each holding one float32 tensor
-`latents` [N, C, h, w]. The index records the VAE fingerprint and resolution it was built for; `LatentCache.open`
-refuses a cache built for another VAE or resolution. Latents are the deterministic posterior mean times
-`scaling_factor`, of the image resized to resolution x resolution and scaled to [-1, 1] (`vae_input`).
+`latents` [N, C, h, w]. The index records the VAE fingerprint, resolution and image geometry (pad / crop to
+square) it was built for; `LatentCache.open` refuses a cache built for another VAE, resolution or geometry.
+Latents are the deterministic posterior mean times `scaling_factor`, of the image made square by the geometry,
+resized to resolution x resolution and scaled to [-1, 1] (`vae_input`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from dsvlm.data.common import MANIFEST, progress_bar
+from dsvlm.data.geometry import SquareGeometry
 from dsvlm.data.prepared import PreparedDataset
 from dsvlm.errors import DataError
 from dsvlm.io import atomic_dir, atomic_write_json
@@ -28,7 +30,7 @@ from dsvlm.io import atomic_dir, atomic_write_json
 LATENTS_DIR = "latents"
 INDEX = "index.json"
 SHARD_SIZE = 4096  # latents per shard: 64 MiB at SD's 4x32x32 float32
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: images made square by the recorded geometry before resizing
 
 
 def vae_fingerprint(vae: torch.nn.Module) -> str:
@@ -45,8 +47,8 @@ def vae_fingerprint(vae: torch.nn.Module) -> str:
 
 
 def vae_input(image: Image.Image, resolution: int) -> torch.Tensor:
-    """The VAE's input for one image: RGB, resized to resolution x resolution (bicubic), [3, R, R] in [-1, 1].
-    Training without the cache must encode with exactly this to get the same latents."""
+    """The VAE's input for one image already made square by its `SquareGeometry`: RGB, resized to resolution x
+    resolution (bicubic), [3, R, R] in [-1, 1]. Training without the cache must encode with exactly this."""
     image = image.convert("RGB").resize((resolution, resolution), Image.Resampling.BICUBIC)
     pixels = torch.from_numpy(np.asarray(image, dtype=np.float32).copy()).permute(2, 0, 1)
     return pixels / 127.5 - 1.0
@@ -66,6 +68,7 @@ def build_latent_cache(
     vae: Any,
     resolution: int,
     fingerprint: str,
+    geometry: SquareGeometry,
     batch_size: int = 16,
     progress: bool = True,
 ) -> dict[str, Any]:
@@ -77,11 +80,13 @@ def build_latent_cache(
     vae.eval()
     try:
         with atomic_dir(dataset.path / LATENTS_DIR, replace=True) as tmp:
-            shards, location, shape = _write_shards(tmp, dataset, paths, vae, resolution, batch_size, progress)
+            shards, location, shape = _write_shards(tmp, dataset, paths, vae, resolution, geometry, batch_size,
+                                                    progress)
             index = {
                 "version": CACHE_VERSION,
                 "fingerprint": fingerprint,
                 "resolution": resolution,
+                "geometry": geometry.key,
                 "shape": shape,
                 "scaling_factor": float(vae.config.scaling_factor),
                 "shards": shards,
@@ -96,6 +101,7 @@ def build_latent_cache(
         "dir": LATENTS_DIR,
         "fingerprint": fingerprint,
         "resolution": resolution,
+        "geometry": geometry.key,
         "shape": shape,
         "images": len(paths),
     }
@@ -109,6 +115,7 @@ def _write_shards(
     paths: list[str],
     vae: Any,
     resolution: int,
+    geometry: SquareGeometry,
     batch_size: int,
     progress: bool,
 ) -> tuple[list[str], dict[str, list[int]], list[int] | None]:
@@ -124,7 +131,7 @@ def _write_shards(
             parts = []
             for b in range(0, len(chunk), batch_size):
                 batch = chunk[b : b + batch_size]
-                pixels = torch.stack([vae_input(dataset.load_image({"image": p}), resolution) for p in batch])
+                pixels = torch.stack([vae_input(geometry(dataset.load_image({"image": p})), resolution) for p in batch])
                 parts.append(encode(vae, pixels).cpu())
                 bar.advance(task, len(batch))
             latents = torch.cat(parts)
@@ -164,10 +171,12 @@ class LatentRequest:
     vae: Any
     resolution: int
     fingerprint: str
+    geometry: SquareGeometry
     batch_size: int = 16
 
     def build(self, dataset_dir: Path, progress: bool = True) -> dict[str, Any]:
-        return build_latent_cache(dataset_dir, self.vae, self.resolution, self.fingerprint, self.batch_size, progress)
+        return build_latent_cache(dataset_dir, self.vae, self.resolution, self.fingerprint, self.geometry,
+                                  self.batch_size, progress)
 
 
 def rebuild_hint(dataset_dir: Path) -> str:
@@ -190,8 +199,9 @@ class LatentCache:
         self._handles: dict[int, Any] = {}
 
     @classmethod
-    def open(cls, dataset_dir: Path | str, fingerprint: str, resolution: int) -> LatentCache:
-        """Open the cache of `dataset_dir`; DataError if it is missing or was built for another VAE/resolution."""
+    def open(cls, dataset_dir: Path | str, fingerprint: str, resolution: int, geometry: SquareGeometry) -> LatentCache:
+        """Open the cache of `dataset_dir`; DataError if it is missing or was built for another VAE, resolution or
+        image geometry."""
         dataset_dir = Path(dataset_dir)
         directory = dataset_dir / LATENTS_DIR
         try:
@@ -214,6 +224,11 @@ class LatentCache:
             raise DataError(
                 f"{directory}: the latent cache was built at resolution {index['resolution']}, the recipe uses "
                 f"{resolution} (supervision.resolution); {rebuild_hint(dataset_dir)}"
+            )
+        if index["geometry"] != geometry.key:
+            raise DataError(
+                f"{directory}: the latent cache was built with image geometry {index['geometry']}, the recipe uses "
+                f"{geometry.key} (model.image_aspect_ratio); {rebuild_hint(dataset_dir)}"
             )
         return cls(directory, index)
 

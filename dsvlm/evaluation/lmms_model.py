@@ -18,6 +18,7 @@ from PIL import Image
 from tqdm import tqdm
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
+from dsvlm.data.geometry import SquareGeometry
 from dsvlm.errors import DsvlmError
 from dsvlm.evaluation.compat import check_filelock, keep_loglikelihood_pairs
 from dsvlm.evaluation.runner import resolve_model
@@ -64,6 +65,10 @@ class DsvlmLlava(lmms):
         self.model = LlavaForConditionalGeneration.from_pretrained(path, dtype=DTYPES[dtype]).to(self._device)
         self.model.eval()
         self.processor = AutoProcessor.from_pretrained(path)
+        # dsvlm records how training squared its images; other LLaVA checkpoints keep their processor's way.
+        aspect = getattr(self.model.config, "image_aspect_ratio", None)
+        mean = self.processor.image_processor.image_mean
+        self.square = SquareGeometry.for_processor(aspect, mean) if aspect in ("pad", "crop") else None
         self.tokenizer = self.processor.tokenizer
         self.tokenizer.padding_side = "left"  # generation continues at the right edge of every row
         eos = self.tokenizer.eos_token_id
@@ -196,6 +201,8 @@ class DsvlmLlava(lmms):
     def _encode(self, prompts: list[str], images: list[Image.Image]) -> dict[str, torch.Tensor]:
         # The rendered template already holds its special tokens (BOS included, where the format has one);
         # training tokenizes it the same way. (`llava_hf` lets the tokenizer add a second BOS.)
+        if self.square is not None:
+            images = [self.square(image) for image in images]
         inputs = self.processor(
             text=prompts, images=images or None, padding=True, add_special_tokens=False, return_tensors="pt"
         )

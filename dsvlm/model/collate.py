@@ -7,6 +7,7 @@ from typing import Any, Literal
 import torch
 from transformers import LlavaProcessor
 
+from dsvlm.data.geometry import AspectRatio, SquareGeometry
 from dsvlm.data.latents import vae_input
 from dsvlm.errors import DataError
 from dsvlm.model.templates import IMAGE_TOKEN, PLAIN_TEMPLATE
@@ -22,7 +23,9 @@ class Collator:
     "latent": Tensor | None}` (LLaVA format, `<image>` inside the first human value; it is prepended when an
     imaged example lacks it). The text is tokenised with ONE `<image>` token and the template's assistant mask,
     then that token is expanded to the encoder's token count here, as `LlavaProcessor` would, so the label
-    mask stays aligned. Right padding (training).
+    mask stays aligned. Right padding (training). Each image is first made square by `image_aspect_ratio`
+    (pad with the processor's mean colour, or centre-crop), and that one square feeds both the encoder's
+    processor and the reconstruction target.
     """
 
     def __init__(
@@ -31,6 +34,7 @@ class Collator:
         template: Literal["plain", "chat"],
         max_length: int,
         rec_resolution: int | None = None,
+        image_aspect_ratio: AspectRatio = "pad",
     ) -> None:
         if template not in ("plain", "chat"):
             raise ValueError(f"template must be 'plain' or 'chat', got {template!r}")
@@ -39,10 +43,11 @@ class Collator:
         self.chat_template = PLAIN_TEMPLATE if template == "plain" else None
         self.max_length = max_length
         self.rec_resolution = rec_resolution
+        self.geometry = SquareGeometry.for_processor(image_aspect_ratio, processor.image_processor.image_mean)
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        images = [ex["image"].convert("RGB") for ex in examples if ex.get("image") is not None]
+        images = [self.geometry(ex["image"]) for ex in examples if ex.get("image") is not None]
         batch: dict[str, torch.Tensor] = {}
         n_image_tokens = 0
         if images:

@@ -23,7 +23,13 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration, LlavaProc
 
 from dsvlm.errors import RecipeError
 from dsvlm.model.collate import IGNORE_INDEX
-from dsvlm.model.supervision.branch import CONNECTOR, DiffusionSupervision, vision_condition
+from dsvlm.model.supervision.branch import (
+    CONNECTOR,
+    TIMESTEP_BUCKETS,
+    DiffusionSupervision,
+    timestep_buckets,
+    vision_condition,
+)
 from dsvlm.model.vlm import build_vlm
 from dsvlm.recipe.schema import Recipe
 
@@ -38,7 +44,8 @@ SUPERVISION_INFO = "supervision.json"
 @dataclass
 class DSVLMOutput:
     """Losses of one forward: `loss = text_loss + λ·rec_loss`. The parts stay attached (so each can be
-    back-propagated alone); detach them for logging."""
+    back-propagated alone); detach them for logging. `rec_buckets` (detached, (TIMESTEP_BUCKETS, 2)): the summed
+    per-image reconstruction loss and the image count of each timestep bucket (None without the branch)."""
 
     loss: torch.Tensor
     text_loss: torch.Tensor
@@ -46,6 +53,7 @@ class DSVLMOutput:
     n_text_tokens: int
     n_rec: int
     logits: torch.Tensor
+    rec_buckets: torch.Tensor | None = None
 
 
 class DSVLM(nn.Module):
@@ -119,18 +127,21 @@ class DSVLM(nn.Module):
 
         rec_loss = logits.new_zeros((), dtype=torch.float32)
         n_rec = 0
+        rec_buckets = None
         if branch is not None:
-            per_image, n_rec = self._reconstruction(branch, batch, captured)
+            per_image, timesteps = self._reconstruction(branch, batch, captured)
+            n_rec = len(per_image)
             rec_loss = per_image.sum() / (rec_normalizer if rec_normalizer is not None else max(n_rec, 1))
             loss = text_loss + branch.config.weight * rec_loss
+            rec_buckets = _bucket_sums(per_image.detach(), timesteps, len(branch.alphas_cumprod))
         else:
             loss = text_loss
-        return DSVLMOutput(loss, text_loss, rec_loss, n_text, n_rec, logits)
+        return DSVLMOutput(loss, text_loss, rec_loss, n_text, n_rec, logits, rec_buckets)
 
     def _reconstruction(
         self, branch: DiffusionSupervision, batch: dict[str, torch.Tensor], captured: dict[str, torch.Tensor]
-    ) -> tuple[torch.Tensor, int]:
-        """Per-image reconstruction loss of the first `reconstruct_per_batch` imaged samples."""
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-image reconstruction loss and timestep of the first `reconstruct_per_batch` imaged samples."""
         if "rec_pixels" not in batch and "latents" not in batch:
             raise ValueError("a supervised batch needs rec_pixels (Collator rec_resolution) or latents")
         n_images = batch["pixel_values"].shape[0]
@@ -140,7 +151,8 @@ class DSVLM(nn.Module):
         images = batch["rec_pixels"][:k] if "rec_pixels" in batch else None
         latents = batch["latents"][:k] if "latents" in batch else None
         conditions = {name: captured[name][:k] for name in branch.condition_names}
-        return branch(conditions, images, latents, seeds)["loss"], k
+        out = branch(conditions, images, latents, seeds)
+        return out["loss"], out["timesteps"]
 
     @torch.no_grad()
     def reconstruct(
@@ -165,6 +177,16 @@ class DSVLM(nn.Module):
         one_step = branch.denoise(conditions, originals, timestep)
         sampled = branch.sample(conditions, steps)
         return tuple((x.float() + 1) / 2 for x in (originals, one_step, sampled))
+
+
+def _bucket_sums(per_image: torch.Tensor, timesteps: torch.Tensor, n_timesteps: int) -> torch.Tensor:
+    """(TIMESTEP_BUCKETS, 2): per timestep bucket, the summed loss and the number of images."""
+    sums = per_image.new_zeros(TIMESTEP_BUCKETS, 2, dtype=torch.float32)
+    for b, (lo, hi) in enumerate(timestep_buckets(n_timesteps)):
+        inside = (timesteps >= lo) & (timesteps <= hi)
+        sums[b, 0] = per_image[inside].float().sum()
+        sums[b, 1] = inside.sum()
+    return sums
 
 
 def _encoder_layers(vision_tower: nn.Module) -> nn.ModuleList:
@@ -228,6 +250,7 @@ def load_model(directory: Path, recipe: Recipe) -> DSVLM:
     vlm = LlavaForConditionalGeneration.from_pretrained(
         vlm_dir, dtype=torch.float32, attn_implementation=recipe.model.attn_implementation
     )
+    vlm.config.image_aspect_ratio = recipe.model.image_aspect_ratio  # what evaluation will apply
     processor = AutoProcessor.from_pretrained(vlm_dir)
     branch = _branch(recipe, vlm)
     weights = directory / SUPERVISION_DIR / SUPERVISION_WEIGHTS

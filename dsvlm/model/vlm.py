@@ -31,6 +31,7 @@ from transformers import (
 )
 from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
+from dsvlm.data.geometry import SquareGeometry
 from dsvlm.errors import RecipeError
 from dsvlm.model.templates import IMAGE_TOKEN, ChatTemplate, chat_template
 from dsvlm.model.tokenizer import build_word_tokenizer, prepare_tokenizer
@@ -89,6 +90,8 @@ def _finish(
         # and linear_2 fixed to the identity it is exactly one linear map, and stays loadable by plain LLaVA.
         projector_hidden_act="gelu" if cfg.connector == "mlp2x_gelu" else "linear",
         multimodal_projector_bias=True,
+        # Not a transformers field: saved in config.json so evaluation squares images as training did.
+        image_aspect_ratio=cfg.image_aspect_ratio,
     )
     vlm = _assemble(config, vision, llm, linear_connector=cfg.connector == "linear")
     if len(tokenizer) > vlm.get_input_embeddings().num_embeddings:
@@ -230,6 +233,16 @@ def _image_processor(cfg: ModelConfig, family: str, image_size: int) -> Any:
             size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
         )
     return SiglipImageProcessor(size={"height": image_size, "width": image_size})
+
+
+def image_geometry(cfg: ModelConfig) -> SquareGeometry:
+    """The recipe's square geometry with the pad colour of the encoder's image processor (no weights loaded)."""
+    family = cfg.vision.type
+    if cfg.vision.pretrained is not None:
+        loaded = AutoConfig.from_pretrained(cfg.vision.pretrained, **_config_kwargs(cfg, cfg.vision.revision))
+        family = _vision_family(loaded.model_type)
+    processor = _image_processor(cfg, family, cfg.image_size or 224)
+    return SquareGeometry.for_processor(cfg.image_aspect_ratio, processor.image_mean)
 
 
 def is_linear_connector(vlm: LlavaForConditionalGeneration) -> bool:

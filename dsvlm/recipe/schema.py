@@ -7,9 +7,12 @@ both fields, so an error names the exact path.
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, field_validator, model_validator
+
+log = logging.getLogger(__name__)
 
 ModuleName = Literal["connector", "vision", "llm", "supervision"]
 StageName = Literal["align", "instruct"]
@@ -76,6 +79,12 @@ class ModelConfig(Strict):
     image_size: PositiveInt | None = Field(
         None, description="Input resolution of the encoder; defaults to the encoder config's image_size."
     )
+    image_aspect_ratio: Literal["pad", "crop"] = Field(
+        "pad",
+        description="How a non-square image becomes the encoder's square input: `pad` centres it on the image "
+        "processor's mean colour (LLaVA-1.5's pad-to-square), `crop` keeps its centre square. The diffusion "
+        "target is the same square; evaluation applies it too (recorded in the model's config.json).",
+    )
     vision_feature_layer: int = Field(
         -2, description="Encoder hidden state fed to the connector (LLaVA-1.5 uses the penultimate, -2)."
     )
@@ -124,12 +133,19 @@ class SupervisionConfig(Strict):
         description="Vision encoder layers (1-based hidden-state indices) whose states condition the UNet.",
     )
     connector: bool = Field(True, description="Also condition on the connector output (the 'text' branch).")
-    cross_attention: Literal["moe", "shared"] = Field(
+    cross_attention: Literal["moe", "shared", "shared_matched"] = Field(
         "moe",
         description="`moe`: one K/V branch per condition, mixed by a learned router per layer (paper). "
-        "`shared`: all condition tokens concatenated into the original cross-attention (ablation).",
+        "`shared`: all condition tokens concatenated into the original cross-attention (ablation; no new "
+        "UNet parameters). `shared_matched`: `shared` with MoE's capacity [ours]: as many K/V pairs as "
+        "conditions (copies of the original), each over all tokens, outputs averaged, no router.",
     )
-    adapter: Literal["linear"] = Field("linear", description="Adapter from each condition to the UNet width.")
+    adapter: Literal["linear", "qformer"] = Field(
+        "linear",
+        description="Adapter from each condition to the UNet width: `linear` per token (paper), or `qformer`: "
+        "`adapter_queries` learned queries cross-attending to the condition, then an MLP (adapter ablation).",
+    )
+    adapter_queries: PositiveInt = Field(16, description="Learned queries per condition of the `qformer` adapter.")
     loss: dict[LossName, PositiveFloat] = Field(
         default_factory=lambda: {"perceptual": 1.0},
         description="Reconstruction loss(es) and their weights, e.g. {perceptual: 1.0, mae: 0.5}.",
@@ -144,7 +160,19 @@ class SupervisionConfig(Strict):
     )
     weight: float = Field(1.0, ge=0.0, description="λ in L = L_text + λ·L_rec.")
     timestep_range: tuple[int, int] = Field(
-        (0, 999), description="Inclusive range of sampled diffusion timesteps."
+        (0, 999), description="Inclusive range of the uniformly sampled diffusion timesteps (a lower maximum "
+        "keeps image-space losses off images decoded from near-pure noise)."
+    )
+    timestep_weighting: Literal["none", "min_snr"] = Field(
+        "none",
+        description="Per-sample loss weight by noise level [ours]: `min_snr` weights eps_mse by "
+        "min(SNR, γ)/SNR and the image-space losses (on x̂0) by min(SNR, γ)/γ (Min-SNR, Hang et al. 2023).",
+    )
+    min_snr_gamma: PositiveFloat = Field(5.0, description="γ of `min_snr` weighting.")
+    x0_clamp: PositiveFloat | None = Field(
+        None,
+        description="Clamp the one-step x̂0 to [-c, c] before decoding [ours] (1.0 in pixel space; SD latents "
+        "are roughly unit-scaled): bounds the ~1/sqrt(ᾱ) amplification of the ε error at high t.",
     )
     resolution: PositiveInt = Field(256, description="Image resolution fed to the VAE / UNet.")
     freeze_unet: bool = Field(
@@ -305,10 +333,14 @@ class Recipe(Strict):
             raise ValueError(f"stage name used twice: {', '.join(dupes)}")
         for i, stage in enumerate(self.stages):
             if not self.supervision.enabled and "supervision" in stage.train:
-                raise ValueError(
-                    f"stages.{i} ({stage.name}) trains `supervision` but supervision.enabled is false; "
-                    "remove it from `train` or enable supervision"
-                )
+                # `supervision.enabled=false` alone must give the plain LLaVA baseline of any recipe.
+                kept = [module for module in stage.train if module != "supervision"]
+                if not kept:
+                    raise ValueError(
+                        f"stages.{i} ({stage.name}) trains only `supervision` but supervision.enabled is false"
+                    )
+                log.info("supervision is disabled: stage %s no longer trains `supervision`", stage.name)
+                stage.train = kept
         depth = vision_depth(self.model.vision)
         if self.supervision.enabled and depth is not None:
             too_deep = [layer for layer in self.supervision.vision_layers if layer > depth]

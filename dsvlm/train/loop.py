@@ -31,6 +31,7 @@ from transformers import get_scheduler
 
 from dsvlm.cli.common import console
 from dsvlm.data.dataset import PreparedSplit, fixed_subset
+from dsvlm.data.geometry import SquareGeometry
 from dsvlm.data.latents import LatentCache, vae_fingerprint
 from dsvlm.data.prepared import PreparedDataset
 from dsvlm.errors import DsvlmError
@@ -38,6 +39,7 @@ from dsvlm.io import atomic_dir, atomic_write_json, atomic_write_text
 from dsvlm.model.collate import Collator
 from dsvlm.model.dsvlm import DSVLM, build_model, save_model
 from dsvlm.model.freeze import freeze_for_stage
+from dsvlm.model.supervision.branch import TIMESTEP_BUCKETS, timestep_buckets
 from dsvlm.recipe.load import dump_recipe
 from dsvlm.recipe.schema import Recipe, StageConfig
 from dsvlm.train import checkpoint
@@ -152,14 +154,14 @@ def _accelerator(stage: StageConfig) -> Accelerator:
     return accelerator
 
 
-def _latent_cache(recipe: Recipe, model: DSVLM, dataset_dir: Path) -> LatentCache | None:
+def _latent_cache(recipe: Recipe, model: DSVLM, dataset_dir: Path, geometry: SquareGeometry) -> LatentCache | None:
     branch = model.supervision
     if branch is None or branch.vae is None or not recipe.data.use_latent_cache:
         return None
     if not (dataset_dir / "latents").is_dir():
         log.info("no latent cache in %s: the VAE encoder runs every step", dataset_dir)
         return None
-    return LatentCache.open(dataset_dir, vae_fingerprint(branch.vae), recipe.supervision.resolution)
+    return LatentCache.open(dataset_dir, vae_fingerprint(branch.vae), recipe.supervision.resolution, geometry)
 
 
 def noise_seeds(seed: int, step: int, sample_index: torch.Tensor) -> torch.Tensor:
@@ -179,13 +181,15 @@ def run_stage(recipe: Recipe, stage: StageConfig, run: RunDir, init: Path | None
     if stage.gradient_checkpointing:
         model.vlm.activation_checkpointing_enable()
     dataset_dir = Path(stage.dataset or recipe.data.dataset)
-    split = PreparedSplit(dataset_dir, stage.split_name, latents=_latent_cache(recipe, model, dataset_dir))
-    if stage.max_records is not None:
-        split = fixed_subset(split, stage.max_records)  # the same records for every run seed
     collator = Collator(
         model.processor, stage.template_name, recipe.data.max_length,
         rec_resolution=recipe.supervision.resolution if supervise else None,
+        image_aspect_ratio=recipe.model.image_aspect_ratio,
     )
+    latents = _latent_cache(recipe, model, dataset_dir, collator.geometry)
+    split = PreparedSplit(dataset_dir, stage.split_name, latents=latents)
+    if stage.max_records is not None:
+        split = fixed_subset(split, stage.max_records)  # the same records for every run seed
     sampler = EpochPermutation(len(split), recipe.run.seed)
     loader = DataLoader(split, batch_size=stage.per_device_batch_size, sampler=sampler, collate_fn=collator,
                         drop_last=True, num_workers=recipe.data.num_workers)
@@ -298,6 +302,7 @@ def _optimizer_step(accelerator: Accelerator, model: torch.nn.Module, optimizer,
     text_tokens, rec_images, tokens = accelerator.reduce(counts, reduction="sum").tolist()
     text_loss = torch.zeros((), device=accelerator.device)
     rec_loss = torch.zeros((), device=accelerator.device)
+    rec_buckets = torch.zeros(TIMESTEP_BUCKETS, 2, device=accelerator.device)
     for i, batch in enumerate(micro):
         batch["noise_seeds"] = noise_seeds(seed, step, batch["sample_index"])
         sync = contextlib.nullcontext() if i == len(micro) - 1 else accelerator.no_sync(model)
@@ -309,6 +314,8 @@ def _optimizer_step(accelerator: Accelerator, model: torch.nn.Module, optimizer,
             accelerator.backward(out.loss)
         text_loss += out.text_loss.detach()
         rec_loss += out.rec_loss.detach()
+        if out.rec_buckets is not None:
+            rec_buckets += out.rec_buckets
     norm = stage.max_grad_norm or float("inf")
     grad_norm = accelerator.clip_grad_norm_(trainable, norm)
     optimizer.step()
@@ -316,9 +323,17 @@ def _optimizer_step(accelerator: Accelerator, model: torch.nn.Module, optimizer,
     optimizer.zero_grad(set_to_none=True)
     losses = accelerator.reduce(torch.stack([text_loss, rec_loss]), reduction="sum") / world
     text, rec = losses.tolist()
-    return {"loss": text + (rec * _weight(model) if supervise else 0.0), "text_loss": text,
-            "rec_loss": rec if supervise else None, "lr": scheduler.get_last_lr()[0],
-            "grad_norm": float(grad_norm), "tokens": tokens}
+    record = {"loss": text + (rec * _weight(model) if supervise else 0.0), "text_loss": text,
+              "rec_loss": rec if supervise else None, "lr": scheduler.get_last_lr()[0],
+              "grad_norm": float(grad_norm), "tokens": tokens}
+    if supervise:
+        # Mean per-image reconstruction loss by noise level, for the buckets this step drew.
+        sums = accelerator.reduce(rec_buckets, reduction="sum").tolist()
+        n_timesteps = len(_unwrapped(model).supervision.alphas_cumprod)
+        for (lo, hi), (total, count) in zip(timestep_buckets(n_timesteps), sums, strict=True):
+            if count:
+                record[f"rec_loss_t{lo}-{hi}"] = total / count
+    return record
 
 
 def _unwrapped(model: torch.nn.Module) -> DSVLM:

@@ -8,6 +8,10 @@ branch outputs: `Z = Σ_j P_j Z_j`, then the layer's own `to_out`.
 
 Conditions reach the processors as a tuple passed as `encoder_hidden_states` (the way diffusers' IP-Adapter
 hands its extra image tokens through a stock UNet), so condition lengths may differ and need no bookkeeping.
+
+Unrouted (`shared_matched`, the capacity-matched `shared` ablation): the same K/V pairs, every pair reading
+all conditions' tokens concatenated, outputs averaged. It has MoE's new K/V parameters (minus the small
+routers) and starts, like MoE, exactly as the original cross-attention over the concatenated tokens.
 """
 
 from __future__ import annotations
@@ -24,34 +28,38 @@ from dsvlm.errors import RecipeError
 
 
 class MoECrossAttnProcessor(nn.Module):
-    """Cross-attention over several conditions with shared Q, per-condition K/V and a learned router."""
+    """Cross-attention over several conditions with shared Q, per-condition K/V and a learned router
+    (`routed`), or every K/V pair over all condition tokens, averaged (not `routed`)."""
 
-    def __init__(self, attn: Attention, n_branches: int) -> None:
+    def __init__(self, attn: Attention, n_branches: int, routed: bool = True) -> None:
         super().__init__()
         if n_branches < 1:
             raise ValueError("MoE cross-attention needs at least one condition")
         self.n_branches = n_branches
+        self.routed = routed
         self.to_k = nn.ModuleList(_trainable_copy(attn.to_k) for _ in range(n_branches - 1))
         self.to_v = nn.ModuleList(_trainable_copy(attn.to_v) for _ in range(n_branches - 1))
         # Zero init: the router starts from uniform weights, preferring no condition before training.
-        self.router = nn.Linear(attn.to_q.out_features, n_branches, bias=False) if n_branches > 1 else None
+        self.router = nn.Linear(attn.to_q.out_features, n_branches, bias=False) if routed and n_branches > 1 else None
         if self.router is not None:
             nn.init.zeros_(self.router.weight)
 
     def route(self, query: torch.Tensor) -> torch.Tensor:
         """Branch weights (batch, n_branches), each row summing to 1, from the unsplit query (batch, tokens, d)."""
         if self.router is None:
-            return query.new_ones(query.shape[0], 1)
+            return query.new_full((query.shape[0], self.n_branches), 1 / self.n_branches)
         return torch.softmax(self.router(query).mean(dim=1), dim=-1)
 
     def __call__(
         self,
         attn: Attention,
         hidden_states: torch.Tensor,
-        encoder_hidden_states: tuple[torch.Tensor, ...] | None = None,
+        encoder_hidden_states: tuple[torch.Tensor, ...] | torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         temb: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        if not self.routed and isinstance(encoder_hidden_states, torch.Tensor):
+            encoder_hidden_states = (encoder_hidden_states,) * self.n_branches
         if not isinstance(encoder_hidden_states, tuple) or len(encoder_hidden_states) != self.n_branches:
             raise ValueError(f"MoE cross-attention expects a tuple of {self.n_branches} condition tensors")
         residual = hidden_states
@@ -95,14 +103,14 @@ def _trainable_copy(layer: nn.Linear) -> nn.Linear:
     return new
 
 
-def install_moe(unet: UNet2DConditionModel, n_branches: int) -> list[MoECrossAttnProcessor]:
+def install_moe(unet: UNet2DConditionModel, n_branches: int, routed: bool = True) -> list[MoECrossAttnProcessor]:
     """Put an MoE processor on every cross-attention (`attn2`) layer; self-attention is left untouched."""
     processors = dict(unet.attn_processors)
     installed = []
     for name in processors:
         if name.endswith("attn2.processor"):
             attn = unet.get_submodule(name.removesuffix(".processor"))
-            processors[name] = MoECrossAttnProcessor(attn, n_branches)
+            processors[name] = MoECrossAttnProcessor(attn, n_branches, routed)
             installed.append(processors[name])
     if not installed:
         raise RecipeError("the UNet has no cross-attention layers: use CrossAttn* blocks in its config")

@@ -29,6 +29,13 @@ from dsvlm.model.supervision.losses import (
 from dsvlm.recipe.schema import SupervisionConfig
 
 CONNECTOR = "connector"
+TIMESTEP_BUCKETS = 4  # reconstruction-loss logging: equal slices of the noise schedule
+
+
+def timestep_buckets(n_timesteps: int) -> list[tuple[int, int]]:
+    """Inclusive (low, high) timestep ranges splitting the schedule into TIMESTEP_BUCKETS equal parts."""
+    edges = [round(i * n_timesteps / TIMESTEP_BUCKETS) for i in range(TIMESTEP_BUCKETS + 1)]
+    return [(edges[i], edges[i + 1] - 1) for i in range(TIMESTEP_BUCKETS)]
 
 
 def vision_condition(layer: int) -> str:
@@ -63,7 +70,7 @@ class DiffusionSupervision(nn.Module):
             raise RecipeError("the UNet's cross_attention_dim must be one integer for all blocks")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed + 2)
-            self.adapters = ConditionAdapters(widths, cross_dim)
+            self.adapters = ConditionAdapters(widths, cross_dim, config.adapter, config.adapter_queries)
 
         # Frozen before the new modules exist, so these stay trainable whatever the UNet's setting.
         if self.vae is not None:
@@ -71,7 +78,8 @@ class DiffusionSupervision(nn.Module):
         if config.freeze_unet:
             self.unet.requires_grad_(False)
         self.moe: list[MoECrossAttnProcessor] = (
-            install_moe(self.unet, len(widths)) if config.cross_attention == "moe" else []
+            install_moe(self.unet, len(widths), routed=config.cross_attention == "moe")
+            if config.cross_attention in ("moe", "shared_matched") else []
         )
         self.lora = install_lora(self.unet, config.lora_rank, seed + 3) if config.lora_rank else []
 
@@ -147,7 +155,7 @@ class DiffusionSupervision(nn.Module):
         latents: torch.Tensor | None,
         seeds: torch.Tensor,
     ) -> dict[str, torch.Tensor]:
-        """Per-sample losses `{"loss": weighted total (n,), "<loss name>": term (n,)}`.
+        """Per-sample losses `{"loss": weighted total (n,), "<loss name>": term (n,), "timesteps": t (n,)}`.
 
         `conditions` holds one (n, tokens, width) tensor per `condition_names`; `images` (n, 3, R, R) in
         [-1, 1] are the targets (needed by image-space losses and when `latents` is None); `latents` are
@@ -170,7 +178,7 @@ class DiffusionSupervision(nn.Module):
         if any(name != "eps_mse" for name in self.config.loss):
             if images is None:
                 raise ValueError("image-space reconstruction losses need the images, not only latents")
-            reconstruction = self.decode(x0).float()
+            reconstruction = self.decode(self._clamp(x0)).float()
             target = images.float()
             if "perceptual" in self.config.loss:
                 terms["perceptual"] = self._perceptual(reconstruction, target)
@@ -178,8 +186,24 @@ class DiffusionSupervision(nn.Module):
                 terms["mae"] = mae_loss(reconstruction, target)
             if "ssim" in self.config.loss:
                 terms["ssim"] = ssim_loss(reconstruction, target)
-        total = sum(self.config.loss[name] * term for name, term in terms.items())
-        return {"loss": total, **terms}
+        image_weight, eps_weight = self._snr_weights(alpha.flatten())
+        total = sum(self.config.loss[name] * (eps_weight if name == "eps_mse" else image_weight) * term
+                    for name, term in terms.items())
+        return {"loss": total, **terms, "timesteps": timesteps}
+
+    def _clamp(self, x0: torch.Tensor) -> torch.Tensor:
+        clamp = self.config.x0_clamp
+        return x0 if clamp is None else x0.clamp(-clamp, clamp)
+
+    def _snr_weights(self, alpha: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-sample weights (of x̂0-space terms, of eps_mse) for the recipe's timestep weighting."""
+        if self.config.timestep_weighting == "none":
+            ones = torch.ones_like(alpha)
+            return ones, ones
+        gamma = self.config.min_snr_gamma
+        snr = alpha / (1 - alpha).clamp_min(1e-12)
+        capped = snr.clamp(max=gamma)
+        return capped / gamma, capped / snr.clamp_min(1e-12)
 
     def _perceptual(self, reconstruction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if self.perceptual is not None:
@@ -191,8 +215,8 @@ class DiffusionSupervision(nn.Module):
 
     def _encoder_states(self, conditions: dict[str, torch.Tensor]) -> torch.Tensor | tuple[torch.Tensor, ...]:
         adapted = self.adapters(conditions)
-        # MoE processors take the conditions apart; `shared` feeds all tokens to the original cross-attention.
-        return tuple(adapted) if self.moe else torch.cat(adapted, dim=1)
+        # MoE processors take the conditions apart; `shared*` feed all tokens to every K/V of the cross-attention.
+        return tuple(adapted) if self.config.cross_attention == "moe" else torch.cat(adapted, dim=1)
 
     def _draw(
         self, seeds: torch.Tensor, shape: torch.Size, device: torch.device
@@ -230,7 +254,7 @@ class DiffusionSupervision(nn.Module):
         alpha = self.alphas_cumprod[t].view(-1, 1, 1, 1)
         noisy = alpha.sqrt() * latents + (1 - alpha).sqrt() * noise
         prediction = self.unet(noisy, t, encoder_hidden_states=self._encoder_states(conditions)).sample
-        return self.decode(self._eps_and_x0(prediction.float(), noisy, alpha)[1]).clamp(-1, 1)
+        return self.decode(self._clamp(self._eps_and_x0(prediction.float(), noisy, alpha)[1])).clamp(-1, 1)
 
     @torch.no_grad()
     def sample(self, conditions: dict[str, torch.Tensor], steps: int | None = None, seed: int = 0) -> torch.Tensor:
