@@ -174,12 +174,12 @@ def run_cell(grid: Grid, arm: str, seed: int, device: str | None = None, progres
     from dsvlm.strip.strip import strip
     from dsvlm.train.loop import TrainOptions, train
 
+    if seed not in grid.seeds:
+        raise DsvlmError(f"seed {seed} is not in the grid's seeds ({', '.join(map(str, grid.seeds))})")
     cell = grid.cell_dir(arm, seed)
     if is_done(grid, arm, seed):
         log.info("cell %s:%d already done, skipped (%s)", arm, seed, cell)
         return cell
-    if seed not in grid.seeds:
-        raise DsvlmError(f"seed {seed} is not in the grid's seeds ({', '.join(map(str, grid.seeds))})")
     log.info("cell %s:%d -> %s", arm, seed, cell)
     started = time.perf_counter()
     recipe = cell_recipe(grid, arm, seed)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -173,7 +173,7 @@ def probe_model(model_path: str | Path, out_dir: str | Path, config: ProbeConfig
         log.info("probe %s: %s", name, "  ".join(f"{a} {v:.3f}" for a, v in accuracy[name].items()))
     result = {
         "model": str(path),
-        "config": {**config.__dict__},
+        "config": asdict(config),
         "attributes": list(ATTRIBUTES),
         "chance": {a: round(chance_level(labels[a]["test"]), 4) for a in ATTRIBUTES},
         "accuracy": accuracy,
