@@ -184,7 +184,10 @@ def run_cell(grid: Grid, arm: str, seed: int, device: str | None = None, progres
     started = time.perf_counter()
     recipe = cell_recipe(grid, arm, seed)
     # Always resume: a fresh run starts at step 0, a killed one from its checkpoint, finished stages are kept.
-    final = train(recipe, TrainOptions(resume=True, progress=progress))
+    try:
+        final = train(recipe, TrainOptions(resume=True, progress=progress))
+    except DsvlmError as exc:
+        raise DsvlmError(f"cell {arm}:{seed}: {exc}") from exc
     model = cell / "model"
     if not (model / "config.json").is_file():  # written atomically: present means complete
         strip(final, model, force=True)
