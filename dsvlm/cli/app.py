@@ -12,9 +12,11 @@ import sys
 import typer
 
 from dsvlm import __version__
+from dsvlm.cli import ablate as ablate_cli
 from dsvlm.cli import common
 from dsvlm.cli import evaluate as evaluate_cli
 from dsvlm.cli import prepare as prepare_cli
+from dsvlm.cli import probe as probe_cli
 from dsvlm.cli import recipe as recipe_cli
 from dsvlm.cli import strip as strip_cli
 from dsvlm.cli import train as train_cli
@@ -49,6 +51,8 @@ app.add_typer(prepare_cli.app, name="prepare")
 train_cli.register(app)
 strip_cli.register(app)
 evaluate_cli.register(app)
+probe_cli.register(app)
+ablate_cli.register(app)
 
 
 def main() -> None:

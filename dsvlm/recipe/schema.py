@@ -312,6 +312,24 @@ class EvalConfig(Strict):
     )
 
 
+class AblateConfig(Strict):
+    """A controlled comparison (`dsvlm ablate`): named arms of recipe overrides x seeds."""
+
+    arms: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description="Arm name -> recipe overrides `key.sub=value` (in order); the baseline arm may have none.",
+    )
+    baseline: str | None = Field(None, description="The arm the others are compared with (default: the first).")
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], description="run.seed of each cell of an arm.")
+    benchmarks: list[str] | None = Field(None, description="Benchmarks of every cell (default: eval.benchmarks).")
+    probe: bool = Field(True, description="Also probe each cell's visual features (`dsvlm probe`).")
+    probe_train: PositiveInt = Field(1024, description="Probe training images per scene set.")
+    probe_test: PositiveInt = Field(512, description="Held-out probe images per scene set.")
+    probe_steps: PositiveInt = Field(100, description="L-BFGS iterations of each probe.")
+    bootstrap: PositiveInt = Field(2000, description="Bootstrap resamples of the paired confidence intervals.")
+    output_dir: str = Field("runs/ablate", description="Grid directory: OUT/cells/ARM/seed-S/, OUT/report.*.")
+
+
 class Recipe(Strict):
     """A complete DS-VLM recipe: model, diffusion supervision, data, stages, run and eval settings."""
 
@@ -324,6 +342,7 @@ class Recipe(Strict):
     stages: list[StageConfig] = Field(..., min_length=1, description="Training stages, run in order.")
     run: RunConfig = Field(default_factory=RunConfig, description="Run directory, seed, checkpoints, logs.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation defaults.")
+    ablate: AblateConfig | None = Field(None, description="Arms and seeds of `dsvlm ablate` (ignored by train).")
 
     @model_validator(mode="after")
     def _check(self) -> Recipe:

@@ -50,7 +50,7 @@ def environment(world_size: int, device: str) -> dict[str, Any]:
 
 def _comparable(recipe_dict: dict[str, Any]) -> dict[str, Any]:
     """The parts of a recipe that must match for two invocations to belong to the same run."""
-    return {k: v for k, v in recipe_dict.items() if k not in ("run", "eval", "description")}
+    return {k: v for k, v in recipe_dict.items() if k not in ("run", "eval", "description", "ablate")}
 
 
 @dataclass
