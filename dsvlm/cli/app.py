@@ -16,6 +16,7 @@ from dsvlm.cli import ablate as ablate_cli
 from dsvlm.cli import common
 from dsvlm.cli import evaluate as evaluate_cli
 from dsvlm.cli import prepare as prepare_cli
+from dsvlm.cli import pretrain as pretrain_cli
 from dsvlm.cli import probe as probe_cli
 from dsvlm.cli import recipe as recipe_cli
 from dsvlm.cli import strip as strip_cli
@@ -48,6 +49,7 @@ def root(
 
 app.add_typer(recipe_cli.app, name="recipe")
 app.add_typer(prepare_cli.app, name="prepare")
+pretrain_cli.register(app)
 train_cli.register(app)
 strip_cli.register(app)
 evaluate_cli.register(app)
