@@ -155,7 +155,7 @@ def test_recipe_list_show_cp_schema(tmp_path):
     assert copied.exit_code == 0 and copied.stdout.strip() == str(dest)
     assert load_recipe(str(dest)) == load_recipe("tiny-synthetic")
     again = run_cli("recipe", "cp", "tiny-synthetic", str(dest))
-    assert again.returncode == 2 and "--force" in again.stderr
+    assert again.returncode == 2 and "--overwrite" in again.stderr
 
     schema = json.loads(runner.invoke(app, ["recipe", "schema"]).stdout)
     lr = schema["$defs"]["StageConfig"]["properties"]["lr"]

@@ -16,7 +16,9 @@ import pytest
 import torch
 from helpers import REPO, dsvlm, prepare_small_synthetic, tiny_overrides
 from safetensors.torch import load_file
+from typer.testing import CliRunner
 
+from dsvlm.cli.app import app
 from dsvlm.errors import DsvlmError
 from dsvlm.model.dsvlm import build_model
 from dsvlm.recipe import load_recipe
@@ -165,6 +167,23 @@ def test_another_runs_directory_is_refused_and_kept(data, tmp_path):
     assert_same_weights(out / "align" / "final", out / "align" / "final")
     assert weights(out / "align" / "final").keys() == before.keys()
     _run_cli_train(data, out, "--overwrite", steps=2)
+
+
+@pytest.mark.parametrize("where", ["folder", "cwd", "home"])
+def test_overwrite_never_deletes_a_folder_that_is_not_a_run(data, tmp_path, monkeypatch, where):
+    """`--overwrite` deletes the recipe's stages: only inside a directory dsvlm marked as a run."""
+    mine = tmp_path / "mine"
+    (mine / "align").mkdir(parents=True)
+    (mine / "align" / "notes.txt").write_text("precious")
+    monkeypatch.chdir(mine if where == "cwd" else tmp_path)
+    monkeypatch.setenv("HOME", str(mine if where == "home" else tmp_path / "home"))
+    out = Path(".") if where == "cwd" else mine
+    if where != "folder":
+        (mine / ".dsvlm-run").write_text("")  # even a run there is never replaced
+    result = CliRunner().invoke(app, ["train", "tiny-synthetic", *tiny_overrides(data, out), "--overwrite"])
+    assert result.exit_code == 2 and "refusing to replace" in result.stderr
+    assert "Traceback" not in result.output
+    assert (mine / "align" / "notes.txt").read_text() == "precious"
 
 
 def test_unwritable_output_path(data, tmp_path):

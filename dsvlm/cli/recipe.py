@@ -48,13 +48,16 @@ def show(recipe: str = typer.Argument(..., help="Bundled name or path."),
 @app.command()
 def cp(recipe: str = typer.Argument(..., help="Bundled name."),
        dest: Path = typer.Argument(..., help="File to write."),
-       force: bool = typer.Option(False, help="Overwrite an existing file.")) -> None:
+       overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing file."),
+       force: bool = typer.Option(False, "--force", hidden=True, help="Deprecated spelling of --overwrite.")) -> None:
     """Copy a bundled recipe to a file you can edit."""
+    if force:
+        console.print("[yellow]warning:[/] --force is deprecated, use --overwrite")
     source = recipe_path(recipe)
     if dest.is_dir():
         dest = dest / source.name
-    if dest.exists() and not force:
-        raise RecipeError(f"{dest} exists; pass --force to overwrite")
+    if dest.exists() and not (overwrite or force):
+        raise RecipeError(f"{dest} exists; pass --overwrite to replace it")
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.tmp")
     shutil.copyfile(source, tmp)

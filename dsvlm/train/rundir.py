@@ -21,6 +21,7 @@ import yaml
 
 from dsvlm.errors import DsvlmError
 from dsvlm.io import atomic_write_json, atomic_write_text
+from dsvlm.outputs import RUN, check_output, write_marker
 from dsvlm.recipe.load import dump_recipe
 from dsvlm.recipe.schema import Recipe
 
@@ -65,6 +66,8 @@ class RunDir:
         Every process runs the checks; only the main one (`main`) writes.
         """
         root = Path(root)
+        if overwrite:  # it deletes stages: only ever inside a dsvlm run (or an empty folder)
+            check_output(root, RUN, overwrite)
         try:
             root.mkdir(parents=True, exist_ok=True)
             probe = root / f".write-probe-{os.getpid()}"
@@ -92,6 +95,7 @@ class RunDir:
                         "or --overwrite to replace it"
                     )
         if main:
+            write_marker(root, RUN)
             atomic_write_text(stored, dump_recipe(recipe))
         return run
 
