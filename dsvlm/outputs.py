@@ -1,13 +1,20 @@
-"""What a command may do to its output directory: the one `--overwrite` guard that `prepare`, `train` and
-`strip` share. dsvlm replaces only what it wrote itself: an output carries a marker file of its kind."""
+"""What a command may do to its output directory, shared by `prepare`, `train` and `strip`: the one
+`--overwrite` guard (dsvlm replaces only what it wrote itself: an output carries a marker file of its kind) and
+the one-writer lock."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+import logging
+import os
+import socket
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from dsvlm.errors import DsvlmError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -57,3 +64,85 @@ def check_output(out: Path, kind: OutputKind, overwrite: bool, sources: Iterable
     if not (out / kind.marker).is_file():
         raise DsvlmError(f"{out} exists and is not a {kind.name} written by dsvlm (no {kind.marker}); refusing to "
                          "replace it: choose another output or remove it yourself")
+
+
+def _holder(lock: Path) -> tuple[int, str] | None:
+    """(pid, host) written in a lock file; None when it is gone or unreadable."""
+    try:
+        pid, host = lock.read_text().split(maxsplit=1)
+        return int(pid), host.strip()
+    except (OSError, ValueError):
+        return None
+
+
+def pid_alive(pid: int, host: str | None = None) -> bool:
+    """Whether process `pid` still runs. A process on another host cannot be checked: it counts as alive."""
+    if host is not None and host != socket.gethostname():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def lock_path(out: Path) -> Path:
+    """The lock of `out` lies next to it: `out` itself may be replaced whole by a rename."""
+    out = Path(out).expanduser().resolve()
+    return out.with_name(f".{out.name or 'root'}.lock")
+
+
+def _take(lock: Path, out: Path) -> None:
+    mine = f"{os.getpid()} {socket.gethostname()}\n"
+    draft = lock.with_name(f"{lock.name}.{os.getpid()}")
+    draft.write_text(mine)
+    try:
+        for _ in range(3):
+            try:
+                os.link(draft, lock)  # atomic, and fails if the lock exists: the lock appears whole or not at all
+                return
+            except FileExistsError:
+                pass
+            holder = _holder(lock)
+            if holder is None:
+                continue  # released meanwhile
+            pid, host = holder
+            if pid_alive(pid, host):
+                raise DsvlmError(f"{out} is being written by another dsvlm process (pid {pid} on {host}); wait for "
+                                 f"it to finish or stop it (its lock: {lock})")
+            # Rename before deleting, so that of two processes reclaiming the same stale lock only one succeeds.
+            stale = lock.with_name(f"{lock.name}.stale-{os.getpid()}")
+            with contextlib.suppress(FileNotFoundError):
+                os.rename(lock, stale)
+                if _holder(stale) == holder:
+                    log.warning("%s: removed the stale lock of process %d, which is gone", out, pid)
+                else:  # a live lock taken in between: put it back
+                    with contextlib.suppress(FileExistsError):
+                        os.link(stale, lock)
+                stale.unlink()
+        raise DsvlmError(f"{out}: could not take its lock {lock}; another process keeps taking it")
+    finally:
+        draft.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def writer_lock(out: Path, enabled: bool = True) -> Iterator[None]:
+    """One writer per output: hold `.NAME.lock` (our pid) next to `out` for the block. Another live writer stops
+    us at once, naming its pid; the lock of a dead process is reclaimed with a warning. Released on any exit of
+    the block, Ctrl-C included. `enabled=False` (the non-main processes of a distributed run) takes nothing."""
+    if not enabled:
+        yield
+        return
+    lock = lock_path(out)
+    try:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        _take(lock, Path(out))
+    except OSError as exc:
+        raise DsvlmError(f"cannot write next to {out}: {exc.strerror or exc}") from exc
+    try:
+        yield
+    finally:
+        if _holder(lock) == (os.getpid(), socket.gethostname()):
+            lock.unlink(missing_ok=True)

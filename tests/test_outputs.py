@@ -1,13 +1,21 @@
-"""The `--overwrite` guard every command shares: dsvlm replaces only what it wrote itself."""
+"""What every command may do to its output: the `--overwrite` guard (dsvlm replaces only what it wrote itself)
+and the one-writer lock."""
 
 from __future__ import annotations
 
+import os
+import signal
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
+from dsvlm.cli.app import app
 from dsvlm.errors import DsvlmError
-from dsvlm.outputs import DATASET, RUN, STRIPPED_MODEL, check_output, write_marker
+from dsvlm.outputs import DATASET, RUN, STRIPPED_MODEL, check_output, lock_path, write_marker, writer_lock
 
 
 def precious(directory: Path) -> Path:
@@ -65,3 +73,68 @@ def test_an_output_related_to_a_source_is_refused_even_when_empty(tmp_path, out)
     source.mkdir(parents=True)
     with pytest.raises(DsvlmError, match="lies inside the input"):
         check_output(tmp_path / out, STRIPPED_MODEL, overwrite=True, sources=[tmp_path / "run"])
+
+
+def dead_pid() -> int:
+    """The pid of a process that has exited and been reaped."""
+    child = subprocess.Popen([sys.executable, "-c", ""])
+    child.wait()
+    return child.pid
+
+
+def plant_lock(out: Path, pid: int) -> Path:
+    lock = lock_path(out)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    lock.write_text(f"{pid} {socket.gethostname()}\n")
+    return lock
+
+
+def test_a_live_writer_stops_a_second_one_at_once(tmp_path):
+    lock = plant_lock(tmp_path / "out", os.getppid())
+    expected = f"being written by another dsvlm process \\(pid {os.getppid()}"
+    with pytest.raises(DsvlmError, match=expected), writer_lock(tmp_path / "out"):
+        pytest.fail("the block must not run")
+    assert lock.read_text().startswith(f"{os.getppid()} ")  # the other writer's lock is untouched
+
+
+def test_a_stale_lock_is_reclaimed_with_a_warning_and_released(tmp_path, caplog):
+    pid = dead_pid()
+    lock = plant_lock(tmp_path / "out", pid)
+    with writer_lock(tmp_path / "out"):
+        assert lock.read_text().split()[0] == str(os.getpid())
+    assert f"stale lock of process {pid}" in caplog.text
+    assert not lock.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no drafts or stale copies left behind
+
+
+def test_the_lock_is_released_on_ctrl_c(tmp_path):
+    with pytest.raises(KeyboardInterrupt), writer_lock(tmp_path / "out"):
+        raise KeyboardInterrupt
+    assert not lock_path(tmp_path / "out").exists()
+
+
+HOLD = """
+import sys
+from dsvlm.outputs import writer_lock
+with writer_lock(sys.argv[1]):
+    print("locked", flush=True)
+    sys.stdin.read()
+"""
+
+
+def test_prepare_stops_while_another_process_writes_and_goes_on_after_its_ctrl_c(tmp_path):
+    out = tmp_path / "data"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(out)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        args = ["prepare", "synthetic", str(out), "--n-align", "4", "--n-instruct", "4", "--n-eval", "4"]
+        second = CliRunner().invoke(app, args)
+        assert second.exit_code == 2 and f"pid {holder.pid}" in second.stderr
+        assert not out.exists()
+        holder.send_signal(signal.SIGINT)
+        holder.wait(timeout=60)
+    finally:
+        holder.kill()
+    assert not lock_path(out).exists()  # released by the interrupted process itself
+    assert CliRunner().invoke(app, args).exit_code == 0

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,7 @@ from typer.testing import CliRunner
 
 from dsvlm.cli.app import app
 from dsvlm.errors import DsvlmError
+from dsvlm.outputs import lock_path
 from dsvlm.strip.strip import LLAVA_PREFIXES, load_trained, probe_batch, strip
 
 
@@ -92,6 +95,14 @@ def test_strip_refuses_an_out_that_is_holds_or_lies_inside_its_source(run, where
     assert result.exit_code == 2 and "lies inside the input" in result.stderr
     assert "Traceback" not in result.output
     assert sorted(p.relative_to(run.parent) for p in run.parent.rglob("*")) == before
+
+
+def test_a_second_writer_of_the_same_out_stops_at_once(run, tmp_path):
+    out = tmp_path / "model"
+    lock_path(out).write_text(f"{os.getppid()} {socket.gethostname()}\n")  # a live process writes it
+    result = cli("strip", str(run), "--out", str(out))
+    assert result.exit_code == 2 and f"(pid {os.getppid()}" in result.stderr
+    assert not out.exists()
 
 
 def test_strip_of_an_incomplete_run_is_a_clear_error(run, tmp_path):

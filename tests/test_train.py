@@ -7,6 +7,7 @@ import os
 import resource
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -21,6 +22,7 @@ from typer.testing import CliRunner
 from dsvlm.cli.app import app
 from dsvlm.errors import DsvlmError
 from dsvlm.model.dsvlm import build_model
+from dsvlm.outputs import lock_path
 from dsvlm.recipe import load_recipe
 from dsvlm.train.loop import TrainOptions, train
 
@@ -184,6 +186,14 @@ def test_overwrite_never_deletes_a_folder_that_is_not_a_run(data, tmp_path, monk
     assert result.exit_code == 2 and "refusing to replace" in result.stderr
     assert "Traceback" not in result.output
     assert (mine / "align" / "notes.txt").read_text() == "precious"
+
+
+def test_a_second_writer_of_the_run_stops_at_once(data, tmp_path):
+    out = tmp_path / "run"
+    lock_path(out).write_text(f"{os.getppid()} {socket.gethostname()}\n")  # a live process holds the run
+    result = CliRunner().invoke(app, ["train", "tiny-synthetic", *tiny_overrides(data, out)])
+    assert result.exit_code == 2 and f"being written by another dsvlm process (pid {os.getppid()}" in result.stderr
+    assert not out.exists()
 
 
 def test_unwritable_output_path(data, tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import re
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import pyarrow as pa
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from dsvlm.io import atomic_dir
-from dsvlm.outputs import DATASET, check_output
+from dsvlm.outputs import DATASET, check_output, writer_lock
 
 FORMAT_VERSION = 1
 MANIFEST = DATASET.marker
@@ -61,13 +62,17 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def atomic_output(out: Path, overwrite: bool = False) -> contextlib.AbstractContextManager[Path]:
+@contextlib.contextmanager
+def atomic_output(out: Path, overwrite: bool = False) -> Iterator[Path]:
     """A temporary directory next to `out` that becomes `out` once the `with` block completes (`atomic_dir`),
-    after `check_output`: an existing dataset is replaced only with overwrite (an empty folder always), and
-    stays until the new one is complete; an error, Ctrl-C included, leaves no partial dataset."""
+    under `out`'s writer lock and after `check_output`: an existing dataset is replaced only with overwrite (an
+    empty folder always), and stays until the new one is complete; an error, Ctrl-C included, leaves no
+    partial dataset."""
     out = Path(out)
-    check_output(out, DATASET, overwrite)
-    return atomic_dir(out, replace=out.exists())
+    with writer_lock(out):
+        check_output(out, DATASET, overwrite)
+        with atomic_dir(out, replace=out.exists()) as tmp:
+            yield tmp
 
 
 def progress_bar(enabled: bool) -> Progress:

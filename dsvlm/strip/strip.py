@@ -17,7 +17,7 @@ from transformers import GenerationConfig, LlavaForConditionalGeneration
 from dsvlm.errors import DsvlmError
 from dsvlm.io import atomic_dir
 from dsvlm.model.dsvlm import DSVLM, build_model
-from dsvlm.outputs import STRIPPED_MODEL, check_output, write_marker
+from dsvlm.outputs import STRIPPED_MODEL, check_output, write_marker, writer_lock
 from dsvlm.recipe.load import validate_recipe
 from dsvlm.strip.card import model_card
 from dsvlm.train.rundir import STAGE_INFO, resolve_init
@@ -77,23 +77,24 @@ def strip(source: Path, out: Path, overwrite: bool = False) -> StripReport:
     `overwrite` replaces an earlier stripped model at `out`, never anything else (see `check_output`).
     """
     out = Path(out)
-    check_output(out, STRIPPED_MODEL, overwrite, sources=(source, resolve_init(Path(source))))
-    final, model = load_trained(Path(source))
-    params_before = sum(p.numel() for p in model.parameters())
-    params_after = sum(p.numel() for p in model.vlm.parameters())
-    batch = probe_batch(model)
-    with torch.no_grad():
-        expected = model.vlm(**batch).logits
-    with atomic_dir(out, replace=True) as tmp:
-        model.vlm.save_pretrained(tmp, safe_serialization=True)
-        model.processor.save_pretrained(tmp)
-        tokenizer = model.processor.tokenizer
-        GenerationConfig(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                         bos_token_id=tokenizer.bos_token_id, do_sample=False).save_pretrained(tmp)
-        stages = _stage_infos(final)
-        (tmp / "README.md").write_text(model_card(final, stages, params_after))
-        max_diff = verify(tmp, batch, expected)
-        write_marker(tmp, STRIPPED_MODEL)
+    with writer_lock(out):
+        check_output(out, STRIPPED_MODEL, overwrite, sources=(source, resolve_init(Path(source))))
+        final, model = load_trained(Path(source))
+        params_before = sum(p.numel() for p in model.parameters())
+        params_after = sum(p.numel() for p in model.vlm.parameters())
+        batch = probe_batch(model)
+        with torch.no_grad():
+            expected = model.vlm(**batch).logits
+        with atomic_dir(out, replace=True) as tmp:
+            model.vlm.save_pretrained(tmp, safe_serialization=True)
+            model.processor.save_pretrained(tmp)
+            tokenizer = model.processor.tokenizer
+            GenerationConfig(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                             bos_token_id=tokenizer.bos_token_id, do_sample=False).save_pretrained(tmp)
+            stages = _stage_infos(final)
+            (tmp / "README.md").write_text(model_card(final, stages, params_after))
+            max_diff = verify(tmp, batch, expected)
+            write_marker(tmp, STRIPPED_MODEL)
     report = StripReport(str(final), str(out), params_before, params_after, params_before - params_after,
                          dir_bytes(final), dir_bytes(out), max_diff)
     log.info("stripped %s -> %s: removed %d parameters (%d -> %d), %.1f MB -> %.1f MB", final, out,

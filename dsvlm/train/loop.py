@@ -38,6 +38,7 @@ from dsvlm.io import atomic_dir, atomic_write_json, atomic_write_text
 from dsvlm.model.collate import Collator
 from dsvlm.model.dsvlm import DSVLM, build_model, save_model
 from dsvlm.model.freeze import freeze_for_stage
+from dsvlm.outputs import writer_lock
 from dsvlm.recipe.load import dump_recipe
 from dsvlm.recipe.schema import Recipe, StageConfig
 from dsvlm.train import checkpoint
@@ -84,20 +85,21 @@ def train(recipe: Recipe, options: TrainOptions) -> Path:
     for stage in stages:  # fail on missing data before any model is built
         _check_data(recipe, stage)
     state = PartialState(cpu=_cpu_only())
-    run = RunDir.open(Path(recipe.run.output_dir), recipe, names, options.resume, options.overwrite,
-                      main=state.is_main_process)
-    state.wait_for_everyone()
-    init = resolve_init(options.init) if options.init else None
-    output = run.root
-    for stage in stages:
-        if init is None:
-            init = _previous_output(recipe, run, stage)
-        output = run.final_dir(stage.name)
-        if options.resume and is_final(output):
-            log.info("stage %s already finished: %s", stage.name, output)
-        else:
-            output = run_stage(recipe, stage, run, init, options)
-        init = output
+    with writer_lock(Path(recipe.run.output_dir), enabled=state.is_main_process):
+        run = RunDir.open(Path(recipe.run.output_dir), recipe, names, options.resume, options.overwrite,
+                          main=state.is_main_process)
+        state.wait_for_everyone()
+        init = resolve_init(options.init) if options.init else None
+        output = run.root
+        for stage in stages:
+            if init is None:
+                init = _previous_output(recipe, run, stage)
+            output = run.final_dir(stage.name)
+            if options.resume and is_final(output):
+                log.info("stage %s already finished: %s", stage.name, output)
+            else:
+                output = run_stage(recipe, stage, run, init, options)
+            init = output
     return output
 
 
