@@ -1,18 +1,22 @@
 """Recipe schema, overrides and the `dsvlm recipe` commands, including the bad inputs users make."""
 
 import json
+import re
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import BaseModel
 from typer.testing import CliRunner
 
 from dsvlm.cli.app import app
 from dsvlm.errors import RecipeError
 from dsvlm.recipe import bundled_recipes, load_recipe
 from dsvlm.recipe.load import recipe_path
+from dsvlm.recipe.schema import Recipe
 
 runner = CliRunner()
 
@@ -165,3 +169,46 @@ def test_recipe_list_show_cp_schema(tmp_path):
 def test_version():
     result = run_cli("--version")
     assert result.returncode == 0 and result.stdout.startswith("dsvlm ")
+
+
+def _plain(kind: object) -> object:
+    """`PositiveFloat` and other `Annotated[float, ...]` as `float`."""
+    return typing.get_args(kind)[0] if typing.get_origin(kind) is typing.Annotated else kind
+
+
+def float_fields(model: type[BaseModel], prefix: str = "") -> list[str]:
+    """Override paths of every float field of the recipe schema: list sections by their first item, float
+    mappings by their first allowed key."""
+    paths = []
+    for name, field in model.model_fields.items():
+        annotation = field.annotation
+        origin = typing.get_origin(annotation)
+        if origin is list:
+            path, kinds = f"{prefix}{name}.0", typing.get_args(annotation)
+        elif origin is dict:
+            key, value = typing.get_args(annotation)
+            allowed = typing.get_args(key) or ("key",)  # a Literal's values, or any key
+            path, kinds = f"{prefix}{name}.{allowed[0]}", (value,)
+        else:
+            path, kinds = f"{prefix}{name}", typing.get_args(annotation) or (annotation,)
+        for kind in map(_plain, kinds):
+            if kind is float:
+                paths.append(path)
+            elif isinstance(kind, type) and issubclass(kind, BaseModel):
+                paths += float_fields(kind, f"{path}.")
+    return paths
+
+
+FLOAT_FIELDS = float_fields(Recipe)
+
+
+def test_the_float_field_walk_finds_the_known_ones():
+    assert {"supervision.weight", "stages.0.lr", "stages.0.new_module_lr", "stages.0.max_grad_norm"} <= set(
+        FLOAT_FIELDS)
+
+
+@pytest.mark.parametrize("value", [".inf", "-.inf", ".nan", "nan"])
+@pytest.mark.parametrize("path", FLOAT_FIELDS)
+def test_infinite_and_nan_numbers_are_refused_naming_the_field(path, value):
+    with pytest.raises(RecipeError, match=f"{re.escape(path)}: Input should be a finite number"):
+        load_recipe("tiny-synthetic", [f"{path}={value}"])

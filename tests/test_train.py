@@ -196,6 +196,18 @@ def test_a_second_writer_of_the_run_stops_at_once(data, tmp_path):
     assert not out.exists()
 
 
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(data, tmp_path):
+    """An absurd learning rate blows the weights up at step 3: no NaN model may come out of it."""
+    out = tmp_path / "run"
+    args = ["train", "tiny-synthetic", *tiny_overrides(data, out, steps=6), "stages.0.lr=1e30",
+            "stages.0.warmup_ratio=0.5", "stages.0.max_grad_norm=null", "--stage", "align", "--no-progress"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "the loss at step 3 is nan" in result.stderr and "step-0000002" in result.stderr
+    assert [p.name for p in (out / "align" / "checkpoints").iterdir()] == ["step-0000002"]
+    assert not (out / "align" / "final").exists()
+
+
 def test_unwritable_output_path(data, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")

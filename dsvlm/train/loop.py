@@ -237,6 +237,8 @@ def run_stage(recipe: Recipe, stage: StageConfig, run: RunDir, init: Path | None
                     progress.update(task, completed=step, info=_progress_info(record))
                     if step % recipe.run.log_every == 0 and not options.progress:
                         log.info("%s step %d/%d %s", stage.name, step, total, _progress_info(record))
+                if not math.isfinite(record["loss"]):  # the same on every process: losses are all-reduced
+                    raise DsvlmError(_not_finite(stage.name, step, record["loss"], run.checkpoints_dir(stage.name)))
                 if supervise and recipe.run.preview_every and step % recipe.run.preview_every == 0:
                     _write_preview(accelerator, model, preview, recipe, stage_dir / "previews" / f"step-{step:07d}.png")
                 if step % recipe.run.checkpoint_every == 0 and step < total:
@@ -272,6 +274,15 @@ def run_stage(recipe: Recipe, stage: StageConfig, run: RunDir, init: Path | None
         log.info("stage %s finished in %.1f s -> %s", stage.name, wall, output)
     accelerator.wait_for_everyone()
     return output
+
+
+def _not_finite(stage: str, step: int, loss: float, checkpoints: Path) -> str:
+    """Why the run stopped, and what is left to resume from."""
+    kept = checkpoint.latest_names(checkpoints)
+    left = (f"the last good checkpoint, {checkpoints / kept[0]}, is kept (--resume continues from it)" if kept
+            else "no checkpoint was written before it")
+    return (f"stage {stage}: the loss at step {step} is {loss} (not finite); training stopped and no final output "
+            f"was written; {left}. Lower the learning rate or enable gradient clipping (max_grad_norm)")
 
 
 def _param_groups(model: DSVLM, stage: StageConfig) -> list[dict[str, Any]]:
