@@ -5,8 +5,11 @@ the one-writer lock."""
 from __future__ import annotations
 
 import contextlib
+import glob
 import logging
 import os
+import re
+import shutil
 import socket
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -15,6 +18,8 @@ from pathlib import Path
 from dsvlm.errors import DsvlmError
 
 log = logging.getLogger(__name__)
+# What io.atomic_dir / atomic_write_text leave when their process is killed: `.NAME.tmp-PID`, `.NAME.old-PID`.
+TEMPORARY = re.compile(r"^\..+\.(?:tmp|old)-(\d+)$")
 
 
 @dataclass(frozen=True)
@@ -141,8 +146,23 @@ def writer_lock(out: Path, enabled: bool = True) -> Iterator[None]:
         _take(lock, Path(out))
     except OSError as exc:
         raise DsvlmError(f"cannot write next to {out}: {exc.strerror or exc}") from exc
+    remove_dead_temporaries(lock.parent.glob(f".{glob.escape(Path(out).expanduser().resolve().name)}.*"))
     try:
         yield
     finally:
         if _holder(lock) == (os.getpid(), socket.gethostname()):
             lock.unlink(missing_ok=True)
+
+
+def remove_dead_temporaries(candidates: Iterable[Path]) -> None:
+    """Remove the temporary files and directories (`.NAME.tmp-PID`, `.NAME.old-PID`) among `candidates` whose
+    process is gone: a killed writer cannot clean up after itself."""
+    for path in candidates:
+        match = TEMPORARY.match(path.name)
+        if match is None or pid_alive(int(match.group(1))):
+            continue
+        log.info("removing %s, left by process %s, which is gone", path, match.group(1))
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)

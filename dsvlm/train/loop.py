@@ -232,8 +232,7 @@ def run_stage(recipe: Recipe, stage: StageConfig, run: RunDir, init: Path | None
                 record["samples_per_s"] = round(stage.global_batch_size / record["step_time_s"], 2)
                 record["tokens_per_s"] = round(record.pop("tokens") / record["step_time_s"], 1)
                 if accelerator.is_main_process:
-                    with open(metrics_path, "a") as f:
-                        f.write(json.dumps(record) + "\n")
+                    _append_metrics(metrics_path, record, run.checkpoints_dir(stage.name))
                     progress.update(task, completed=step, info=_progress_info(record))
                     if step % recipe.run.log_every == 0 and not options.progress:
                         log.info("%s step %d/%d %s", stage.name, step, total, _progress_info(record))
@@ -375,7 +374,17 @@ def _rank_checksums(accelerator: Accelerator, model: torch.nn.Module) -> list[fl
 def _truncate_metrics(path: Path, step: int) -> None:
     """After a resume, drop metric lines past the checkpoint: they are about to be recomputed."""
     kept = [m for m in read_metrics(path) if m["step"] <= step]
-    path.write_text("".join(json.dumps(m) + "\n" for m in kept))
+    atomic_write_text(path, "".join(json.dumps(m) + "\n" for m in kept))
+
+
+def _append_metrics(path: Path, record: dict, checkpoints: Path) -> None:
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+    except OSError as exc:  # a full disk: say so, and what a later --resume will start from
+        kept = checkpoint.latest_names(checkpoints)
+        left = f"; --resume continues from {checkpoints / kept[0]}" if kept else ""
+        raise DsvlmError(f"could not write the metrics {path}: {exc.strerror or exc}{left}") from exc
 
 
 def _peak_memory_mb(accelerator: Accelerator) -> float:
