@@ -370,3 +370,13 @@ def test_output_has_the_usual_permissions(tmp_path: Path, root: Path) -> None:
     umask = os.umask(0)
     os.umask(umask)
     assert (tmp_path / "out").stat().st_mode & 0o777 == 0o777 & ~umask
+
+
+@pytest.mark.parametrize("layout", ["json", "jsonl"])
+def test_a_utf8_bom_is_read(tmp_path: Path, root: Path, layout: str) -> None:
+    records = [caption("a"), caption("b")]
+    text = json.dumps(records) if layout == "json" else "\n".join(json.dumps(r) for r in records)
+    source = tmp_path / f"a.{layout}"
+    source.write_bytes(b"\xef\xbb\xbf" + text.encode())
+    manifest = prepare_llava(tmp_path / "out", {"align": source}, root, progress=False)
+    assert manifest["splits"]["align"]["records"] == 2 and manifest["splits"]["align"]["skipped"] == {}

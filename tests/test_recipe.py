@@ -212,3 +212,23 @@ def test_the_float_field_walk_finds_the_known_ones():
 def test_infinite_and_nan_numbers_are_refused_naming_the_field(path, value):
     with pytest.raises(RecipeError, match=f"{re.escape(path)}: Input should be a finite number"):
         load_recipe("tiny-synthetic", [f"{path}={value}"])
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (b"description: caf\xe9\n", "not UTF-8 text (byte 16)"),
+        (b"description: a\x00b\n", "not a YAML text file: unacceptable character #x0000"),
+    ],
+)
+def test_a_recipe_that_is_not_utf8_text_is_one_clean_error(tmp_path, content, expected):
+    path = tmp_path / "recipe.yaml"
+    path.write_bytes(content)
+    result = runner.invoke(app, ["recipe", "validate", str(path)])
+    assert result.exit_code == 2 and expected in result.stderr and "Traceback" not in result.output
+
+
+def test_a_recipe_with_a_utf8_bom_is_read(tmp_path):
+    path = tmp_path / "recipe.yaml"
+    path.write_bytes(b"\xef\xbb\xbf" + recipe_path("tiny-synthetic").read_bytes())
+    assert load_recipe(str(path)) == load_recipe("tiny-synthetic")

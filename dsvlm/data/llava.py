@@ -114,7 +114,7 @@ def read_source(path: Path) -> Iterator[tuple[int, Any]]:
     told apart, so there is nothing to skip to.
     """
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # -sig: a leading BOM is not part of the JSON
     except FileNotFoundError:
         raise DataError(f"{path}: no such file") from None
     except UnicodeDecodeError as exc:

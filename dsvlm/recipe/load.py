@@ -50,11 +50,15 @@ def recipe_path(name_or_path: str) -> Path:
 
 def read_yaml(path: Path) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8-sig"))  # -sig: a BOM (Windows editors) is fine
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
         raise RecipeError(f"{path}: malformed YAML at {where}: {exc.problem}") from exc
+    except yaml.YAMLError as exc:  # the reader's errors: a NUL or another character YAML does not allow
+        raise RecipeError(f"{path}: not a YAML text file: {str(exc).splitlines()[0][:200]}") from exc
+    except UnicodeDecodeError as exc:
+        raise RecipeError(f"{path}: not UTF-8 text (byte {exc.start}); a recipe is a UTF-8 YAML file") from exc
     except OSError as exc:
         raise RecipeError(f"{path}: cannot read recipe: {exc.strerror}") from exc
     if data is None:
