@@ -232,3 +232,15 @@ def test_a_recipe_with_a_utf8_bom_is_read(tmp_path):
     path = tmp_path / "recipe.yaml"
     path.write_bytes(b"\xef\xbb\xbf" + recipe_path("tiny-synthetic").read_bytes())
     assert load_recipe(str(path)) == load_recipe("tiny-synthetic")
+
+
+REMOTE = ["model.trust_remote_code=true", "model.llm.config=null", "model.llm.pretrained=someone/odd-llm"]
+
+
+@pytest.mark.parametrize("command", [["recipe", "validate"], ["train"]])
+def test_remote_code_is_named_before_it_can_run(tmp_path, command):
+    extra = [f"data.dataset={tmp_path / 'none'}"] if command == ["train"] else []  # train stops at the data
+    result = runner.invoke(app, [*command, "tiny-synthetic", *REMOTE, *extra])
+    assert "trust_remote_code is on" in result.stderr and "someone/odd-llm" in result.stderr
+    quiet = runner.invoke(app, [*command, "tiny-synthetic", *REMOTE[1:], *extra])
+    assert "trust_remote_code" not in quiet.stderr

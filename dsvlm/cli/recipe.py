@@ -12,6 +12,7 @@ from rich.table import Table
 from dsvlm.cli.common import console
 from dsvlm.errors import RecipeError
 from dsvlm.recipe import bundled_recipes, load_recipe, recipe_path
+from dsvlm.recipe.load import warn_remote_code
 from dsvlm.recipe.schema import Recipe
 
 app = typer.Typer(help="List, show, copy and validate recipes; export the schema.", no_args_is_help=True)
@@ -70,6 +71,7 @@ def validate(recipe: str = typer.Argument(..., help="Bundled name or path."),
              overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP)) -> None:
     """Validate a recipe (and overrides) without running anything."""
     parsed = load_recipe(recipe, overrides or [])
+    warn_remote_code(parsed)
     stages = ", ".join(s.name for s in parsed.stages)
     console.print(f"[green]ok[/] {recipe}: stages {stages}; supervision "
                   f"{'on' if parsed.supervision.enabled else 'off'}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ from pydantic import BaseModel, ValidationError
 from dsvlm.errors import RecipeError
 from dsvlm.recipe.schema import Recipe
 
+log = logging.getLogger(__name__)
 
 def recipes_dir() -> Path:
     """The bundled recipes: `recipes/` of a source checkout, or `share/dsvlm/recipes` of an install."""
@@ -111,6 +113,17 @@ def load_recipe(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) 
     for override in overrides:
         apply_override(data, override)
     return validate_recipe(data, source=str(path))
+
+
+def warn_remote_code(recipe: Recipe) -> list[str]:
+    """With `model.trust_remote_code`, warn naming the repositories whose code will run; returns them."""
+    model = recipe.model
+    if not model.trust_remote_code:
+        return []
+    repos = list(dict.fromkeys(r for r in (model.vision.pretrained, model.llm.pretrained, model.llm.tokenizer) if r))
+    log.warning("model.trust_remote_code is on: code from %s will run on this machine when they load",
+                ", ".join(repos) or "(no pretrained repository: nothing)")
+    return repos
 
 
 def validate_recipe(data: dict[str, Any], source: str = "recipe") -> Recipe:
