@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import typer
@@ -11,6 +10,7 @@ from rich.table import Table
 
 from dsvlm.cli.common import console
 from dsvlm.errors import RecipeError
+from dsvlm.io import atomic_write_text
 from dsvlm.recipe import bundled_recipes, load_recipe, recipe_path
 from dsvlm.recipe.load import warn_remote_code
 from dsvlm.recipe.schema import Recipe
@@ -59,10 +59,11 @@ def cp(recipe: str = typer.Argument(..., help="Bundled name."),
         dest = dest / source.name
     if dest.exists() and not (overwrite or force):
         raise RecipeError(f"{dest} exists; pass --overwrite to replace it")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.tmp")
-    shutil.copyfile(source, tmp)
-    tmp.replace(dest)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(dest, source.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise RecipeError(f"cannot write {dest}: {exc.strerror or exc}") from exc
     typer.echo(str(dest))
 
 

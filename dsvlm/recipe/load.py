@@ -86,8 +86,10 @@ def apply_override(data: dict[str, Any], override: str) -> None:
     last = parts[-1]
     if isinstance(node, list):
         node[_index(node, last, key)] = value
-    else:
+    elif isinstance(node, dict):
         node[last] = value
+    else:
+        raise RecipeError(f"override {key!r}: {'.'.join(parts[:-1])} is a value, not a section")
 
 
 def _index(node: list, part: str, path: str) -> int:

@@ -84,12 +84,12 @@ def train(recipe: Recipe, options: TrainOptions) -> Path:
     stages = [s for s in recipe.stages if s.name in names]
     for stage in stages:  # fail on missing data before any model is built
         _check_data(recipe, stage)
+    init = resolve_init(options.init) if options.init else None  # a bad --init fails before anything is written
     state = PartialState(cpu=_cpu_only())
     with writer_lock(Path(recipe.run.output_dir), enabled=state.is_main_process):
         run = RunDir.open(Path(recipe.run.output_dir), recipe, names, options.resume, options.overwrite,
                           main=state.is_main_process)
         state.wait_for_everyone()
-        init = resolve_init(options.init) if options.init else None
         output = run.root
         for stage in stages:
             if init is None:
@@ -172,7 +172,10 @@ def run_stage(recipe: Recipe, stage: StageConfig, run: RunDir, init: Path | None
     supervise = recipe.supervision.enabled and stage.supervision
     torch.manual_seed(recipe.run.seed)
 
-    model = build_model(recipe, init=init)
+    try:
+        model = build_model(recipe, init=init)
+    except (OSError, ValueError, KeyError) as exc:  # a missing, truncated or mismatched stage output
+        raise DsvlmError(f"stage {stage.name}: {init or 'the base model'} does not load: {exc}") from exc
     freeze_for_stage(model, stage.train)
     if stage.gradient_checkpointing:
         model.vlm.activation_checkpointing_enable()
