@@ -145,7 +145,7 @@ def writer_lock(out: Path, enabled: bool = True) -> Iterator[None]:
         lock.parent.mkdir(parents=True, exist_ok=True)
         _take(lock, Path(out))
     except OSError as exc:
-        raise DsvlmError(f"cannot write next to {out}: {exc.strerror or exc}") from exc
+        raise DsvlmError(f"cannot write to the output directory {out}: {exc.strerror or exc}") from exc
     remove_dead_temporaries(lock.parent.glob(f".{glob.escape(Path(out).expanduser().resolve().name)}.*"))
     try:
         yield
