@@ -9,7 +9,7 @@ start=$(date +%s)
 
 data=$(dsvlm prepare synthetic "$OUT/data" --overwrite)
 run=$(dsvlm train tiny-synthetic "data.dataset=$data" "run.output_dir=$OUT/run" --overwrite)
-model=$(dsvlm strip "$run" --out "$OUT/model" --force)
+model=$(dsvlm strip "$run" --out "$OUT/model" --overwrite)
 summary=$(dsvlm eval "$model" --bench synthetic --data-files "synthetic=$data/eval/synthetic.parquet" \
           --out "$OUT/eval")
 

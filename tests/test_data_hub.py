@@ -16,7 +16,7 @@ from PIL import Image
 from dsvlm.data import hub
 from dsvlm.data.hub import prepare_hub
 from dsvlm.data.prepared import PreparedDataset
-from dsvlm.errors import DataError
+from dsvlm.errors import DataError, DsvlmError
 
 
 def test_offline_fails_immediately_with_instructions(tmp_path: Path) -> None:
@@ -62,7 +62,7 @@ def test_arguments_are_checked_before_downloading(tmp_path: Path, monkeypatch: p
         prepare_hub("org/unknown", tmp_path / "out", align="a.json", progress=False)
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "x").write_text("")
-    with pytest.raises(DataError, match="already exists"):
+    with pytest.raises(DsvlmError, match="already exists"):
         prepare_hub("liuhaotian/LLaVA-Pretrain", tmp_path / "out", progress=False)
 
 

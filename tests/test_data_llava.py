@@ -14,7 +14,7 @@ from PIL import Image
 from dsvlm.data import llava
 from dsvlm.data.llava import prepare_llava, summary_table
 from dsvlm.data.prepared import PreparedDataset
-from dsvlm.errors import DataError
+from dsvlm.errors import DataError, DsvlmError
 
 
 def write_png(path: Path, size: tuple[int, int] = (24, 16), seed: int = 0) -> Path:
@@ -292,7 +292,7 @@ def test_existing_output_is_refused_or_replaced_atomically(tmp_path: Path, root:
     source = write_jsonl(tmp_path / "a.jsonl", [caption("a")])
     out = tmp_path / "out"
     prepare_llava(out, {"align": source}, root, progress=False)
-    with pytest.raises(DataError, match="already exists; pass --overwrite"):
+    with pytest.raises(DsvlmError, match="already exists; pass --overwrite"):
         prepare_llava(out, {"align": source}, root, progress=False)
 
     write_jsonl(source, [caption("a"), caption("b")])
@@ -303,7 +303,7 @@ def test_existing_output_is_refused_or_replaced_atomically(tmp_path: Path, root:
     precious = tmp_path / "precious"
     precious.mkdir()
     (precious / "thesis.tex").write_text("years of work")
-    with pytest.raises(DataError, match="not a prepared dataset"):
+    with pytest.raises(DsvlmError, match="not a prepared dataset"):
         prepare_llava(precious, {"align": source}, root, overwrite=True, progress=False)
     assert (precious / "thesis.tex").read_text() == "years of work"
 
@@ -370,3 +370,13 @@ def test_output_has_the_usual_permissions(tmp_path: Path, root: Path) -> None:
     umask = os.umask(0)
     os.umask(umask)
     assert (tmp_path / "out").stat().st_mode & 0o777 == 0o777 & ~umask
+
+
+@pytest.mark.parametrize("layout", ["json", "jsonl"])
+def test_a_utf8_bom_is_read(tmp_path: Path, root: Path, layout: str) -> None:
+    records = [caption("a"), caption("b")]
+    text = json.dumps(records) if layout == "json" else "\n".join(json.dumps(r) for r in records)
+    source = tmp_path / f"a.{layout}"
+    source.write_bytes(b"\xef\xbb\xbf" + text.encode())
+    manifest = prepare_llava(tmp_path / "out", {"align": source}, root, progress=False)
+    assert manifest["splits"]["align"]["records"] == 2 and manifest["splits"]["align"]["skipped"] == {}

@@ -2,18 +2,22 @@
 
 import json
 import logging
+import re
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import BaseModel
 from typer.testing import CliRunner
 
 from dsvlm.cli.app import app
 from dsvlm.errors import RecipeError
 from dsvlm.recipe import bundled_recipes, load_recipe
 from dsvlm.recipe.load import recipe_path
+from dsvlm.recipe.schema import Recipe
 
 runner = CliRunner()
 
@@ -167,7 +171,7 @@ def test_recipe_list_show_cp_schema(tmp_path):
     assert copied.exit_code == 0 and copied.stdout.strip() == str(dest)
     assert load_recipe(str(dest)) == load_recipe("tiny-synthetic")
     again = run_cli("recipe", "cp", "tiny-synthetic", str(dest))
-    assert again.returncode == 2 and "--force" in again.stderr
+    assert again.returncode == 2 and "--overwrite" in again.stderr
 
     schema = json.loads(runner.invoke(app, ["recipe", "schema"]).stdout)
     lr = schema["$defs"]["StageConfig"]["properties"]["lr"]
@@ -177,3 +181,78 @@ def test_recipe_list_show_cp_schema(tmp_path):
 def test_version():
     result = run_cli("--version")
     assert result.returncode == 0 and result.stdout.startswith("dsvlm ")
+
+
+def _plain(kind: object) -> object:
+    """`PositiveFloat` and other `Annotated[float, ...]` as `float`."""
+    return typing.get_args(kind)[0] if typing.get_origin(kind) is typing.Annotated else kind
+
+
+def float_fields(model: type[BaseModel], prefix: str = "") -> list[str]:
+    """Override paths of every float field of the recipe schema: list sections by their first item, float
+    mappings by their first allowed key."""
+    paths = []
+    for name, field in model.model_fields.items():
+        annotation = field.annotation
+        origin = typing.get_origin(annotation)
+        if origin is list:
+            path, kinds = f"{prefix}{name}.0", typing.get_args(annotation)
+        elif origin is dict:
+            key, value = typing.get_args(annotation)
+            allowed = typing.get_args(key) or ("key",)  # a Literal's values, or any key
+            path, kinds = f"{prefix}{name}.{allowed[0]}", (value,)
+        else:
+            path, kinds = f"{prefix}{name}", typing.get_args(annotation) or (annotation,)
+        for kind in map(_plain, kinds):
+            if kind is float:
+                paths.append(path)
+            elif isinstance(kind, type) and issubclass(kind, BaseModel):
+                paths += float_fields(kind, f"{path}.")
+    return paths
+
+
+FLOAT_FIELDS = float_fields(Recipe)
+
+
+def test_the_float_field_walk_finds_the_known_ones():
+    assert {"supervision.weight", "stages.0.lr", "stages.0.new_module_lr", "stages.0.max_grad_norm"} <= set(
+        FLOAT_FIELDS)
+
+
+@pytest.mark.parametrize("value", [".inf", "-.inf", ".nan", "nan"])
+@pytest.mark.parametrize("path", FLOAT_FIELDS)
+def test_infinite_and_nan_numbers_are_refused_naming_the_field(path, value):
+    with pytest.raises(RecipeError, match=f"{re.escape(path)}: Input should be a finite number"):
+        load_recipe("tiny-synthetic", [f"{path}={value}"])
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (b"description: caf\xe9\n", "not UTF-8 text (byte 16)"),
+        (b"description: a\x00b\n", "not a YAML text file: unacceptable character #x0000"),
+    ],
+)
+def test_a_recipe_that_is_not_utf8_text_is_one_clean_error(tmp_path, content, expected):
+    path = tmp_path / "recipe.yaml"
+    path.write_bytes(content)
+    result = runner.invoke(app, ["recipe", "validate", str(path)])
+    assert result.exit_code == 2 and expected in result.stderr and "Traceback" not in result.output
+
+
+def test_a_recipe_with_a_utf8_bom_is_read(tmp_path):
+    path = tmp_path / "recipe.yaml"
+    path.write_bytes(b"\xef\xbb\xbf" + recipe_path("tiny-synthetic").read_bytes())
+    assert load_recipe(str(path)) == load_recipe("tiny-synthetic")
+
+
+REMOTE = ["model.trust_remote_code=true", "model.llm.config=null", "model.llm.pretrained=someone/odd-llm"]
+
+
+@pytest.mark.parametrize("command", [["recipe", "validate"], ["train"]])
+def test_remote_code_is_named_before_it_can_run(tmp_path, command):
+    extra = [f"data.dataset={tmp_path / 'none'}"] if command == ["train"] else []  # train stops at the data
+    result = runner.invoke(app, [*command, "tiny-synthetic", *REMOTE, *extra])
+    assert "trust_remote_code is on" in result.stderr and "someone/odd-llm" in result.stderr
+    quiet = runner.invoke(app, [*command, "tiny-synthetic", *REMOTE[1:], *extra])
+    assert "trust_remote_code" not in quiet.stderr

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -10,9 +12,17 @@ import torch
 from helpers import dsvlm, prepare_small_synthetic, tiny_overrides
 from safetensors import safe_open
 from transformers import AutoProcessor, LlavaForConditionalGeneration
+from typer.testing import CliRunner
 
+from dsvlm.cli.app import app
 from dsvlm.errors import DsvlmError
+from dsvlm.outputs import lock_path
 from dsvlm.strip.strip import LLAVA_PREFIXES, load_trained, probe_batch, strip
+
+
+def cli(*args: str):
+    """The CLI in process: exit code and stderr as users see them."""
+    return CliRunner().invoke(app, list(args))
 
 
 @pytest.fixture(scope="module")
@@ -60,15 +70,39 @@ def test_strip_writes_a_plain_llava_that_matches_the_training_model(run, tmp_pat
     assert "stage" in (out / "README.md").read_text()
 
 
-def test_strip_refuses_a_non_empty_out_without_force(run, tmp_path):
+def test_strip_replaces_only_an_earlier_stripped_model(run, tmp_path):
     out = tmp_path / "model"
     out.mkdir()
     (out / "keep.txt").write_text("precious")
-    result = dsvlm("strip", str(run), "--out", str(out), check=False)
-    assert result.returncode == 2 and "--force" in result.stderr
+    refused = cli("strip", str(run), "--out", str(out))
+    assert refused.exit_code == 2 and "--overwrite" in refused.stderr
+    refused = cli("strip", str(run), "--out", str(out), "--overwrite")
+    assert refused.exit_code == 2 and "not a stripped model written by dsvlm" in refused.stderr
     assert (out / "keep.txt").read_text() == "precious"
-    dsvlm("strip", str(run), "--out", str(out), "--force")
-    assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
+
+    (out / "keep.txt").unlink()
+    assert cli("strip", str(run), "--out", str(out)).exit_code == 0  # an empty folder is fine
+    deprecated = cli("strip", str(run), "--out", str(out), "--force")
+    assert deprecated.exit_code == 0 and "--force is deprecated" in deprecated.stderr
+    assert (out / "config.json").is_file()
+
+
+@pytest.mark.parametrize("where", ["run", "stage", "inside", "parent"])
+def test_strip_refuses_an_out_that_is_holds_or_lies_inside_its_source(run, where):
+    out = {"run": run, "stage": run / "align", "inside": run / "model", "parent": run.parent}[where]
+    before = sorted(p.relative_to(run.parent) for p in run.parent.rglob("*"))
+    result = cli("strip", str(run), "--out", str(out), "--overwrite")
+    assert result.exit_code == 2 and "lies inside the input" in result.stderr
+    assert "Traceback" not in result.output
+    assert sorted(p.relative_to(run.parent) for p in run.parent.rglob("*")) == before
+
+
+def test_a_second_writer_of_the_same_out_stops_at_once(run, tmp_path):
+    out = tmp_path / "model"
+    lock_path(out).write_text(f"{os.getppid()} {socket.gethostname()}\n")  # a live process writes it
+    result = cli("strip", str(run), "--out", str(out))
+    assert result.exit_code == 2 and f"(pid {os.getppid()}" in result.stderr
+    assert not out.exists()
 
 
 def test_strip_of_an_incomplete_run_is_a_clear_error(run, tmp_path):

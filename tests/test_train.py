@@ -7,6 +7,7 @@ import os
 import resource
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -16,9 +17,12 @@ import pytest
 import torch
 from helpers import REPO, dsvlm, prepare_small_synthetic, tiny_overrides
 from safetensors.torch import load_file
+from typer.testing import CliRunner
 
+from dsvlm.cli.app import app
 from dsvlm.errors import DsvlmError
 from dsvlm.model.dsvlm import build_model
+from dsvlm.outputs import lock_path
 from dsvlm.recipe import load_recipe
 from dsvlm.train.loop import TrainOptions, train
 
@@ -165,6 +169,43 @@ def test_another_runs_directory_is_refused_and_kept(data, tmp_path):
     assert_same_weights(out / "align" / "final", out / "align" / "final")
     assert weights(out / "align" / "final").keys() == before.keys()
     _run_cli_train(data, out, "--overwrite", steps=2)
+
+
+@pytest.mark.parametrize("where", ["folder", "cwd", "home"])
+def test_overwrite_never_deletes_a_folder_that_is_not_a_run(data, tmp_path, monkeypatch, where):
+    """`--overwrite` deletes the recipe's stages: only inside a directory dsvlm marked as a run."""
+    mine = tmp_path / "mine"
+    (mine / "align").mkdir(parents=True)
+    (mine / "align" / "notes.txt").write_text("precious")
+    monkeypatch.chdir(mine if where == "cwd" else tmp_path)
+    monkeypatch.setenv("HOME", str(mine if where == "home" else tmp_path / "home"))
+    out = Path(".") if where == "cwd" else mine
+    if where != "folder":
+        (mine / ".dsvlm-run").write_text("")  # even a run there is never replaced
+    result = CliRunner().invoke(app, ["train", "tiny-synthetic", *tiny_overrides(data, out), "--overwrite"])
+    assert result.exit_code == 2 and "refusing to replace" in result.stderr
+    assert "Traceback" not in result.output
+    assert (mine / "align" / "notes.txt").read_text() == "precious"
+
+
+def test_a_second_writer_of_the_run_stops_at_once(data, tmp_path):
+    out = tmp_path / "run"
+    lock_path(out).write_text(f"{os.getppid()} {socket.gethostname()}\n")  # a live process holds the run
+    result = CliRunner().invoke(app, ["train", "tiny-synthetic", *tiny_overrides(data, out)])
+    assert result.exit_code == 2 and f"being written by another dsvlm process (pid {os.getppid()}" in result.stderr
+    assert not out.exists()
+
+
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(data, tmp_path):
+    """An absurd learning rate blows the weights up at step 3: no NaN model may come out of it."""
+    out = tmp_path / "run"
+    args = ["train", "tiny-synthetic", *tiny_overrides(data, out, steps=6), "stages.0.lr=1e30",
+            "stages.0.warmup_ratio=0.5", "stages.0.max_grad_norm=null", "--stage", "align", "--no-progress"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "the loss at step 3 is nan" in result.stderr and "step-0000002" in result.stderr
+    assert [p.name for p in (out / "align" / "checkpoints").iterdir()] == ["step-0000002"]
+    assert not (out / "align" / "final").exists()
 
 
 def test_unwritable_output_path(data, tmp_path):

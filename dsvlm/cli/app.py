@@ -7,9 +7,10 @@ Logs and progress go to stderr; stdout carries only what a pipeline consumes.
 from __future__ import annotations
 
 import logging
-import sys
 
+import click
 import typer
+from typer.core import TyperGroup
 
 from dsvlm import __version__
 from dsvlm.cli import ablate as ablate_cli
@@ -22,7 +23,23 @@ from dsvlm.cli import recipe as recipe_cli
 from dsvlm.cli import strip as strip_cli
 from dsvlm.cli import train as train_cli
 
+
+class _Commands(TyperGroup):
+    """The root command group: an expected error ends any command with its message and exit 2, here rather
+    than in `main`, so that in-process runs (tests, typer's CliRunner) see exactly what users see."""
+
+    def invoke(self, ctx: click.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except common.DsvlmError as exc:
+            if common.STATE.debug:
+                raise
+            common.console.print(f"[bold red]error:[/] {common.escape(str(exc))}", soft_wrap=True)
+            raise typer.Exit(2) from exc
+
+
 app = typer.Typer(
+    cls=_Commands,
     name="dsvlm",
     help="Train LLaVA-style VLMs with diffusion supervision (DS-VLM): prepare -> train -> strip -> eval.",
     no_args_is_help=True,
@@ -59,10 +76,4 @@ ablate_cli.register(app)
 
 def main() -> None:
     """Console entry point."""
-    try:
-        app()
-    except common.DsvlmError as exc:
-        if common.STATE.debug:
-            raise
-        common.console.print(f"[bold red]error:[/] {common.escape(str(exc))}", soft_wrap=True)
-        sys.exit(2)
+    app()

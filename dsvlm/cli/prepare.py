@@ -211,6 +211,7 @@ def latents_cmd(
 ) -> None:
     """(Re)build the VAE latent cache of an existing prepared dataset for a recipe."""
     from dsvlm.data.prepared import PreparedDataset
+    from dsvlm.outputs import writer_lock
 
     PreparedDataset(dataset)  # fail on a missing dataset before loading the VAE
     request = _latent_request(recipe, overrides)
@@ -218,5 +219,6 @@ def latents_cmd(
         typer.echo(str(dataset))
         return
     request.batch_size = batch_size
-    manifest = request.build(dataset)
+    with writer_lock(dataset):
+        manifest = request.build(dataset)
     _report(dataset, manifest, as_json)

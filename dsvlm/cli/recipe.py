@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import typer
@@ -11,7 +10,9 @@ from rich.table import Table
 
 from dsvlm.cli.common import console
 from dsvlm.errors import RecipeError
+from dsvlm.io import atomic_write_text
 from dsvlm.recipe import bundled_recipes, load_recipe, recipe_path
+from dsvlm.recipe.load import warn_remote_code
 from dsvlm.recipe.schema import Recipe
 
 app = typer.Typer(help="List, show, copy and validate recipes; export the schema.", no_args_is_help=True)
@@ -48,17 +49,21 @@ def show(recipe: str = typer.Argument(..., help="Bundled name or path."),
 @app.command()
 def cp(recipe: str = typer.Argument(..., help="Bundled name."),
        dest: Path = typer.Argument(..., help="File to write."),
-       force: bool = typer.Option(False, help="Overwrite an existing file.")) -> None:
+       overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing file."),
+       force: bool = typer.Option(False, "--force", hidden=True, help="Deprecated spelling of --overwrite.")) -> None:
     """Copy a bundled recipe to a file you can edit."""
+    if force:
+        console.print("[yellow]warning:[/] --force is deprecated, use --overwrite")
     source = recipe_path(recipe)
     if dest.is_dir():
         dest = dest / source.name
-    if dest.exists() and not force:
-        raise RecipeError(f"{dest} exists; pass --force to overwrite")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.tmp")
-    shutil.copyfile(source, tmp)
-    tmp.replace(dest)
+    if dest.exists() and not (overwrite or force):
+        raise RecipeError(f"{dest} exists; pass --overwrite to replace it")
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(dest, source.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise RecipeError(f"cannot write {dest}: {exc.strerror or exc}") from exc
     typer.echo(str(dest))
 
 
@@ -67,6 +72,7 @@ def validate(recipe: str = typer.Argument(..., help="Bundled name or path."),
              overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP)) -> None:
     """Validate a recipe (and overrides) without running anything."""
     parsed = load_recipe(recipe, overrides or [])
+    warn_remote_code(parsed)
     stages = ", ".join(s.name for s in parsed.stages)
     console.print(f"[green]ok[/] {recipe}: stages {stages}; supervision "
                   f"{'on' if parsed.supervision.enabled else 'off'}")

@@ -12,7 +12,8 @@ import typer
 def strip(
     source: Path = typer.Argument(..., help="A run directory or a stage output (RUN/<stage>/final)."),
     out: Path = typer.Option(..., "--out", "-o", help="Directory for the plain LLaVA checkpoint."),
-    force: bool = typer.Option(False, "--force", help="Replace a non-empty --out."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier stripped model at --out."),
+    force: bool = typer.Option(False, "--force", hidden=True, help="Deprecated spelling of --overwrite."),
     push_to_hub: str = typer.Option(None, "--push-to-hub", help="Also upload to this hub repo id."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout instead of the path."),
 ) -> None:
@@ -21,7 +22,9 @@ def strip(
     from dsvlm.strip.strip import push_to_hub as push
     from dsvlm.strip.strip import strip as run_strip
 
-    report = run_strip(source, out, force=force)
+    if force:
+        console.print("[yellow]warning:[/] --force is deprecated, use --overwrite")
+    report = run_strip(source, out, overwrite=overwrite or force)
     console.print(f"[green]stripped[/] {report.params_removed:,} parameters removed "
                   f"({report.params_before:,} -> {report.params_after:,}); "
                   f"{report.bytes_before / 1e6:.1f} MB -> {report.bytes_after / 1e6:.1f} MB; "

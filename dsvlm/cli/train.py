@@ -24,10 +24,12 @@ def train(
     Multi-GPU: `accelerate launch [--config_file ...] -m dsvlm train RECIPE ...`.
     """
     from dsvlm.recipe import load_recipe
+    from dsvlm.recipe.load import warn_remote_code
     from dsvlm.train.loop import TrainOptions
     from dsvlm.train.loop import train as run_training
 
     parsed = load_recipe(recipe, overrides or [])
+    warn_remote_code(parsed)
     out = run_training(parsed, TrainOptions(stages=stage or None, init=init, resume=resume, overwrite=overwrite,
                                             progress=progress))
     from accelerate import PartialState

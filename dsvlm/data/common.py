@@ -5,17 +5,18 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import re
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 
 import pyarrow as pa
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from dsvlm.errors import DataError
 from dsvlm.io import atomic_dir
+from dsvlm.outputs import DATASET, check_output, writer_lock
 
 FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
+MANIFEST = DATASET.marker
 SKIPPED = "skipped.jsonl"
 IMAGE_TOKEN = "<image>"
 SPLIT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
@@ -61,27 +62,17 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def check_output(out: Path, overwrite: bool) -> None:
-    """Refuse an existing OUT unless overwrite, and never replace a directory that is not a dataset."""
-    if not out.exists() and not out.is_symlink():
-        return
-    if not overwrite:
-        raise DataError(f"{out} already exists; pass --overwrite to replace it")
-    if not out.is_dir() or out.is_symlink():
-        raise DataError(f"{out} exists and is a file or a symlink, not a dataset directory; remove it yourself")
-    # --overwrite deletes the old OUT: only ever do that to a prepared dataset (or an empty folder), so a
-    # mistyped OUT such as `.` or a home directory is never wiped.
-    if not (out / MANIFEST).is_file() and any(out.iterdir()):
-        raise DataError(f"{out} exists and is not a prepared dataset (no {MANIFEST}); refusing to replace it")
-
-
-def atomic_output(out: Path, overwrite: bool = False) -> contextlib.AbstractContextManager[Path]:
+@contextlib.contextmanager
+def atomic_output(out: Path, overwrite: bool = False) -> Iterator[Path]:
     """A temporary directory next to `out` that becomes `out` once the `with` block completes (`atomic_dir`),
-    after `check_output`: an existing dataset is replaced only with overwrite, and stays until the new one is
-    complete; an error, Ctrl-C included, leaves no partial dataset."""
+    under `out`'s writer lock and after `check_output`: an existing dataset is replaced only with overwrite (an
+    empty folder always), and stays until the new one is complete; an error, Ctrl-C included, leaves no
+    partial dataset."""
     out = Path(out)
-    check_output(out, overwrite)
-    return atomic_dir(out, replace=overwrite)
+    with writer_lock(out):
+        check_output(out, DATASET, overwrite)
+        with atomic_dir(out, replace=out.exists()) as tmp:
+            yield tmp
 
 
 def progress_bar(enabled: bool) -> Progress:

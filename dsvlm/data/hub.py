@@ -16,9 +16,10 @@ from typing import TYPE_CHECKING, Any
 from huggingface_hub import constants, snapshot_download
 from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
-from dsvlm.data.common import atomic_output, check_output, progress_bar
+from dsvlm.data.common import atomic_output, progress_bar
 from dsvlm.data.llava import prepare_into
 from dsvlm.errors import DataError
+from dsvlm.outputs import DATASET, check_output
 
 if TYPE_CHECKING:
     from dsvlm.data.latents import LatentRequest
@@ -166,7 +167,7 @@ def prepare_hub(
     if archive is None and image_root is None:
         raise DataError(f"{repo_id}: say where the images are: --archive FILE.zip (in the repo; extracted into "
                         "OUT/images) or --image-root DIR (a folder in the repo, or a local absolute path)")
-    check_output(out, overwrite)  # before a long download, not after it
+    check_output(out, DATASET, overwrite)  # before a long download, not after it
 
     snapshot = _download(repo_id, out, files, archive, image_root, revision, download_dir)
     options = {

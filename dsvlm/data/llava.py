@@ -114,7 +114,7 @@ def read_source(path: Path) -> Iterator[tuple[int, Any]]:
     told apart, so there is nothing to skip to.
     """
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # -sig: a leading BOM is not part of the JSON
     except FileNotFoundError:
         raise DataError(f"{path}: no such file") from None
     except UnicodeDecodeError as exc:
@@ -217,8 +217,8 @@ def check_record(obj: Any, line: int) -> Record | tuple[str, str, str | None]:
     if len(turns) % 2:
         return "turn_order", "the last turn is from 'human': every question needs a gpt answer", rid
     image = obj.get("image")
-    if image is not None and (not isinstance(image, str) or not image.strip()):
-        return "bad_image_path", f"`image` must be a non-empty path string, got {image!r:.80}", rid
+    if image is not None and (not isinstance(image, str) or not image.strip() or "\x00" in image):
+        return "bad_image_path", f"`image` must be a non-empty path string without NUL, got {image!r:.80}", rid
     counts = [turn["value"].count(IMAGE_TOKEN) for turn in turns]
     total = sum(counts)
     if image is None:

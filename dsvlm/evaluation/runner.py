@@ -93,7 +93,7 @@ def _strip_run(path: Path) -> Path | None:
         from dsvlm.strip.strip import strip
 
         log.info("%s is a training run: stripping %s into %s", path, final, stripped)
-        strip(final, stripped, force=True)
+        strip(final, stripped, overwrite=True)
     return stripped.resolve()
 
 

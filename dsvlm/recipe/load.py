@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ from pydantic import BaseModel, ValidationError
 from dsvlm.errors import RecipeError
 from dsvlm.recipe.schema import Recipe
 
+log = logging.getLogger(__name__)
 
 def recipes_dir() -> Path:
     """The bundled recipes: `recipes/` of a source checkout, or `share/dsvlm/recipes` of an install."""
@@ -50,11 +52,15 @@ def recipe_path(name_or_path: str) -> Path:
 
 def read_yaml(path: Path) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8-sig"))  # -sig: a BOM (Windows editors) is fine
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
         raise RecipeError(f"{path}: malformed YAML at {where}: {exc.problem}") from exc
+    except yaml.YAMLError as exc:  # the reader's errors: a NUL or another character YAML does not allow
+        raise RecipeError(f"{path}: not a YAML text file: {str(exc).splitlines()[0][:200]}") from exc
+    except UnicodeDecodeError as exc:
+        raise RecipeError(f"{path}: not UTF-8 text (byte {exc.start}); a recipe is a UTF-8 YAML file") from exc
     except OSError as exc:
         raise RecipeError(f"{path}: cannot read recipe: {exc.strerror}") from exc
     if data is None:
@@ -80,8 +86,10 @@ def apply_override(data: dict[str, Any], override: str) -> None:
     last = parts[-1]
     if isinstance(node, list):
         node[_index(node, last, key)] = value
-    else:
+    elif isinstance(node, dict):
         node[last] = value
+    else:
+        raise RecipeError(f"override {key!r}: {'.'.join(parts[:-1])} is a value, not a section")
 
 
 def _index(node: list, part: str, path: str) -> int:
@@ -107,6 +115,17 @@ def load_recipe(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) 
     for override in overrides:
         apply_override(data, override)
     return validate_recipe(data, source=str(path))
+
+
+def warn_remote_code(recipe: Recipe) -> list[str]:
+    """With `model.trust_remote_code`, warn naming the repositories whose code will run; returns them."""
+    model = recipe.model
+    if not model.trust_remote_code:
+        return []
+    repos = list(dict.fromkeys(r for r in (model.vision.pretrained, model.llm.pretrained, model.llm.tokenizer) if r))
+    log.warning("model.trust_remote_code is on: code from %s will run on this machine when they load",
+                ", ".join(repos) or "(no pretrained repository: nothing)")
+    return repos
 
 
 def validate_recipe(data: dict[str, Any], source: str = "recipe") -> Recipe:

@@ -19,9 +19,10 @@ StageName = Literal["align", "instruct"]
 
 
 class Strict(BaseModel):
-    """Base for every recipe section: unknown keys are errors, not silently ignored."""
+    """Base for every recipe section: unknown keys are errors, not silently ignored; so are infinite and NaN
+    numbers, which cannot train."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class PretrainedOrInline(Strict):

@@ -17,6 +17,7 @@ from transformers import GenerationConfig, LlavaForConditionalGeneration
 from dsvlm.errors import DsvlmError
 from dsvlm.io import atomic_dir
 from dsvlm.model.dsvlm import DSVLM, build_model
+from dsvlm.outputs import STRIPPED_MODEL, check_output, write_marker, writer_lock
 from dsvlm.recipe.load import validate_recipe
 from dsvlm.strip.card import model_card
 from dsvlm.train.rundir import STAGE_INFO, resolve_init
@@ -70,26 +71,30 @@ def probe_batch(model: DSVLM) -> dict[str, torch.Tensor]:
     return processor(text=[prompt], images=[Image.fromarray(pixels)], return_tensors="pt")
 
 
-def strip(source: Path, out: Path, force: bool = False) -> StripReport:
-    """Write the plain LLaVA of `source` to `out` (atomically) and verify it loads and matches."""
+def strip(source: Path, out: Path, overwrite: bool = False) -> StripReport:
+    """Write the plain LLaVA of `source` to `out` (atomically) and verify it loads and matches.
+
+    `overwrite` replaces an earlier stripped model at `out`, never anything else (see `check_output`).
+    """
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
-        raise DsvlmError(f"{out} exists and is not empty; pass --force to replace it")
-    final, model = load_trained(Path(source))
-    params_before = sum(p.numel() for p in model.parameters())
-    params_after = sum(p.numel() for p in model.vlm.parameters())
-    batch = probe_batch(model)
-    with torch.no_grad():
-        expected = model.vlm(**batch).logits
-    with atomic_dir(out, replace=True) as tmp:
-        model.vlm.save_pretrained(tmp, safe_serialization=True)
-        model.processor.save_pretrained(tmp)
-        tokenizer = model.processor.tokenizer
-        GenerationConfig(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                         bos_token_id=tokenizer.bos_token_id, do_sample=False).save_pretrained(tmp)
-        stages = _stage_infos(final)
-        (tmp / "README.md").write_text(model_card(final, stages, params_after))
-        max_diff = verify(tmp, batch, expected)
+    with writer_lock(out):
+        check_output(out, STRIPPED_MODEL, overwrite, sources=(source, resolve_init(Path(source))))
+        final, model = load_trained(Path(source))
+        params_before = sum(p.numel() for p in model.parameters())
+        params_after = sum(p.numel() for p in model.vlm.parameters())
+        batch = probe_batch(model)
+        with torch.no_grad():
+            expected = model.vlm(**batch).logits
+        with atomic_dir(out, replace=True) as tmp:
+            model.vlm.save_pretrained(tmp, safe_serialization=True)
+            model.processor.save_pretrained(tmp)
+            tokenizer = model.processor.tokenizer
+            GenerationConfig(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                             bos_token_id=tokenizer.bos_token_id, do_sample=False).save_pretrained(tmp)
+            stages = _stage_infos(final)
+            (tmp / "README.md").write_text(model_card(final, stages, params_after))
+            max_diff = verify(tmp, batch, expected)
+            write_marker(tmp, STRIPPED_MODEL)
     report = StripReport(str(final), str(out), params_before, params_after, params_before - params_after,
                          dir_bytes(final), dir_bytes(out), max_diff)
     log.info("stripped %s -> %s: removed %d parameters (%d -> %d), %.1f MB -> %.1f MB", final, out,
@@ -135,6 +140,7 @@ def push_to_hub(directory: Path, repo_id: str, private: bool = False) -> str:
     try:
         api = HfApi()
         api.create_repo(repo_id, private=private, exist_ok=True)
-        return str(api.upload_folder(repo_id=repo_id, folder_path=str(directory)))
+        return str(api.upload_folder(repo_id=repo_id, folder_path=str(directory),
+                                     ignore_patterns=[STRIPPED_MODEL.marker]))
     except Exception as exc:  # network and auth errors all end the same way for the user
         raise DsvlmError(f"cannot push to {repo_id}: {exc}") from exc

@@ -41,9 +41,11 @@ def save_checkpoint(accelerator: Accelerator, directory: Path, step: int, state:
             shutil.rmtree(final, ignore_errors=True)
             tmp.replace(final)
             prune(directory, keep)
-    except Exception as exc:  # OSError, or a serializer's own error wrapping one (safetensors)
+    except BaseException as exc:  # OSError, a serializer's own error wrapping one (safetensors), Ctrl-C
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
+        if not isinstance(exc, Exception):
+            raise
         previous = latest_names(directory)
         kept = f"; the last complete checkpoint is {previous[0]}" if previous else ""
         raise DsvlmError(f"could not write checkpoint {final}: {exc}{kept}") from exc
@@ -64,16 +66,57 @@ def prune(directory: Path, keep: int) -> None:
         shutil.rmtree(directory / name, ignore_errors=True)
 
 
+def _check_readable(path: Path) -> None:
+    """Read every tensor and pickle of a checkpoint once, so that a truncated or corrupt file is found before
+    any of it is applied to the model (accelerate loads the model first, the optimizer after: a failure half
+    way would leave the model of one checkpoint with the optimizer of none)."""
+    from accelerate.utils import load
+    from safetensors import safe_open
+
+    for file in sorted(path.rglob("*")):
+        if file.suffix == ".safetensors":
+            with safe_open(str(file), "pt") as f:
+                for key in f.keys():  # noqa: SIM118 - safe_open is not a dict
+                    f.get_tensor(key)
+        elif file.suffix in (".bin", ".pkl", ".pt"):
+            load(file, map_location="cpu")  # as accelerate loads them: weights only, no code runs
+
+
+def _reason(exc: BaseException, limit: int = 200) -> str:
+    text = f"{type(exc).__name__}: {exc}"
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def load_latest(accelerator: Accelerator, directory: Path) -> dict[str, Any] | None:
-    """Load the newest checkpoint that loads; warn about and skip corrupt ones. None if there is none."""
+    """Load the newest checkpoint whose files all read back; warn about and skip corrupt ones. None if there
+    is none; an error listing each checkpoint and why when there are some and none loads."""
+    failures = []
     for name in latest_names(directory):
         path = directory / name
         try:
             state = json.loads((path / STATE_FILE).read_text())
-            accelerator.load_state(str(path))
+            _check_readable(path)
         except Exception as exc:  # any failure means this checkpoint is unusable; try the previous one
-            log.warning("skipping checkpoint %s: it does not load (%s)", path, exc)
+            log.warning("skipping checkpoint %s: it does not load (%s)", path, _reason(exc))
+            failures.append(f"{name}: {_reason(exc)}")
             continue
+        try:
+            accelerator.load_state(str(path))
+        except Exception as exc:  # its files read back, yet it does not fit: the model may be half loaded
+            raise DsvlmError(f"checkpoint {path} does not fit this run ({_reason(exc)}); nothing else was tried "
+                             "because the model may be partly loaded; start the stage over with --overwrite") from exc
         log.info("resumed from %s (step %d)", path, state["step"])
         return state
+    if failures:
+        listed = "\n  ".join(failures)
+        raise DsvlmError(f"no checkpoint in {directory} loads:\n  {listed}\nremove them to start the stage over, "
+                         "or pass --overwrite instead of --resume")
     return None
+
+
+def remove_temporaries(directory: Path) -> None:
+    """Remove `.step-N.tmp` directories that a killed run left. Call it only while holding the run's writer lock:
+    then no live process is writing one."""
+    for tmp in directory.glob(".step-*.tmp"):
+        log.info("removing %s, left by an interrupted checkpoint write", tmp)
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -40,6 +40,7 @@ from dsvlm.model.collate import Collator
 from dsvlm.model.dsvlm import DSVLM, build_model, save_model
 from dsvlm.model.freeze import freeze_for_stage
 from dsvlm.model.supervision.branch import TIMESTEP_BUCKETS, timestep_buckets
+from dsvlm.outputs import writer_lock
 from dsvlm.recipe.load import dump_recipe
 from dsvlm.recipe.schema import Recipe, StageConfig
 from dsvlm.train import checkpoint
@@ -85,21 +86,22 @@ def train(recipe: Recipe, options: TrainOptions) -> Path:
     stages = [s for s in recipe.stages if s.name in names]
     for stage in stages:  # fail on missing data before any model is built
         _check_data(recipe, stage)
+    init = resolve_init(options.init) if options.init else None  # a bad --init fails before anything is written
     state = PartialState(cpu=_cpu_only())
-    run = RunDir.open(Path(recipe.run.output_dir), recipe, names, options.resume, options.overwrite,
-                      main=state.is_main_process)
-    state.wait_for_everyone()
-    init = resolve_init(options.init) if options.init else None
-    output = run.root
-    for stage in stages:
-        if init is None:
-            init = _previous_output(recipe, run, stage)
-        output = run.final_dir(stage.name)
-        if options.resume and is_final(output):
-            log.info("stage %s already finished: %s", stage.name, output)
-        else:
-            output = run_stage(recipe, stage, run, init, options)
-        init = output
+    with writer_lock(Path(recipe.run.output_dir), enabled=state.is_main_process):
+        run = RunDir.open(Path(recipe.run.output_dir), recipe, names, options.resume, options.overwrite,
+                          main=state.is_main_process)
+        state.wait_for_everyone()
+        output = run.root
+        for stage in stages:
+            if init is None:
+                init = _previous_output(recipe, run, stage)
+            output = run.final_dir(stage.name)
+            if options.resume and is_final(output):
+                log.info("stage %s already finished: %s", stage.name, output)
+            else:
+                output = run_stage(recipe, stage, run, init, options)
+            init = output
     return output
 
 
@@ -176,7 +178,10 @@ def run_stage(recipe: Recipe, stage: StageConfig, run: RunDir, init: Path | None
     supervise = recipe.supervision.enabled and stage.supervision
     torch.manual_seed(recipe.run.seed)
 
-    model = build_model(recipe, init=init)
+    try:
+        model = build_model(recipe, init=init)
+    except (OSError, ValueError, KeyError) as exc:  # a missing, truncated or mismatched stage output
+        raise DsvlmError(f"stage {stage.name}: {init or 'the base model'} does not load: {exc}") from exc
     freeze_for_stage(model, stage.train)
     if stage.gradient_checkpointing:
         model.vlm.activation_checkpointing_enable()
@@ -240,11 +245,12 @@ def run_stage(recipe: Recipe, stage: StageConfig, run: RunDir, init: Path | None
                 record["samples_per_s"] = round(stage.global_batch_size / record["step_time_s"], 2)
                 record["tokens_per_s"] = round(record.pop("tokens") / record["step_time_s"], 1)
                 if accelerator.is_main_process:
-                    with open(metrics_path, "a") as f:
-                        f.write(json.dumps(record) + "\n")
+                    _append_metrics(metrics_path, record, run.checkpoints_dir(stage.name))
                     progress.update(task, completed=step, info=_progress_info(record))
                     if step % recipe.run.log_every == 0 and not options.progress:
                         log.info("%s step %d/%d %s", stage.name, step, total, _progress_info(record))
+                if not math.isfinite(record["loss"]):  # the same on every process: losses are all-reduced
+                    raise DsvlmError(_not_finite(stage.name, step, record["loss"], run.checkpoints_dir(stage.name)))
                 if supervise and recipe.run.preview_every and step % recipe.run.preview_every == 0:
                     _write_preview(accelerator, model, preview, recipe, stage_dir / "previews" / f"step-{step:07d}.png")
                 if step % recipe.run.checkpoint_every == 0 and step < total:
@@ -280,6 +286,15 @@ def run_stage(recipe: Recipe, stage: StageConfig, run: RunDir, init: Path | None
         log.info("stage %s finished in %.1f s -> %s", stage.name, wall, output)
     accelerator.wait_for_everyone()
     return output
+
+
+def _not_finite(stage: str, step: int, loss: float, checkpoints: Path) -> str:
+    """Why the run stopped, and what is left to resume from."""
+    kept = checkpoint.latest_names(checkpoints)
+    left = (f"the last good checkpoint, {checkpoints / kept[0]}, is kept (--resume continues from it)" if kept
+            else "no checkpoint was written before it")
+    return (f"stage {stage}: the loss at step {step} is {loss} (not finite); training stopped and no final output "
+            f"was written; {left}. Lower the learning rate or enable gradient clipping (max_grad_norm)")
 
 
 def _param_groups(model: DSVLM, stage: StageConfig) -> list[dict[str, Any]]:
@@ -383,7 +398,17 @@ def _rank_checksums(accelerator: Accelerator, model: torch.nn.Module) -> list[fl
 def _truncate_metrics(path: Path, step: int) -> None:
     """After a resume, drop metric lines past the checkpoint: they are about to be recomputed."""
     kept = [m for m in read_metrics(path) if m["step"] <= step]
-    path.write_text("".join(json.dumps(m) + "\n" for m in kept))
+    atomic_write_text(path, "".join(json.dumps(m) + "\n" for m in kept))
+
+
+def _append_metrics(path: Path, record: dict, checkpoints: Path) -> None:
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+    except OSError as exc:  # a full disk: say so, and what a later --resume will start from
+        kept = checkpoint.latest_names(checkpoints)
+        left = f"; --resume continues from {checkpoints / kept[0]}" if kept else ""
+        raise DsvlmError(f"could not write the metrics {path}: {exc.strerror or exc}{left}") from exc
 
 
 def _peak_memory_mb(accelerator: Accelerator) -> float:

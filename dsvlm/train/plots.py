@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -10,11 +11,26 @@ import numpy as np
 import torch
 from PIL import Image
 
+from dsvlm.errors import DsvlmError
+
+log = logging.getLogger(__name__)
+
 
 def read_metrics(path: Path) -> list[dict]:
+    """The records of a metrics.jsonl. A torn last line (a kill or a full disk mid-write) is dropped with a
+    warning; a bad line before it is an error."""
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            if number < len(lines):
+                raise DsvlmError(f"{path} line {number} is not JSON ({exc.msg}); the metrics file is corrupt") from exc
+            log.warning("%s: dropping its torn last line %d (an interrupted write)", path, number)
+    return records
 
 
 def plot_losses(metrics: list[dict], out: Path, title: str) -> Path:

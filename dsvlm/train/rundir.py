@@ -21,8 +21,10 @@ import yaml
 
 from dsvlm.errors import DsvlmError
 from dsvlm.io import atomic_write_json, atomic_write_text
+from dsvlm.outputs import RUN, check_output, remove_dead_temporaries, write_marker
 from dsvlm.recipe.load import dump_recipe
 from dsvlm.recipe.schema import Recipe
+from dsvlm.train.checkpoint import remove_temporaries
 
 FINAL = "final"
 STAGE_INFO = "stage.json"
@@ -65,6 +67,8 @@ class RunDir:
         Every process runs the checks; only the main one (`main`) writes.
         """
         root = Path(root)
+        if overwrite:  # it deletes stages: only ever inside a dsvlm run (or an empty folder)
+            check_output(root, RUN, overwrite)
         try:
             root.mkdir(parents=True, exist_ok=True)
             probe = root / f".write-probe-{os.getpid()}"
@@ -91,7 +95,11 @@ class RunDir:
                         f"{stage_dir} already holds stage {stage!r} of a run; pass --resume to continue it "
                         "or --overwrite to replace it"
                     )
-        if main:
+        if main:  # under the run's writer lock (train): what other processes left is theirs no more
+            remove_dead_temporaries(root.rglob(".*"))
+            for stage in stages:
+                remove_temporaries(run.checkpoints_dir(stage))
+            write_marker(root, RUN)
             atomic_write_text(stored, dump_recipe(recipe))
         return run
 

@@ -1,0 +1,107 @@
+"""Every expected error is one clean message and exit 2: a table of bad inputs run through each command in
+process, as a careless or hostile user would give them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from dsvlm.cli.app import app
+from dsvlm.recipe.load import recipe_path
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> Path:
+    """A tiny prepared dataset, a few bad files, and a file to stand where a directory should be."""
+    root = tmp_path_factory.mktemp("bad")
+    prepared = CliRunner().invoke(app, ["prepare", "synthetic", str(root / "data"), "--n-align", "8",
+                                        "--n-instruct", "8", "--n-eval", "4"])
+    assert prepared.exit_code == 0, prepared.output
+    (root / "a-file").write_text("not a directory")
+    (root / "list.yaml").write_text("- a\n- b\n")
+    (root / "broken.yaml").write_text("model: [\n")
+    (root / "records.jsonl").write_text('{"id": "1", "conversations": []}\n')
+    (root / "images").mkdir()
+    (root / "mine").mkdir()
+    (root / "mine" / "notes.txt").write_text("precious")
+    (root / "summary.json").write_text("{not json")
+    turns = '[{"from": "human", "value": "<image>\\nq"}, {"from": "gpt", "value": "a"}]'
+    (root / "nul.jsonl").write_text(f'{{"id": "1", "image": "a\\u0000.png", "conversations": {turns}}}\n')
+    broken = root / "broken-stage"  # a stage output whose weights were cut short
+    broken.mkdir()
+    (broken / "stage.json").write_text('{"stage": "align"}')
+    (broken / "recipe.yaml").write_text(recipe_path("tiny-synthetic").read_text())
+    (broken / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{")
+    return root
+
+
+TRAIN = ["train", "tiny-synthetic", "data.dataset={data}", "run.output_dir={root}/run"]
+CASES = {
+    "recipe": [
+        ["recipe", "validate", "{root}/nope.yaml"],
+        ["recipe", "validate", "{root}/list.yaml"],
+        ["recipe", "validate", "{root}/broken.yaml"],
+        ["recipe", "validate", "tiny-synthetc"],
+        ["recipe", "validate", "tiny-synthetic", "run.seed"],
+        ["recipe", "validate", "tiny-synthetic", "run.sede=1"],
+        ["recipe", "validate", "tiny-synthetic", "run.seed.deeper=1"],
+        ["recipe", "validate", "tiny-synthetic", "stages.9.lr=1"],
+        ["recipe", "validate", "tiny-synthetic", "stages.0.lr=.nan"],
+        ["recipe", "show", "no-such-recipe"],
+        ["recipe", "cp", "tiny-synthetic", "{root}/data/manifest.json"],
+        ["recipe", "cp", "tiny-synthetic", "{root}/a-file/recipe.yaml"],
+    ],
+    "prepare": [
+        ["prepare", "synthetic", "{root}/a-file"],
+        ["prepare", "synthetic", "{root}/mine", "--overwrite"],
+        ["prepare", "synthetic", "{root}/x", "--question-types", "smell"],
+        ["prepare", "synthetic", "{root}/a-file/x"],
+        ["prepare", "llava", "{root}/x", "--align", "{root}/nope.json", "--image-root", "{root}/images"],
+        ["prepare", "llava", "{root}/x", "--align", "{root}/records.jsonl", "--image-root", "{root}/nope"],
+        ["prepare", "llava", "{root}/x", "--image-root", "{root}/images"],
+        ["prepare", "llava", "{root}/x", "--align", "{root}/records.jsonl", "--image-root", "{root}/images",
+         "--strict"],
+        ["prepare", "llava", "{root}/x", "--align", "{root}/nul.jsonl", "--image-root", "{root}/images", "--strict"],
+        ["prepare", "latents", "{root}/nope", "tiny-synthetic"],
+        ["prepare", "hub", "liuhaotian/LLaVA-Pretrain", "{root}/x"],
+    ],
+    "train": [
+        ["train", "tiny-synthetic", "data.dataset={root}/nope", "run.output_dir={root}/run"],
+        [*TRAIN, "--stage", "pretrain"],
+        [*TRAIN, "stages.0.lr=fast"],
+        ["train", "tiny-synthetic", "data.dataset={data}", "run.output_dir={root}/mine", "--overwrite"],
+        ["train", "tiny-synthetic", "data.dataset={data}", "run.output_dir={root}/a-file/run"],
+        [*TRAIN, "--init", "{root}/mine"],
+        [*TRAIN, "stages.0.split=nope"],
+        ["train", "tiny-synthetic", "data.dataset={data}", "run.output_dir={root}/run2", "--init",
+         "{root}/broken-stage", "--stage", "instruct"],
+    ],
+    "strip": [
+        ["strip", "{root}/mine", "--out", "{root}/out"],
+        ["strip", "{root}/nope", "--out", "{root}/out"],
+        ["strip", "{root}/data", "--out", "{root}/out"],
+        ["strip", "{root}/broken-stage", "--out", "{root}/out"],
+    ],
+    "eval": [
+        ["eval", "{root}/mine", "--bench", "synthetic"],
+        ["eval", "{root}/mine", "--bench", "nosuchbench"],
+        ["eval", "{root}/mine", "--bench", "synthetic", "--data-files", "nonsense"],
+        ["eval", "{root}/mine", "--bench", "synthetic", "--compare", "{root}/summary.json"],
+        ["eval", "{root}/mine", "--bench", "synthetic", "--compare", "{root}/nope.json"],
+    ],
+}
+
+
+@pytest.mark.parametrize(
+    "args", [pytest.param(args, id=f"{command}-{i}") for command, table in CASES.items() for i, args in
+             enumerate(table)]
+)
+def test_a_bad_input_is_one_clean_error_with_exit_2(files, args):
+    before = sorted(p.relative_to(files) for p in files.rglob("*"))
+    result = CliRunner().invoke(app, [a.format(root=files, data=files / "data") for a in args])
+    assert result.exit_code == 2, result.output
+    assert isinstance(result.exception, SystemExit) and "Traceback" not in result.output  # not an uncaught error
+    assert result.stderr.count("error:") + result.stderr.count("Error") == 1, result.stderr
+    assert set(before) <= {p.relative_to(files) for p in files.rglob("*")}  # nothing of the user's deleted
