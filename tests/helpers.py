@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -25,10 +26,29 @@ def prepare_small_synthetic(out: Path, n: int = 64) -> Path:
     return Path(result.stdout.strip())
 
 
+_TINY_DIFFUSION: list[Path] = []
+
+
+def tiny_diffusion() -> Path:
+    """A barely pretrained diffusion model in tiny-synthetic's layout, built once per test process through the
+    real `pretrain_diffusion` (two steps: the tests need its format, not its quality)."""
+    if not _TINY_DIFFUSION:
+        from dsvlm.data.synthetic import SyntheticConfig, prepare_synthetic
+        from dsvlm.diffusion.pretrain import PretrainOptions, pretrain_diffusion
+
+        root = Path(tempfile.mkdtemp(prefix="dsvlm-test-diffusion-"))
+        data = root / "data"
+        prepare_synthetic(data, SyntheticConfig(n_align=8, n_instruct=4, n_eval=2), progress=False)
+        options = PretrainOptions(steps=2, batch_size=4, eval_captions=2, sample_steps=2)
+        _TINY_DIFFUSION.append(pretrain_diffusion(data, root / "diffusion", options, progress=False))
+    return _TINY_DIFFUSION[0]
+
+
 def tiny_overrides(data: Path, out: Path, steps: int = 4, batch: int = 8, **extra: object) -> list[str]:
-    """The tiny-synthetic recipe shrunk to a few steps of a small batch."""
+    """The tiny-synthetic recipe shrunk to a few steps of a small batch, on the tiny pretrained diffusion model."""
     values: dict[str, object] = {
-        "data.dataset": data, "run.output_dir": out, "run.checkpoint_every": 2, "run.log_every": 1,
+        "data.dataset": data, "run.output_dir": out, "supervision.diffusion.pretrained": tiny_diffusion(),
+        "run.checkpoint_every": 2, "run.log_every": 1,
         "run.preview_images": 2, "supervision.sampler_steps": 2, "supervision.reconstruct_per_batch": 4,
     }
     for i in (0, 1):

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from helpers import tiny_diffusion
 from test_model_fixtures import CLIP, LLAMA, UNET, VAE, example, recipe_dict, tiny_recipe
 from transformers import CLIPConfig, CLIPModel, LlamaConfig, LlamaForCausalLM, LlavaForConditionalGeneration
 
@@ -120,7 +121,7 @@ def test_reconstruct_per_batch_and_normalisers() -> None:
 
 def test_one_step_preview_at_the_lowest_noise_is_the_image_in_pixel_space() -> None:
     """x̂0 from t=0 is the image whatever the UNet predicts (the noise is 1% there); sampling from pure noise is not."""
-    model = build_model(load_recipe("tiny-synthetic"))
+    model = build_model(load_recipe("tiny-synthetic", [f"supervision.diffusion.pretrained={tiny_diffusion()}"]))
     examples = [example(i) for i in range(3)]
     for item in examples:
         item["image"] = item["image"].resize((32, 32))

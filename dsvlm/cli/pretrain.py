@@ -16,7 +16,7 @@ def pretrain_diffusion(
     batch_size: int = typer.Option(32, help="Images per step."),
     lr: float = typer.Option(1e-3, help="Peak learning rate (warmup, then cosine)."),
     resolution: int = typer.Option(32, help="Image side in pixels (the supervision branch's resolution)."),
-    width: int = typer.Option(32, help="Channels of the UNet's first level (the next levels have twice as many)."),
+    width: int = typer.Option(16, help="Channels of the UNet's first level (the next two have 2x and 4x)."),
     seed: int = typer.Option(0, help="Seed of weights, batches, noise and the held-out captions."),
     split: str = typer.Option("align", help="Split of captioned images to train on."),
     checkpoint_every: int = typer.Option(200, help="Steps between checkpoints (for --resume)."),

@@ -68,7 +68,7 @@ class PretrainOptions:
     batch_size: int = 32
     lr: float = 1e-3
     resolution: int = 32
-    width: int = 32  # channels of the UNet's first level; the next levels have 2x
+    width: int = 16  # channels of the UNet's first level; the next two levels have 2x and 4x
     text_width: int = 64  # the text encoder's width = the UNet's cross_attention_dim
     caption_dropout: float = 0.1
     seed: int = 0
@@ -76,8 +76,8 @@ class PretrainOptions:
     max_images: int = 20_000
     checkpoint_every: int = 200
     guidance_scale: float = 3.0
-    sample_steps: int = 25
-    eval_captions: int = 96
+    sample_steps: int = 20
+    eval_captions: int = 64
 
     def check(self) -> None:
         for name in ("steps", "batch_size", "resolution", "width", "text_width", "checkpoint_every",
@@ -101,7 +101,7 @@ def unet_config(options: PretrainOptions, channels: int) -> dict[str, Any]:
     full resolution would dominate the step), one block per level."""
     w = options.width
     return {"sample_size": options.resolution // (1 if options.pixel_space else 2), "in_channels": channels,
-            "out_channels": channels, "layers_per_block": 1, "block_out_channels": [w, 2 * w, 2 * w],
+            "out_channels": channels, "layers_per_block": 1, "block_out_channels": [w, 2 * w, 4 * w],
             "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
             "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
             "cross_attention_dim": options.text_width, "attention_head_dim": 8, "norm_num_groups": 8}
@@ -224,7 +224,7 @@ def pretrain_diffusion(dataset_dir: Path, out: Path, options: PretrainOptions = 
     """
     options.check()
     out = Path(out)
-    fingerprint = {"options": asdict(options), "dataset": str(Path(dataset_dir).resolve())}
+    fingerprint = {"options": asdict(options), "dataset": _dataset_fingerprint(Path(dataset_dir), options.split)}
     if _finished(out, fingerprint) and not overwrite:
         log.info("reusing the pretrained diffusion model in %s", out)
         return out
@@ -271,6 +271,13 @@ def pretrain_diffusion(dataset_dir: Path, out: Path, options: PretrainOptions = 
     log.info("diffusion pretraining finished in %.0f s: caption match %.0f %% (random UNet %.0f %%) -> %s",
              wall, 100 * figure["trained"]["both"], 100 * figure["random_unet"]["both"], out)
     return out
+
+
+def _dataset_fingerprint(dataset_dir: Path, split: str) -> dict[str, Any]:
+    """What identifies the training images: the split's record count and source checksum (not the path, so a
+    regenerated identical dataset reuses the model)."""
+    info = PreparedDataset(dataset_dir).manifest["splits"].get(split, {})
+    return {"split": split, "records": info.get("records"), "source": info.get("source")}
 
 
 def _finished(out: Path, fingerprint: dict[str, Any]) -> bool:
@@ -350,7 +357,7 @@ def _train_step(models: Models, phase: str, corpus: Corpus, tokenizer: PreTraine
     loss.backward()
     torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], 1.0)
     optimizer.step()
-    return float(loss)
+    return float(loss.detach())
 
 
 @torch.no_grad()
