@@ -1,5 +1,5 @@
 """`dsvlm eval` without a real model: the benchmark registry against lmms-eval 0.7.3, generated task YAMLs,
-bad input, the offline fail-fast, the lmms-eval workarounds' checks, `compare`, the entry point."""
+bad input, the offline fail-fast, `compare`, the entry point."""
 
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ from helpers import dsvlm
 from dsvlm.errors import DsvlmError
 from dsvlm.evaluation import BENCHMARKS, compare, evaluate, resolve_model
 from dsvlm.evaluation.benches import get_benchmark, parse_benches, parse_data_files, write_task_yaml
-from dsvlm.evaluation.compat import check_filelock, keep_loglikelihood_pairs
 
 PAPER_BENCHES = {
     "mmbench",
@@ -138,26 +137,6 @@ def test_bad_data_files_are_refused_before_anything_loads(model_shaped_dir, tmp_
         evaluate(model_shaped_dir, ["synthetic"], tmp_path, data_files={"mme": str(tmp_path)})
     with pytest.raises(DsvlmError, match="not a prepared dataset"):
         evaluate(model_shaped_dir, ["synthetic"], tmp_path, data_files={"synthetic": str(tmp_path)})
-
-
-def test_filelock_4_is_refused_with_the_fix():
-    check_filelock()  # the installed one is fine (pinned <4)
-    with pytest.raises(DsvlmError, match="pip install 'filelock<4'"):
-        check_filelock("4.0.2")
-
-
-def test_lmms_eval_stringifies_loglikelihood_pairs_and_the_workaround_keeps_them():
-    from lmms_eval import evaluator
-    from lmms_eval.api.instance import GenerationResult, unwrap_generation_output
-
-    # The bug (lmms-eval 0.7.3): if this starts failing, lmms-eval fixed it and the workaround can go.
-    assert unwrap_generation_output((-1.5, True)) == ("(-1.5, True)", None)
-    keep_loglikelihood_pairs()
-    keep_loglikelihood_pairs()  # idempotent: one wrapper, not two
-    assert evaluator.unwrap_generation_output.__wrapped__ is unwrap_generation_output
-    assert evaluator.unwrap_generation_output((-1.5, True)) == ((-1.5, True), None)
-    assert evaluator.unwrap_generation_output(GenerationResult("B")) == ("B", None)
-    assert evaluator.unwrap_generation_output("B") == ("B", None)
 
 
 def test_compare_gives_per_benchmark_deltas(tmp_path):

@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 
 from dsvlm.errors import DataError, DsvlmError
+from dsvlm.evaluation.compat import task_yaml_fixes
 
 # Local file suffix -> the `datasets` builder that reads it.
 BUILDERS = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".csv": "csv", ".arrow": "arrow"}
@@ -249,8 +250,7 @@ def write_task_yaml(
             dataset_name=None,
             dataset_kwargs={"data_files": {original["test_split"]: str(data_file)}},
         )
-    else:  # `token: True` fails without a stored token, even offline
-        config["dataset_kwargs"] = {k: v for k, v in (original.get("dataset_kwargs") or {}).items() if k != "token"}
+    config.update(task_yaml_fixes(original, local_data=data_file is not None))
     if max_new_tokens is not None:
         generation = dict(config.get("generation_kwargs") or original.get("generation_kwargs") or {})
         generation["max_new_tokens"] = min(

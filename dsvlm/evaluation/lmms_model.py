@@ -20,7 +20,7 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from dsvlm.data.geometry import SquareGeometry
 from dsvlm.errors import DsvlmError
-from dsvlm.evaluation.compat import check_filelock, keep_loglikelihood_pairs
+from dsvlm.evaluation.compat import LogProb, apply_workarounds
 from dsvlm.evaluation.runner import resolve_model
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -49,9 +49,8 @@ class DsvlmLlava(lmms):
                 f"unknown dsvlm model args: {', '.join(sorted(unknown))}; "
                 "known: pretrained, batch_size, device, dtype"
             )
-        check_filelock()
         # Covers `lmms-eval eval --model dsvlm` too, where dsvlm's runner is not involved.
-        keep_loglikelihood_pairs()
+        apply_workarounds()
         try:
             self._batch_size = int(batch_size)
         except ValueError:
@@ -114,13 +113,13 @@ class DsvlmLlava(lmms):
         return outputs
 
     def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
-        """(negative log-likelihood of the continuation, whether greedy decoding would produce it).
-
-        The first element is a loss, summed over the continuation's tokens: lmms-eval 0.7.3 picks the
-        multiple-choice answer by argmin (its own models return losses), and the sum keeps `acc` and
-        `acc_norm` (divided by the choice's length) what they mean in lm-eval.
+        """(log-probability of the continuation, whether greedy decoding would produce it), as lm-eval's API
+        defines them: the log-probabilities of the continuation's tokens given the context (images
+        expanded), summed. (lmms-eval 0.7.3's `llava_hf` returns a mean loss over a span that also covers
+        the end of the prompt.) The sum is tagged `LogProb` so that lmms-eval 0.7.3, which picks the
+        answer by argmin, scores it right (see `compat.score_logprobs_by_argmax`).
         """
-        results: list[tuple[float, bool]] = [(0.0, True)] * len(requests)
+        results: list[tuple[float, bool]] = [(LogProb(0.0), True)] * len(requests)
         bar = tqdm(total=len(requests), desc="dsvlm loglikelihood", disable=self.rank != 0)
         for batch in self._batches(requests, group=lambda args: ""):
             rows, cont_lens, pixel_values = [], [], []
@@ -158,7 +157,7 @@ class DsvlmLlava(lmms):
                 target = input_ids[r, -n:]
                 scores = logprobs[r, keep - 1 - n :]
                 token_logprobs = scores.gather(-1, target[:, None]).squeeze(-1)
-                results[i] = (float(-token_logprobs.sum()), bool((scores.argmax(-1) == target).all()))
+                results[i] = (LogProb(token_logprobs.sum()), bool((scores.argmax(-1) == target).all()))
             bar.update(len(batch))
         bar.close()
         return results

@@ -8,7 +8,6 @@ MMBench-schema benchmarks per-category scores) and whatever the tasks' own aggre
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import json
@@ -33,7 +32,7 @@ from dsvlm.evaluation.benches import (
     resolve_data_file,
     write_task_yaml,
 )
-from dsvlm.evaluation.compat import check_filelock, keep_loglikelihood_pairs
+from dsvlm.evaluation.compat import apply_workarounds, check_filelock, lmms_cli_args, route_lmms_eval_logs
 from dsvlm.io import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -127,8 +126,8 @@ def evaluate(
         from lmms_eval.evaluator import simple_evaluate
         from lmms_eval.tasks import TaskManager
 
-        _route_lmms_eval_logs()
-        keep_loglikelihood_pairs()
+        route_lmms_eval_logs()
+        apply_workarounds()
         lm = load_model(model, model_path, batch_size, device, dtype, model_args)
         task_manager = TaskManager(
             "WARNING", include_path=include_dir, include_defaults=False, model_name=model
@@ -234,24 +233,6 @@ def load_model(
 
     args = ",".join(f"{k}={v}" for k, v in {"pretrained": path, **extra}.items())
     return get_model(model).create_from_arg_string(args)
-
-
-def lmms_cli_args(out: Path) -> argparse.Namespace:
-    """The `lmms-eval` CLI arguments that `simple_evaluate` and the tasks' aggregations read.
-
-    Without an output path, aggregations such as MMBench's write into `./submissions` of the working folder.
-    """
-    return argparse.Namespace(
-        output_path=str(out), process_with_media=False, reasoning_tags=None, agentic_trace_mode="basic"
-    )
-
-
-def _route_lmms_eval_logs() -> None:
-    """lmms-eval points loguru at stdout when imported; send its warnings to stderr instead."""
-    from loguru import logger
-
-    logger.remove()
-    logger.add(sys.stderr, level="WARNING")
 
 
 def _write_outputs(
