@@ -150,8 +150,10 @@ def score_logprobs_by_argmax(task_class: Any = None) -> bool:
         return False
 
     def process_results(self: Any, doc: Any, results: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        if self.OUTPUT_TYPE == "multiple_choice" and results and all(
-            is_loglikelihood_pair(r) and isinstance(r[0], LogProb) for r in results
+        if (
+            self.OUTPUT_TYPE == "multiple_choice"
+            and results
+            and all(is_loglikelihood_pair(r) and isinstance(r[0], LogProb) for r in results)
         ):
             results = [(-float(score), greedy) for score, greedy in results]  # losses: argmin is right
         return original(self, doc, results, *args, **kwargs)
