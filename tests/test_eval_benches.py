@@ -58,7 +58,7 @@ def test_every_benchmark_names_a_real_lmms_eval_task(name):
 
 
 def test_the_paper_benchmarks_and_synthetic_are_registered():
-    assert set(BENCHMARKS) == PAPER_BENCHES | {"synthetic"}
+    assert set(BENCHMARKS) == PAPER_BENCHES | {"mmvp", "cv_bench", "synthetic"}
     assert BENCHMARKS["mmbench"].task == "mmbench_en_dev_static"  # regex letter extraction, no OpenAI judge
     assert not BENCHMARKS["synthetic"].hub
 

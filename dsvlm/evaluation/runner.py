@@ -28,6 +28,8 @@ from dsvlm.errors import DsvlmError
 from dsvlm.evaluation.benches import (
     Benchmark,
     ensure_available,
+    ensure_judge,
+    ensure_requirements,
     get_benchmark,
     resolve_data_file,
     write_task_yaml,
@@ -201,12 +203,8 @@ def _plan(benches: list[str], data_files: dict[str, str]) -> list[tuple[Benchmar
         bench = get_benchmark(name)
         data_file = resolve_data_file(bench, data_files[name]) if name in data_files else None
         ensure_available(bench, data_file)
-        if bench.judge:
-            log.warning(
-                "%s is scored by an OpenAI-compatible judge (OPENAI_API_KEY / OPENAI_API_URL); "
-                "without one its score is not meaningful",
-                name,
-            )
+        ensure_requirements(bench)
+        ensure_judge(bench)
         plan.append((bench, data_file))
     return plan
 
