@@ -14,6 +14,7 @@ from helpers import dsvlm
 from dsvlm.errors import DsvlmError
 from dsvlm.evaluation import BENCHMARKS, compare, evaluate, resolve_model
 from dsvlm.evaluation.benches import get_benchmark, parse_benches, parse_data_files, write_task_yaml
+from dsvlm.evaluation.runner import compare_table, default_out_dir, resolve_device
 
 PAPER_BENCHES = {
     "mmbench",
@@ -150,6 +151,55 @@ def test_compare_gives_per_benchmark_deltas(tmp_path):
     }
     with pytest.raises(DsvlmError, match="cannot read eval summary"):
         compare(tmp_path / "nope.json", new)
+
+
+def test_compare_gives_per_category_deltas():
+    base = {"benchmarks": {"mmbench": {"score": 60.0, "categories": {"color": {"score": 50.0, "n": 2},
+                                                                      "count": {"score": 70.0, "n": 2}}}}}
+    new = {"benchmarks": {"mmbench": {"score": 65.0, "categories": {"color": {"score": 60.0, "n": 2},
+                                                                     "shape": {"score": 10.0, "n": 1}}}}}
+    assert compare(base, new)["mmbench"] == {
+        "base": 60.0, "new": 65.0, "delta": 5.0,
+        "categories": {
+            "color": {"base": 50.0, "new": 60.0, "delta": 10.0},
+            "count": {"base": 70.0, "new": None, "delta": None},
+            "shape": {"base": None, "new": 10.0, "delta": None},
+        },
+    }
+    rows = [[cell for cell in column.cells] for column in compare_table(compare(base, new)).columns]
+    assert rows[0] == ["mmbench", "  color", "  count", "  shape"] and rows[3] == ["+5", "+10", "-", "-"]
+
+
+def test_device_and_dtype_follow_the_machine():
+    import torch
+
+    expected = ("cuda", "bfloat16" if torch.cuda.is_bf16_supported() else "float16") if torch.cuda.is_available() \
+        else ("cpu", "float32")
+    assert resolve_device() == expected
+    assert resolve_device("cpu") == ("cpu", "float32")
+    assert resolve_device("cpu", "bfloat16") == ("cpu", "bfloat16")
+
+
+def test_default_output_is_named_after_model_and_benchmarks_outside_the_model(tmp_path):
+    assert default_out_dir(tmp_path / "models" / "ds", ["mmbench", "mme"]) == Path("results/ds/mmbench+mme")
+    stripped = tmp_path / "runs" / "ds7b" / "instruct" / "stripped"
+    assert default_out_dir(stripped, ["mmvp"], root=tmp_path) == tmp_path / "ds7b-instruct" / "mmvp"
+
+
+def test_a_large_model_on_cpu_gets_a_warning(tmp_path, monkeypatch, caplog):
+    import torch
+    from safetensors.torch import save_file
+
+    from dsvlm.evaluation import runner
+
+    save_file({"a": torch.zeros(3, 4), "b": torch.zeros(5)}, str(tmp_path / "model.safetensors"))
+    assert runner.count_parameters(tmp_path) == 17
+    monkeypatch.setattr(runner, "LARGE_ON_CPU", 17)  # the real threshold is a billion parameters
+    with caplog.at_level("WARNING"):
+        runner.warn_if_large_on_cpu(tmp_path, "cuda")
+        assert not caplog.records
+        runner.warn_if_large_on_cpu(tmp_path, "cpu")
+    assert "on the CPU will be very slow" in caplog.text
 
 
 def test_the_entry_point_resolves_the_dsvlm_class():

@@ -51,10 +51,14 @@ def run_eval(model: Path, dataset: Path, out: Path, batch_size: int, *extra: str
 
 @pytest.fixture(scope="module")
 def batch8(tiny_model, dataset, tmp_path_factory) -> tuple[str, Path, str]:
-    """`dsvlm eval` at batch 8; returns its stdout, output folder and stderr."""
-    out = tmp_path_factory.mktemp("eval8")
-    result = run_eval(tiny_model, dataset, out, 8)
-    return result.stdout, out, result.stderr
+    """`dsvlm eval` at batch 8 without --out (run from a scratch folder); returns its stdout, output folder
+    and stderr."""
+    cwd = tmp_path_factory.mktemp("eval8")
+    result = dsvlm(
+        "eval", str(tiny_model), "--bench", "synthetic", "--data-files", f"synthetic={dataset}",
+        "--batch-size", "8", "--max-new-tokens", "4", env={"COLUMNS": "160"}, cwd=cwd,
+    )
+    return result.stdout, cwd / "results" / tiny_model.name / "synthetic", result.stderr
 
 
 @pytest.fixture(scope="module")
@@ -64,14 +68,20 @@ def batch1(tiny_model, dataset, batch8, tmp_path_factory) -> dict:
     return json.loads(run_eval(tiny_model, dataset, out, 1, "--json", "--compare", str(batch8[1])).stdout)
 
 
+def tiny_model_dir_of(out: Path) -> Path:
+    return Path(json.loads((out / "summary.json").read_text())["model"])
+
+
 def answers(samples_file: str | Path) -> list[str]:
     return [json.loads(line)["filtered_resps"][0] for line in Path(samples_file).read_text().splitlines()]
 
 
 def test_eval_scores_the_model_through_lmms_eval(batch8):
     stdout, out, _ = batch8
-    assert stdout.strip() == str(out / "summary.json")
+    assert stdout.strip() == str(out / "summary.json")  # the default: results/<model>/<bench>, not in the model
+    assert not (tiny_model_dir_of(out) / "eval").exists()
     summary = json.loads((out / "summary.json").read_text())
+    assert summary["device"] == "cpu" and summary["dtype"] == "float32"  # "auto" without a GPU
     row = summary["benchmarks"]["synthetic"]
     assert row["task"] == "dsvlm_synthetic" and row["metric"] == "gpt_eval_score,none"
     assert row["n"] == N_EVAL and row["data"].endswith("eval/synthetic.parquet")
@@ -115,7 +125,11 @@ def test_batch_8_gives_the_answers_of_batch_1(batch8, batch1):
     eight = json.loads((batch8[1] / "summary.json").read_text())["benchmarks"]["synthetic"]
     assert answers(one["samples"]) == answers(eight["samples"])
     assert batch1["batch_size"] == 1
-    assert batch1["compare"] == {"synthetic": {"base": eight["score"], "new": one["score"], "delta": 0.0}}
+    deltas = batch1["compare"]["synthetic"]
+    assert (deltas["base"], deltas["new"], deltas["delta"]) == (eight["score"], one["score"], 0.0)
+    assert deltas["categories"] == {
+        name: {"base": part["score"], "new": part["score"], "delta": 0.0} for name, part in one["categories"].items()
+    }
 
 
 def test_lmms_eval_llava_hf_gives_the_same_answers(tiny_model, dataset, batch1, tmp_path):

@@ -21,13 +21,14 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration
 from dsvlm.data.geometry import SquareGeometry
 from dsvlm.errors import DsvlmError
 from dsvlm.evaluation.compat import LogProb, apply_workarounds
-from dsvlm.evaluation.runner import resolve_model
+from dsvlm.evaluation.runner import resolve_device, resolve_model
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class DsvlmLlava(lmms):
-    """lmms-eval model `dsvlm`: `--model dsvlm --model_args pretrained=DIR[,device=cpu,dtype=float32]`.
+    """lmms-eval model `dsvlm`: `--model dsvlm --model_args pretrained=DIR[,device=cuda,dtype=bfloat16]`
+    (default "auto": a GPU in bfloat16 when present, else the CPU in float32).
 
     A simple (not chat) model: lmms-eval hands it the task's prompt text and images, exactly what it hands
     `llava_hf`, so the two can be compared answer for answer.
@@ -39,8 +40,8 @@ class DsvlmLlava(lmms):
         self,
         pretrained: str,
         batch_size: int | str = 8,
-        device: str = "cpu",
-        dtype: str = "float32",
+        device: str = "auto",
+        dtype: str = "auto",
         **unknown: Any,
     ) -> None:
         super().__init__()
@@ -57,6 +58,7 @@ class DsvlmLlava(lmms):
             raise DsvlmError(f"batch_size must be a positive integer, got {batch_size!r}") from None
         if self._batch_size < 1:
             raise DsvlmError(f"batch_size must be a positive integer, got {batch_size!r}")
+        device, dtype = resolve_device(device, dtype)
         if dtype not in DTYPES:
             raise DsvlmError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
         path = resolve_model(pretrained)
