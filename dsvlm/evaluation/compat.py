@@ -14,8 +14,9 @@ and does nothing when it does not (so a fixed lmms-eval runs unpatched):
    `loglikelihood` API (and lm-eval) return log-probabilities, highest wins. dsvlm's class returns true
    log-probabilities tagged `LogProb`; `score_logprobs_by_argmax` hands lmms-eval their negation (a loss)
    for those results only, so untagged results (e.g. `llava_hf`'s losses) are scored as before.
-4. Task YAML details (`task_yaml_fixes`): `dataset_kwargs.token: True` fails without a stored hub token even
-   offline, and the MMBench `submission` metric writes an .xlsx that needs openpyxl.
+4. Hub token (`task_yaml_fixes`): `dataset_kwargs.token: True` fails without a stored hub token, even offline.
+   (The MMBench family's `submission` metric, an .xlsx that needs openpyxl, is left out by the benchmark
+   registry's metric choice, not here.)
 5. Loguru on stdout: lmms-eval points loguru at stdout on import (`route_lmms_eval_logs` moves it to
    stderr), and task aggregations write `./submissions` unless given an output path (`lmms_cli_args`).
 """
@@ -155,7 +156,9 @@ def score_logprobs_by_argmax(task_class: Any = None) -> bool:
             and results
             and all(is_loglikelihood_pair(r) and isinstance(r[0], LogProb) for r in results)
         ):
-            results = [(-float(score), greedy) for score, greedy in results]  # losses: argmin is right
+            # Losses, so argmin is right. (`acc_mutual_info`, an argmax over differences, would invert; no
+            # dsvlm benchmark uses it.)
+            results = [(-float(score), greedy) for score, greedy in results]
         return original(self, doc, results, *args, **kwargs)
 
     setattr(process_results, _PATCH_MARK, True)
