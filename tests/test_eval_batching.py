@@ -42,6 +42,7 @@ def requests(tmp_path_factory) -> tuple[list, dict]:
     return mixed_requests(tmp_path_factory.mktemp("batching"))
 
 
+@pytest.mark.slow  # trains the shared tiny model (~30 s) and decodes 300 items twice
 def test_batch_8_answers_and_logits_equal_batch_1(trained_tiny_model, requests):
     items, task_dict = requests
     assert len(items) >= 300

@@ -52,6 +52,7 @@ def summary(trained_tiny_model, fixtures, tmp_path_factory) -> dict[str, Any]:
     return json.loads(result.stdout)
 
 
+@pytest.mark.slow  # one `dsvlm eval` of nine benchmarks (~15 s) on the shared trained tiny model
 @pytest.mark.parametrize("name", OFFLINE)
 def test_benchmark_scores_offline_and_the_samples_give_the_score(name, summary, fixtures, tmp_path):
     row = summary["benchmarks"][name]
