@@ -11,3 +11,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_MODE", "disabled")
 # On a loaded 2-core machine torch's spinning OpenMP threads slow small ops down 100x; let them sleep.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def trained_tiny_model(tmp_path_factory):
+    """A tiny LLaVA trained a little (tests/tiny_llava.py), shared by the evaluation tests."""
+    from tiny_llava import train_tiny_llava
+
+    return train_tiny_llava(tmp_path_factory.mktemp("trained") / "model")

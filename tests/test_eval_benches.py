@@ -1,5 +1,5 @@
 """`dsvlm eval` without a real model: the benchmark registry against lmms-eval 0.7.3, generated task YAMLs,
-bad input, the offline fail-fast, the lmms-eval workarounds' checks, `compare`, the entry point."""
+bad input, the offline fail-fast, `compare`, the entry point."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from helpers import dsvlm
 from dsvlm.errors import DsvlmError
 from dsvlm.evaluation import BENCHMARKS, compare, evaluate, resolve_model
 from dsvlm.evaluation.benches import get_benchmark, parse_benches, parse_data_files, write_task_yaml
-from dsvlm.evaluation.compat import check_filelock, keep_loglikelihood_pairs
+from dsvlm.evaluation.runner import compare_table, default_out_dir, resolve_device
 
 PAPER_BENCHES = {
     "mmbench",
@@ -59,7 +59,7 @@ def test_every_benchmark_names_a_real_lmms_eval_task(name):
 
 
 def test_the_paper_benchmarks_and_synthetic_are_registered():
-    assert set(BENCHMARKS) == PAPER_BENCHES | {"synthetic"}
+    assert set(BENCHMARKS) == PAPER_BENCHES | {"mmvp", "cv_bench", "synthetic"}
     assert BENCHMARKS["mmbench"].task == "mmbench_en_dev_static"  # regex letter extraction, no OpenAI judge
     assert not BENCHMARKS["synthetic"].hub
 
@@ -140,26 +140,6 @@ def test_bad_data_files_are_refused_before_anything_loads(model_shaped_dir, tmp_
         evaluate(model_shaped_dir, ["synthetic"], tmp_path, data_files={"synthetic": str(tmp_path)})
 
 
-def test_filelock_4_is_refused_with_the_fix():
-    check_filelock()  # the installed one is fine (pinned <4)
-    with pytest.raises(DsvlmError, match="pip install 'filelock<4'"):
-        check_filelock("4.0.2")
-
-
-def test_lmms_eval_stringifies_loglikelihood_pairs_and_the_workaround_keeps_them():
-    from lmms_eval import evaluator
-    from lmms_eval.api.instance import GenerationResult, unwrap_generation_output
-
-    # The bug (lmms-eval 0.7.3): if this starts failing, lmms-eval fixed it and the workaround can go.
-    assert unwrap_generation_output((-1.5, True)) == ("(-1.5, True)", None)
-    keep_loglikelihood_pairs()
-    keep_loglikelihood_pairs()  # idempotent: one wrapper, not two
-    assert evaluator.unwrap_generation_output.__wrapped__ is unwrap_generation_output
-    assert evaluator.unwrap_generation_output((-1.5, True)) == ((-1.5, True), None)
-    assert evaluator.unwrap_generation_output(GenerationResult("B")) == ("B", None)
-    assert evaluator.unwrap_generation_output("B") == ("B", None)
-
-
 def test_compare_gives_per_benchmark_deltas(tmp_path):
     base = {"benchmarks": {"mmbench": {"score": 60.0}, "mme": {"score": 1400.0}}}
     new = {"benchmarks": {"mmbench": {"score": 62.5}, "synthetic": {"score": 90.0}}}
@@ -171,6 +151,55 @@ def test_compare_gives_per_benchmark_deltas(tmp_path):
     }
     with pytest.raises(DsvlmError, match="cannot read eval summary"):
         compare(tmp_path / "nope.json", new)
+
+
+def test_compare_gives_per_category_deltas():
+    base = {"benchmarks": {"mmbench": {"score": 60.0, "categories": {"color": {"score": 50.0, "n": 2},
+                                                                      "count": {"score": 70.0, "n": 2}}}}}
+    new = {"benchmarks": {"mmbench": {"score": 65.0, "categories": {"color": {"score": 60.0, "n": 2},
+                                                                     "shape": {"score": 10.0, "n": 1}}}}}
+    assert compare(base, new)["mmbench"] == {
+        "base": 60.0, "new": 65.0, "delta": 5.0,
+        "categories": {
+            "color": {"base": 50.0, "new": 60.0, "delta": 10.0},
+            "count": {"base": 70.0, "new": None, "delta": None},
+            "shape": {"base": None, "new": 10.0, "delta": None},
+        },
+    }
+    rows = [[cell for cell in column.cells] for column in compare_table(compare(base, new)).columns]
+    assert rows[0] == ["mmbench", "  color", "  count", "  shape"] and rows[3] == ["+5", "+10", "-", "-"]
+
+
+def test_device_and_dtype_follow_the_machine():
+    import torch
+
+    expected = ("cuda", "bfloat16" if torch.cuda.is_bf16_supported() else "float16") if torch.cuda.is_available() \
+        else ("cpu", "float32")
+    assert resolve_device() == expected
+    assert resolve_device("cpu") == ("cpu", "float32")
+    assert resolve_device("cpu", "bfloat16") == ("cpu", "bfloat16")
+
+
+def test_default_output_is_named_after_model_and_benchmarks_outside_the_model(tmp_path):
+    assert default_out_dir(tmp_path / "models" / "ds", ["mmbench", "mme"]) == Path("results/ds/mmbench+mme")
+    stripped = tmp_path / "runs" / "ds7b" / "instruct" / "stripped"
+    assert default_out_dir(stripped, ["mmvp"], root=tmp_path) == tmp_path / "ds7b-instruct" / "mmvp"
+
+
+def test_a_large_model_on_cpu_gets_a_warning(tmp_path, monkeypatch, caplog):
+    import torch
+    from safetensors.torch import save_file
+
+    from dsvlm.evaluation import runner
+
+    save_file({"a": torch.zeros(3, 4), "b": torch.zeros(5)}, str(tmp_path / "model.safetensors"))
+    assert runner.count_parameters(tmp_path) == 17
+    monkeypatch.setattr(runner, "LARGE_ON_CPU", 17)  # the real threshold is a billion parameters
+    with caplog.at_level("WARNING"):
+        runner.warn_if_large_on_cpu(tmp_path, "cuda")
+        assert not caplog.records
+        runner.warn_if_large_on_cpu(tmp_path, "cpu")
+    assert "on the CPU will be very slow" in caplog.text
 
 
 def test_the_entry_point_resolves_the_dsvlm_class():

@@ -51,10 +51,14 @@ def run_eval(model: Path, dataset: Path, out: Path, batch_size: int, *extra: str
 
 @pytest.fixture(scope="module")
 def batch8(tiny_model, dataset, tmp_path_factory) -> tuple[str, Path, str]:
-    """`dsvlm eval` at batch 8; returns its stdout, output folder and stderr."""
-    out = tmp_path_factory.mktemp("eval8")
-    result = run_eval(tiny_model, dataset, out, 8)
-    return result.stdout, out, result.stderr
+    """`dsvlm eval` at batch 8 without --out (run from a scratch folder); returns its stdout, output folder
+    and stderr."""
+    cwd = tmp_path_factory.mktemp("eval8")
+    result = dsvlm(
+        "eval", str(tiny_model), "--bench", "synthetic", "--data-files", f"synthetic={dataset}",
+        "--batch-size", "8", "--max-new-tokens", "4", env={"COLUMNS": "160"}, cwd=cwd,
+    )
+    return result.stdout, cwd / "results" / tiny_model.name / "synthetic", result.stderr
 
 
 @pytest.fixture(scope="module")
@@ -64,14 +68,20 @@ def batch1(tiny_model, dataset, batch8, tmp_path_factory) -> dict:
     return json.loads(run_eval(tiny_model, dataset, out, 1, "--json", "--compare", str(batch8[1])).stdout)
 
 
+def tiny_model_dir_of(out: Path) -> Path:
+    return Path(json.loads((out / "summary.json").read_text())["model"])
+
+
 def answers(samples_file: str | Path) -> list[str]:
     return [json.loads(line)["filtered_resps"][0] for line in Path(samples_file).read_text().splitlines()]
 
 
 def test_eval_scores_the_model_through_lmms_eval(batch8):
     stdout, out, _ = batch8
-    assert stdout.strip() == str(out / "summary.json")
+    assert stdout.strip() == str(out / "summary.json")  # the default: results/<model>/<bench>, not in the model
+    assert not (tiny_model_dir_of(out) / "eval").exists()
     summary = json.loads((out / "summary.json").read_text())
+    assert summary["device"] == "cpu" and summary["dtype"] == "float32"  # "auto" without a GPU
     row = summary["benchmarks"]["synthetic"]
     assert row["task"] == "dsvlm_synthetic" and row["metric"] == "gpt_eval_score,none"
     assert row["n"] == N_EVAL and row["data"].endswith("eval/synthetic.parquet")
@@ -115,7 +125,11 @@ def test_batch_8_gives_the_answers_of_batch_1(batch8, batch1):
     eight = json.loads((batch8[1] / "summary.json").read_text())["benchmarks"]["synthetic"]
     assert answers(one["samples"]) == answers(eight["samples"])
     assert batch1["batch_size"] == 1
-    assert batch1["compare"] == {"synthetic": {"base": eight["score"], "new": one["score"], "delta": 0.0}}
+    deltas = batch1["compare"]["synthetic"]
+    assert (deltas["base"], deltas["new"], deltas["delta"]) == (eight["score"], one["score"], 0.0)
+    assert deltas["categories"] == {
+        name: {"base": part["score"], "new": part["score"], "delta": 0.0} for name, part in one["categories"].items()
+    }
 
 
 def test_lmms_eval_llava_hf_gives_the_same_answers(tiny_model, dataset, batch1, tmp_path):
@@ -175,38 +189,91 @@ def mc_tasks(dataset, tmp_path_factory) -> Path:
     return folder
 
 
-def test_multiple_choice_runs_through_loglikelihood(tiny_model, dataset, mc_tasks):
+def choice_scores(sample: dict) -> list[float]:
+    pairs = sample["filtered_resps"]
+    assert all(isinstance(score, float) and isinstance(greedy, bool) for score, greedy in pairs)
+    return [score for score, _ in pairs]
+
+
+@pytest.fixture(scope="module")
+def mc_batch8(tiny_model, mc_tasks) -> dict:
     from dsvlm.evaluation.lmms_model import DsvlmLlava
 
-    results = run_mc(DsvlmLlava(pretrained=str(tiny_model), batch_size=8), mc_tasks)
-    samples = results["samples"]["dsvlm_test_mc"]
+    return run_mc(DsvlmLlava(pretrained=str(tiny_model), batch_size=8), mc_tasks)
+
+
+def test_multiple_choice_scores_log_probabilities_end_to_end(tiny_model, dataset, mc_tasks, mc_batch8):
+    """`loglikelihood` returns summed log-probabilities (<= 0, highest wins), lmms-eval 0.7.3's argmin
+    scoring is turned right for them, batching changes nothing, and a direct computation agrees."""
+    from dsvlm.evaluation.lmms_model import DsvlmLlava
+
+    samples = mc_batch8["samples"]["dsvlm_test_mc"]
     assert len(samples) == 8
     correct = []
     for sample in samples:
-        pairs = sample["filtered_resps"]
-        assert len(pairs) == 4 and all(isinstance(nll, float) and isinstance(g, bool) for nll, g in pairs)
-        nlls = [nll for nll, _ in pairs]
-        assert all(nll > 0 for nll in nlls)  # losses: lmms-eval picks the answer by argmin
-        correct.append(float("ABCD"[nlls.index(min(nlls))] == sample["target"]))
-    assert results["results"]["dsvlm_test_mc"]["acc,none"] == pytest.approx(sum(correct) / len(correct))
+        scores = choice_scores(sample)
+        assert len(scores) == 4 and all(score < 0 for score in scores)
+        correct.append(float("ABCD"[scores.index(max(scores))] == sample["target"]))
+    assert 0 < sum(correct) < len(correct)  # both outcomes occur: argmin would score the complement
+    assert mc_batch8["results"]["dsvlm_test_mc"]["acc,none"] == pytest.approx(sum(correct) / len(correct))
 
-    # Left padding changes nothing, and the first choice matches a plain forward pass with labels.
     unbatched = run_mc(DsvlmLlava(pretrained=str(tiny_model), batch_size=1), mc_tasks)["samples"][
         "dsvlm_test_mc"
     ]
     for batched, single in zip(samples, unbatched, strict=True):
-        for (nll_8, greedy_8), (nll_1, greedy_1) in zip(
-            batched["filtered_resps"], single["filtered_resps"], strict=True
-        ):
-            assert nll_8 == pytest.approx(nll_1, rel=1e-4) and greedy_8 == greedy_1
-    first = samples[0]
+        assert choice_scores(batched) == pytest.approx(choice_scores(single), rel=1e-4)
+        assert [g for _, g in batched["filtered_resps"]] == [g for _, g in single["filtered_resps"]]
     eval_file = dataset / "eval" / "synthetic.parquet"
-    assert first["filtered_resps"][0][0] == pytest.approx(
-        reference_nll(tiny_model, eval_file, first, " A"), rel=1e-4
+    for choice in range(4):
+        expected = reference_logprob(tiny_model, eval_file, samples[0], " " + "ABCD"[choice])
+        assert choice_scores(samples[0])[choice] == pytest.approx(expected, rel=1e-4)
+
+
+def test_llava_hf_loglikelihood_is_not_a_log_probability(tiny_model, dataset, mc_tasks, mc_batch8):
+    """Why dsvlm's class exists. lmms-eval 0.7.3's simple `llava_hf.loglikelihood` fails on transformers 5
+    (it measures the context by running the processor on text with an image token but no image). What it
+    computes where it runs (the context measured by the tokenizer alone, so before the image tokens are
+    expanded) is a mean loss over a span that starts inside the prompt: not the continuation's
+    log-probability, on the very request dsvlm's class scores right."""
+    import datasets
+    from lmms_eval.models import get_model
+
+    llava_hf = get_model("llava_hf", force_simple=True).create_from_arg_string(
+        f"pretrained={tiny_model},device_map=cpu,device=cpu"
     )
+    with pytest.raises(ValueError, match="no images were passed"):
+        run_mc(llava_hf, mc_tasks, limit=1)
+
+    sample = mc_batch8["samples"]["dsvlm_test_mc"][0]
+    image = datasets.load_dataset(
+        "parquet", data_files=str(dataset / "eval" / "synthetic.parquet"), split="train"
+    )[sample["doc_id"]]["image"].convert("RGB")
+    ours = choice_scores(sample)
+    for choice, logprob in zip("ABCD", ours, strict=True):
+        loss = llava_hf_0_7_3_loglikelihood(llava_hf, sample["arguments"][0], " " + choice, image)
+        assert loss > 0 and loss != pytest.approx(-logprob, rel=0.01)
+        print(f"doc {sample['doc_id']} choice {choice}: dsvlm log p = {logprob:.4f}, llava_hf = {loss:.4f}")
 
 
-def reference_nll(model_dir: Path, eval_file: Path, sample: dict, continuation: str) -> float:
+def llava_hf_0_7_3_loglikelihood(llava_hf, context: str, continuation: str, image) -> float:
+    """lmms-eval 0.7.3's `llava_hf.loglikelihood` for one request, line for line, with the context length
+    taken from the tokenizer (what its processor call without images gave before transformers 5)."""
+    tokenizer = llava_hf.tokenizer
+    messages = [
+        {"role": "user", "content": f"<image>\n{context}"},
+        {"role": "assistant", "content": continuation},
+    ]
+    prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+    full = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
+    inputs = llava_hf._image_processor(text=[full], images=[image], return_tensors="pt")
+    labels = inputs["input_ids"].clone()
+    labels[:, : len(tokenizer(prompt)["input_ids"])] = -100
+    with torch.inference_mode():
+        return float(llava_hf.model(**inputs, labels=labels).loss)
+
+
+def reference_logprob(model_dir: Path, eval_file: Path, sample: dict, continuation: str) -> float:
+    """log p(continuation | prompt, image), summed over its tokens, from transformers' own loss."""
     import datasets
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
@@ -229,7 +296,7 @@ def reference_nll(model_dir: Path, eval_file: Path, sample: dict, continuation: 
     labels[:, -cont.shape[1] :] = cont
     with torch.no_grad():
         loss = model(input_ids=input_ids, pixel_values=context["pixel_values"], labels=labels).loss
-    return float(loss) * cont.shape[1]
+    return -float(loss) * cont.shape[1]  # the loss is the mean over the labelled tokens
 
 
 def test_evaluation_pads_images_as_training_did(tiny_model):

@@ -29,7 +29,9 @@ def eval_command(
         help="BENCH=PATH (repeatable): a local parquet copy of a benchmark, or a prepared dataset folder "
         "(`synthetic` needs one).",
     ),
-    out: Path | None = typer.Option(None, "--out", help="Output folder (default: MODEL/eval)."),
+    out: Path | None = typer.Option(
+        None, "--out", help="Output folder (default: results/<model>/<benchmarks>, outside the model directory)."
+    ),
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="Generation batch size."),
     limit: int | None = typer.Option(
         None, "--limit", min=1, help="Only the first N items of each benchmark."
@@ -37,20 +39,22 @@ def eval_command(
     max_new_tokens: int | None = typer.Option(
         None, "--max-new-tokens", min=1, help="Cap every task's generation length (default: each task's own)."
     ),
-    device: str = typer.Option("cpu", "--device", help="Torch device, e.g. cpu or cuda."),
-    dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16."),
+    device: str = typer.Option("auto", "--device", help="Torch device: auto (a GPU when present), cpu, cuda..."),
+    dtype: str = typer.Option(
+        "auto", "--dtype", help="auto (bfloat16 on a GPU, float32 on the CPU), float32, bfloat16 or float16."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the summary JSON instead of its path."),
     compare_to: Path | None = typer.Option(
-        None, "--compare", help="Another summary.json (or its folder): print per-benchmark deltas."
+        None, "--compare", help="Another summary.json (or its folder): print per-benchmark and per-category deltas."
     ),
 ) -> None:
     """Run benchmarks through lmms-eval; print the summary path (or, with --json, the summary)."""
-    from dsvlm.evaluation.runner import SUMMARY, compare, compare_table, evaluate, load_summary
+    from dsvlm.evaluation.runner import SUMMARY, compare, compare_table, default_out_dir, evaluate, load_summary
 
     names = parse_benches(bench)
     files = parse_data_files(data_files)
     base = load_summary(compare_to) if compare_to is not None else None  # a bad file fails before the run
-    out_dir = out if out is not None else model / "eval"
+    out_dir = out if out is not None else default_out_dir(model, names)
     summary = evaluate(
         model,
         names,

@@ -14,14 +14,17 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import yaml
 
 from dsvlm.errors import DataError, DsvlmError
+from dsvlm.evaluation.compat import task_yaml_fixes
 
 # Local file suffix -> the `datasets` builder that reads it.
 BUILDERS = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".csv": "csv", ".arrow": "arrow"}
@@ -51,6 +54,8 @@ class Benchmark:
     description: str
     hub: bool = True  # False: local data only (`--data-files`)
     judge: bool = False  # scored by an OpenAI-compatible judge (needs OPENAI_API_KEY)
+    judge_role: str = ""  # what the judge does, for the error when none is configured
+    requires: Mapping[str, str] = field(default_factory=dict)  # import name -> pip name, beyond lmms-eval's list
     overrides: Mapping[str, Any] = field(default_factory=dict)  # task YAML keys dsvlm replaces
 
     @property
@@ -88,6 +93,8 @@ BENCHMARKS: dict[str, Benchmark] = {
             "llm_as_judge_eval",
             "MathVista testmini (answer extraction by an OpenAI-compatible judge)",
             judge=True,
+            judge_role="extracts the answer from every reply that is not already a choice or a number",
+            requires={"Levenshtein": "levenshtein"},  # imported by the task's utils.py
         ),
         Benchmark("ocrbench", "ocrbench", "ocrbench/ocrbench.yaml", "ocrbench_accuracy", "OCRBench"),
         Benchmark("ai2d", "ai2d", "ai2d/ai2d.yaml", "exact_match", "AI2D test"),
@@ -98,6 +105,7 @@ BENCHMARKS: dict[str, Benchmark] = {
             "aAcc",
             "HallusionBench image split (scored by an OpenAI-compatible judge)",
             judge=True,
+            judge_role="decides whether each reply agrees with the ground truth",
         ),
         Benchmark(
             "llava_bench",
@@ -106,11 +114,15 @@ BENCHMARKS: dict[str, Benchmark] = {
             "gpt_eval_llava_all",
             "LLaVA-Bench in the wild (scored by an OpenAI-compatible judge)",
             judge=True,
+            judge_role="rates every reply against a reference answer (GPT-4 review)",
         ),
         Benchmark(
             "scienceqa", "scienceqa_img", "scienceqa/scienceqa_img.yaml", "exact_match", "ScienceQA-IMG test"
         ),
         Benchmark("mme", "mme", "mme/mme.yaml", "mme_perception_score", "MME (perception score)"),
+        # Not in the paper; the benchmarks where reconstruction-style methods report their largest gains.
+        Benchmark("mmvp", "mmvp", "mmvp/mmvp.yaml", "mmvp_accuracy", "MMVP (CLIP-blind pairs), per-question accuracy"),
+        Benchmark("cv_bench", "cv_bench", "cv_bench/cv_bench.yaml", "cv_bench_acc", "CV-Bench (2D and 3D), accuracy"),
         Benchmark(
             "synthetic",
             "mmbench_en_dev_static",
@@ -236,6 +248,56 @@ def ensure_available(bench: Benchmark, data_file: Path | None) -> None:
         ) from exc
 
 
+def ensure_requirements(bench: Benchmark) -> None:
+    """Fail at once when the task's own code imports a package that is not installed (lmms-eval is installed
+    without its dependencies, and the task would otherwise fail after the model has loaded)."""
+    missing = [pip for module, pip in bench.requires.items() if importlib.util.find_spec(module) is None]
+    if missing:
+        raise DsvlmError(
+            f"benchmark {bench.name!r}: lmms-eval's task {bench.task} imports {', '.join(bench.requires)}, "
+            f"which is not installed; run: pip install {' '.join(missing)}"
+        )
+
+
+def ensure_judge(bench: Benchmark, timeout: float = 5.0) -> None:
+    """Fail at once when `bench` needs an LLM judge that is not configured or cannot be reached.
+
+    lmms-eval's judge clients retry with sleeps (and its `process_results` retries 5 times more), so a
+    missing judge otherwise shows up minutes later as a zero score or a stack trace.
+    """
+    if not bench.judge:
+        return
+    api_type = os.environ.get("API_TYPE", "openai").lower()
+    key_var, url_var, default_url = (
+        ("AZURE_API_KEY", "AZURE_ENDPOINT", "")
+        if api_type == "azure"
+        else ("OPENAI_API_KEY", "OPENAI_API_URL", "https://api.openai.com/v1")
+    )
+    url = os.environ.get(url_var) or default_url
+    judge = (
+        f"benchmark {bench.name!r} (lmms-eval task {bench.task}) needs an LLM judge, which "
+        f"{bench.judge_role}: an OpenAI-compatible chat model (MODEL_VERSION, default gpt-4o-2024-11-20)"
+    )
+    howto = (
+        "set OPENAI_API_KEY (and OPENAI_API_URL for another OpenAI-compatible server, MODEL_VERSION for its "
+        "model), or API_TYPE=azure with AZURE_API_KEY and AZURE_ENDPOINT; or leave the benchmark out"
+    )
+    if not os.environ.get(key_var):
+        raise DsvlmError(f"{judge}; none is configured ({key_var} is not set): {howto}")
+    host, port = _host_port(url)
+    if host is None:
+        raise DsvlmError(f"{judge}; {url_var}={url!r} is not a URL: {howto}")
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as exc:
+        raise DsvlmError(f"{judge}; the judge at {url} cannot be reached ({exc}): {howto}") from exc
+
+
+def _host_port(url: str) -> tuple[str | None, int]:
+    parsed = urlparse(url)
+    return parsed.hostname, parsed.port or (443 if parsed.scheme == "https" else 80)
+
+
 def write_task_yaml(
     bench: Benchmark, folder: Path, data_file: Path | None = None, max_new_tokens: int | None = None
 ) -> str:
@@ -249,8 +311,7 @@ def write_task_yaml(
             dataset_name=None,
             dataset_kwargs={"data_files": {original["test_split"]: str(data_file)}},
         )
-    else:  # `token: True` fails without a stored token, even offline
-        config["dataset_kwargs"] = {k: v for k, v in (original.get("dataset_kwargs") or {}).items() if k != "token"}
+    config.update(task_yaml_fixes(original, local_data=data_file is not None))
     if max_new_tokens is not None:
         generation = dict(config.get("generation_kwargs") or original.get("generation_kwargs") or {})
         generation["max_new_tokens"] = min(

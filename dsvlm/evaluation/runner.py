@@ -8,11 +8,11 @@ MMBench-schema benchmarks per-category scores) and whatever the tasks' own aggre
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import json
 import logging
+import math
 import sys
 import tempfile
 import time
@@ -29,11 +29,13 @@ from dsvlm.errors import DsvlmError
 from dsvlm.evaluation.benches import (
     Benchmark,
     ensure_available,
+    ensure_judge,
+    ensure_requirements,
     get_benchmark,
     resolve_data_file,
     write_task_yaml,
 )
-from dsvlm.evaluation.compat import check_filelock, keep_loglikelihood_pairs
+from dsvlm.evaluation.compat import apply_workarounds, check_filelock, lmms_cli_args, route_lmms_eval_logs
 from dsvlm.io import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -105,8 +107,8 @@ def evaluate(
     batch_size: int = 8,
     limit: int | None = None,
     max_new_tokens: int | None = None,
-    device: str = "cpu",
-    dtype: str = "float32",
+    device: str = "auto",
+    dtype: str = "auto",
     model: str = "dsvlm",
     model_args: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
@@ -114,11 +116,15 @@ def evaluate(
 
     `max_new_tokens` caps every task's generation length (None: each task's own setting). `model` names the
     lmms-eval model class ("dsvlm", or e.g. "llava_hf" for a reference run, with `model_args` extra
-    arguments); `batch_size`, `device` and `dtype` apply to the dsvlm class. Returns the summary.
+    arguments); `batch_size`, `device` and `dtype` apply to the dsvlm class ("auto": see
+    `resolve_device`). Returns the summary.
     """
     check_filelock()
     model_path = resolve_model(model_dir)
     plan = _plan(benches, data_files or {})
+    device, dtype = resolve_device(device, dtype)
+    if model == "dsvlm":
+        warn_if_large_on_cpu(model_path, device)
     out = Path(out_dir).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
 
@@ -127,8 +133,8 @@ def evaluate(
         from lmms_eval.evaluator import simple_evaluate
         from lmms_eval.tasks import TaskManager
 
-        _route_lmms_eval_logs()
-        keep_loglikelihood_pairs()
+        route_lmms_eval_logs()
+        apply_workarounds()
         lm = load_model(model, model_path, batch_size, device, dtype, model_args)
         task_manager = TaskManager(
             "WARNING", include_path=include_dir, include_defaults=False, model_name=model
@@ -147,22 +153,86 @@ def evaluate(
                 cli_args=lmms_cli_args(out),
             )
         seconds = time.perf_counter() - start
+    run_facts = {"device": device, "dtype": dtype} if model == "dsvlm" else {}
     summary = _write_outputs(
-        results, plan, tasks, out, model_path, model, seconds, limit, getattr(lm, "batch_size", None)
+        results, plan, tasks, out, model_path, model, seconds, limit, getattr(lm, "batch_size", None), run_facts
     )
     Console(stderr=True).print(summary_table(summary))
     return summary
 
 
+def resolve_device(device: str = "auto", dtype: str = "auto") -> tuple[str, str]:
+    """The device and dtype the model would be used with: "auto" is a GPU in bfloat16 (float16 where the GPU
+    has no bfloat16) when one is present, else the CPU in float32."""
+    if device == "auto" or dtype == "auto":
+        import torch
+
+        gpu = torch.cuda.is_available()
+        if device == "auto":
+            device = "cuda" if gpu else "cpu"
+        if dtype == "auto":
+            on_gpu = device.startswith("cuda") and gpu
+            dtype = ("bfloat16" if torch.cuda.is_bf16_supported() else "float16") if on_gpu else "float32"
+    return device, dtype
+
+
+LARGE_ON_CPU = 1_000_000_000  # parameters; a 7B model takes hours per benchmark on a CPU
+
+
+def warn_if_large_on_cpu(model_path: Path, device: str) -> None:
+    """Log a warning when a billion-parameter model is about to be evaluated on a CPU."""
+    if device != "cpu":
+        return
+    n = count_parameters(model_path)
+    if n >= LARGE_ON_CPU:
+        log.warning(
+            "evaluating a %.1fB-parameter model on the CPU will be very slow; pass --device cuda on a GPU machine",
+            n / 1e9,
+        )
+
+
+def count_parameters(model_path: Path) -> int:
+    """Parameters in the model's safetensors files, read from their headers (no weights load)."""
+    from safetensors import safe_open
+
+    total = 0
+    for file in model_path.glob("*.safetensors"):
+        with safe_open(str(file), framework="np") as weights:
+            for key in weights.keys():  # noqa: SIM118 (a safetensors handle is not a dict)
+                shape = weights.get_slice(key).get_shape()
+                total += int(math.prod(shape))
+    return total
+
+
+def default_out_dir(model_dir: str | Path, benches: list[str], root: str | Path = "results") -> Path:
+    """Where `dsvlm eval` writes without --out: ROOT/<model>/<bench+bench>, outside the model directory.
+
+    A stripped run (RUN/<stage>/stripped) is named RUN-<stage>, so runs evaluated side by side stay apart.
+    """
+    path = Path(model_dir).expanduser().resolve()
+    name = f"{path.parent.parent.name}-{path.parent.name}" if path.name in ("stripped", "final") else path.name
+    return Path(root) / name / "+".join(benches)
+
+
 def compare(base: dict[str, Any] | str | Path, new: dict[str, Any] | str | Path) -> dict[str, dict[str, Any]]:
-    """Per benchmark: `base` score, `new` score and `delta` = new - base (None where one side lacks it)."""
+    """Per benchmark: `base` score, `new` score and `delta` = new - base (None where one side lacks it), and
+    where either side has per-category scores, the same per category under `categories`."""
     a, b = load_summary(base), load_summary(new)
     out: dict[str, dict[str, Any]] = {}
     for name in dict.fromkeys([*a["benchmarks"], *b["benchmarks"]]):
-        sa = a["benchmarks"].get(name, {}).get("score")
-        sb = b["benchmarks"].get(name, {}).get("score")
-        out[name] = {"base": sa, "new": sb, "delta": None if sa is None or sb is None else sb - sa}
+        row_a, row_b = a["benchmarks"].get(name, {}), b["benchmarks"].get(name, {})
+        out[name] = _delta(row_a.get("score"), row_b.get("score"))
+        cats_a, cats_b = row_a.get("categories") or {}, row_b.get("categories") or {}
+        if cats_a or cats_b:
+            out[name]["categories"] = {
+                cat: _delta(cats_a.get(cat, {}).get("score"), cats_b.get(cat, {}).get("score"))
+                for cat in sorted({*cats_a, *cats_b})
+            }
     return out
+
+
+def _delta(base: float | None, new: float | None) -> dict[str, float | None]:
+    return {"base": base, "new": new, "delta": None if base is None or new is None else new - base}
 
 
 def summary_table(summary: dict[str, Any]) -> Table:
@@ -185,6 +255,10 @@ def compare_table(deltas: dict[str, dict[str, Any]]) -> Table:
 
     for name, row in deltas.items():
         table.add_row(name, fmt(row["base"]), fmt(row["new"]), fmt(row["delta"], signed=True))
+        for category, part in row.get("categories", {}).items():
+            table.add_row(
+                f"  {category}", fmt(part["base"]), fmt(part["new"]), fmt(part["delta"], signed=True), style="dim"
+            )
     return table
 
 
@@ -202,12 +276,8 @@ def _plan(benches: list[str], data_files: dict[str, str]) -> list[tuple[Benchmar
         bench = get_benchmark(name)
         data_file = resolve_data_file(bench, data_files[name]) if name in data_files else None
         ensure_available(bench, data_file)
-        if bench.judge:
-            log.warning(
-                "%s is scored by an OpenAI-compatible judge (OPENAI_API_KEY / OPENAI_API_URL); "
-                "without one its score is not meaningful",
-                name,
-            )
+        ensure_requirements(bench)
+        ensure_judge(bench)
         plan.append((bench, data_file))
     return plan
 
@@ -236,24 +306,6 @@ def load_model(
     return get_model(model).create_from_arg_string(args)
 
 
-def lmms_cli_args(out: Path) -> argparse.Namespace:
-    """The `lmms-eval` CLI arguments that `simple_evaluate` and the tasks' aggregations read.
-
-    Without an output path, aggregations such as MMBench's write into `./submissions` of the working folder.
-    """
-    return argparse.Namespace(
-        output_path=str(out), process_with_media=False, reasoning_tags=None, agentic_trace_mode="basic"
-    )
-
-
-def _route_lmms_eval_logs() -> None:
-    """lmms-eval points loguru at stdout when imported; send its warnings to stderr instead."""
-    from loguru import logger
-
-    logger.remove()
-    logger.add(sys.stderr, level="WARNING")
-
-
 def _write_outputs(
     results: dict[str, Any] | None,
     plan: list[tuple[Benchmark, Path | None]],
@@ -264,6 +316,7 @@ def _write_outputs(
     seconds: float,
     limit: int | None,
     batch_size: int | None,
+    run_facts: dict[str, Any],
 ) -> dict[str, Any]:
     from lmms_eval.utils import handle_non_serializable
 
@@ -297,6 +350,7 @@ def _write_outputs(
         "model_class": model,
         "lmms_eval_version": metadata.version("lmms_eval"),
         "batch_size": batch_size,
+        **run_facts,
         "limit": limit,
         "seconds": round(seconds, 3),
         "results": str(results_file),
