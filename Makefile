@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # A CPU machine takes the local CPU wheel; on a GPU machine use e.g. `make install TORCH=torch`.
 TORCH ?= torch==2.13.0
 # lmms-eval 0.7.3 must be installed without its dependencies (they would replace torch), then this list.
-LMMS_EVAL_DEPS := loguru sacrebleu evaluate pytz tenacity pytablewriter decord 'filelock<4'
+LMMS_EVAL_DEPS := loguru sacrebleu evaluate pytz tenacity pytablewriter decord levenshtein 'filelock<4'
 
 .PHONY: install demo test lint clean
 install: $(VENV)/.installed
