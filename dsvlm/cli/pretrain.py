@@ -17,6 +17,7 @@ def pretrain_diffusion(
     lr: float = typer.Option(1e-3, help="Peak learning rate (warmup, then cosine)."),
     resolution: int = typer.Option(32, help="Image side in pixels (the supervision branch's resolution)."),
     width: int = typer.Option(16, help="Channels of the UNet's first level (the next two have 2x and 4x)."),
+    prediction_type: str = typer.Option("sample", help="UNet target: sample (x0), epsilon or v_prediction."),
     seed: int = typer.Option(0, help="Seed of weights, batches, noise and the held-out captions."),
     split: str = typer.Option("align", help="Split of captioned images to train on."),
     checkpoint_every: int = typer.Option(200, help="Steps between checkpoints (for --resume)."),
@@ -34,7 +35,8 @@ def pretrain_diffusion(
     from dsvlm.diffusion.pretrain import pretrain_diffusion as run
 
     options = PretrainOptions(steps=steps, vae_steps=vae_steps, batch_size=batch_size, lr=lr, resolution=resolution,
-                              width=width, seed=seed, split=split, checkpoint_every=checkpoint_every)
+                              width=width, prediction_type=prediction_type, seed=seed, split=split,
+                              checkpoint_every=checkpoint_every)
     path = run(dataset, out, options, resume=resume, overwrite=overwrite, progress=progress)
     typer.echo(json.dumps(json.loads((path / INFO).read_text())) if as_json else str(path))
 

@@ -59,6 +59,14 @@ SD15_SCHEDULE = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end":
                  "set_alpha_to_one": False, "steps_offset": 1}
 
 
+PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
+
+
+def schedule(options: PretrainOptions) -> dict[str, Any]:
+    """SD 1.5's schedule with the chosen prediction type; pixel space clips x̂0 to the image range."""
+    return {**SD15_SCHEDULE, "prediction_type": options.prediction_type, "clip_sample": options.pixel_space}
+
+
 @dataclass(frozen=True)
 class PretrainOptions:
     """What `dsvlm pretrain-diffusion` trains; the defaults suit the synthetic set on two CPU cores."""
@@ -71,6 +79,9 @@ class PretrainOptions:
     width: int = 16  # channels of the UNet's first level; the next two levels have 2x and 4x
     text_width: int = 64  # the text encoder's width = the UNet's cross_attention_dim
     caption_dropout: float = 0.1
+    # What the UNet predicts. `sample` (x0) learns clean, recognisable scenes within a few hundred CPU steps on
+    # flat synthetic images, where ε-prediction still leaves visible noise; SD 1.5 itself uses `epsilon`.
+    prediction_type: str = "sample"
     seed: int = 0
     split: str = "align"
     max_images: int = 20_000
@@ -88,6 +99,9 @@ class PretrainOptions:
             raise DsvlmError(f"--vae-steps must be >= 0 (0 = pixel space), got {self.vae_steps}")
         if self.resolution % 8:
             raise DsvlmError(f"--resolution must be a multiple of 8, got {self.resolution}")
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise DsvlmError(f"--prediction-type must be one of {', '.join(PREDICTION_TYPES)}, "
+                             f"got {self.prediction_type!r}")
         if not 0.0 <= self.caption_dropout < 1.0:
             raise DsvlmError(f"--caption-dropout must be in [0, 1), got {self.caption_dropout}")
 
@@ -259,7 +273,7 @@ def pretrain_diffusion(dataset_dir: Path, out: Path, options: PretrainOptions = 
             state = None
     wall = time.perf_counter() - started
     pipeline = Pipeline(tokenizer, models.text_encoder.eval(), models.unet.eval(),
-                        models.vae.eval() if models.vae is not None else None, dict(SD15_SCHEDULE))
+                        models.vae.eval() if models.vae is not None else None, schedule(options))
     figure = _evaluate(pipeline, options, out)
     _save(out, pipeline, options)
     _plot_history(history, out / "loss.png")
@@ -348,11 +362,14 @@ def _train_step(models: Models, phase: str, corpus: Corpus, tokenizer: PreTraine
         ids = tokenizer(captions, padding="max_length", max_length=MAX_TOKENS, truncation=True,
                         return_tensors="pt").input_ids
         states = models.text_encoder(ids).last_hidden_state
-        scheduler = DDPMScheduler.from_config(SD15_SCHEDULE)
+        scheduler = DDPMScheduler.from_config(schedule(options))
         noise = torch.randn(target.shape, generator=generator)
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(target),), generator=generator)
         noisy = scheduler.add_noise(target, noise, timesteps)
-        loss = F.mse_loss(models.unet(noisy, timesteps, encoder_hidden_states=states).sample, noise)
+        goal = {"epsilon": noise, "sample": target}.get(options.prediction_type)
+        if goal is None:
+            goal = scheduler.get_velocity(target, noise, timesteps)
+        loss = F.mse_loss(models.unet(noisy, timesteps, encoder_hidden_states=states).sample, goal)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], 1.0)
@@ -443,7 +460,7 @@ def _save(out: Path, pipeline: Pipeline, options: PretrainOptions) -> None:
         with atomic_dir(out / name, replace=True) as tmp:
             part.save_pretrained(tmp)
     with atomic_dir(out / "scheduler", replace=True) as tmp:
-        DDPMScheduler.from_config(SD15_SCHEDULE).save_pretrained(tmp)
+        DDPMScheduler.from_config(pipeline.scheduler_config).save_pretrained(tmp)
     index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": _diffusers_version(),
              "scheduler": ["diffusers", "DDPMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
              "tokenizer": ["transformers", "PreTrainedTokenizerFast"], "unet": ["diffusers", "UNet2DConditionModel"],
@@ -467,7 +484,7 @@ def _plot_history(history: list[dict[str, Any]], out: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
     for phase in dict.fromkeys(h["phase"] for h in history):
         points = [(h["step"], h["loss"]) for h in history if h["phase"] == phase]
-        ax.plot(*zip(*points, strict=True), label=f"{phase} ({'L1' if phase == 'vae' else 'ε-MSE'})", linewidth=1)
+        ax.plot(*zip(*points, strict=True), label=f"{phase} ({'L1' if phase == 'vae' else 'MSE'})", linewidth=1)
     ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
