@@ -76,6 +76,20 @@ class EpochPermutation(Sampler[int]):
         return self.size
 
 
+def epoch_batches(accelerator: Accelerator, loader: DataLoader, sampler: EpochPermutation, epoch: int,
+                  skip: int) -> Iterator[dict]:
+    """This process's batches of `epoch`, the first `skip` left out (a resume inside the epoch).
+
+    accelerate's prepared loader re-seeds the sampler with its own iteration counter on every `iter()`, and
+    that counter only advances when an iterator runs to exhaustion (ours stop at the epoch's last full
+    step), while `skip_first_batches` copies the counter into a new loader. Setting the epoch on the loader
+    itself keeps both on `epoch`; our sampler gets it directly too, as accelerate's `set_epoch` does not
+    reach it through every wrapper (e.g. skip + shard under several processes)."""
+    sampler.set_epoch(epoch)
+    loader.set_epoch(epoch)
+    return iter(accelerator.skip_first_batches(loader, skip) if skip else loader)
+
+
 def train(recipe: Recipe, options: TrainOptions) -> Path:
     """Run the selected stages in order; each starts from the previous one's output. Returns the last output."""
     names = options.stages or [s.name for s in recipe.stages]
@@ -224,10 +238,8 @@ def run_stage(recipe: Recipe, stage: StageConfig, run: RunDir, init: Path | None
     with _progress(options.progress and accelerator.is_main_process) as progress:
         task = progress.add_task(stage.name, total=total, completed=step, info="")
         while step < total:
-            epoch = step // steps_per_epoch
-            sampler.set_epoch(epoch)
-            within = step % steps_per_epoch
-            batches = iter(accelerator.skip_first_batches(loader, within * accum) if within else loader)
+            epoch, within = divmod(step, steps_per_epoch)
+            batches = epoch_batches(accelerator, loader, sampler, epoch, within * accum)
             for _ in range(steps_per_epoch - within):
                 micro = [next(batches) for _ in range(accum)]
                 tick = time.perf_counter()
