@@ -237,12 +237,14 @@ def save_model(model: DSVLM, out_dir: Path) -> None:
         "vae_saved": any(k.startswith("vae.") for k in state),
         "tensors": len(state),
         "parameters": sum(v.numel() for v in state.values()),
+        # Everything strip removes, frozen pretrained parts included: strip reads it instead of building the branch.
+        "branch_parameters": sum(p.numel() for p in branch.parameters()),
     }
     (target / SUPERVISION_INFO).write_text(json.dumps(info, indent=2) + "\n")
 
 
-def load_model(directory: Path, recipe: Recipe) -> DSVLM:
-    """The DS-VLM `save_model` wrote; the branch follows the recipe (fresh if the directory has none)."""
+def load_vlm(directory: Path, recipe: Recipe) -> DSVLM:
+    """Only the VLM of what `save_model` wrote (no branch: nothing of the diffusion model is read or fetched)."""
     directory = Path(directory)
     vlm_dir = directory / VLM_DIR
     if not (vlm_dir / "config.json").is_file():
@@ -251,7 +253,22 @@ def load_model(directory: Path, recipe: Recipe) -> DSVLM:
         vlm_dir, dtype=torch.float32, attn_implementation=recipe.model.attn_implementation
     )
     vlm.config.image_aspect_ratio = recipe.model.image_aspect_ratio  # what evaluation will apply
-    processor = AutoProcessor.from_pretrained(vlm_dir)
+    return DSVLM(vlm, AutoProcessor.from_pretrained(vlm_dir), None)
+
+
+def branch_parameters(directory: Path) -> int:
+    """The branch's parameter count as `save_model` recorded it (0 without a branch)."""
+    info_file = Path(directory) / SUPERVISION_DIR / SUPERVISION_INFO
+    if not info_file.is_file():
+        return 0
+    info = json.loads(info_file.read_text())
+    return int(info.get("branch_parameters", info.get("parameters", 0)))  # older outputs: the saved part only
+
+
+def load_model(directory: Path, recipe: Recipe) -> DSVLM:
+    """The DS-VLM `save_model` wrote; the branch follows the recipe (fresh if the directory has none)."""
+    plain = load_vlm(directory, recipe)
+    vlm, processor = plain.vlm, plain.processor
     branch = _branch(recipe, vlm)
     weights = directory / SUPERVISION_DIR / SUPERVISION_WEIGHTS
     if branch is not None:
