@@ -1,6 +1,8 @@
-"""The data order of training: a new permutation every epoch, and a resume continues the same order."""
+"""Training-loop mechanics: a new data order every epoch, a resume continues it, micro-batch memory freed."""
 
 from __future__ import annotations
+
+import weakref
 
 import torch
 from accelerate import Accelerator
@@ -58,3 +60,28 @@ def test_the_order_is_a_function_of_seed_and_epoch_only():
     b.set_epoch(0)
     assert list(a) == list(b)
     assert torch.equal(torch.tensor(list(a)).sort().values, torch.arange(SIZE))
+
+
+def test_a_micro_batch_forward_does_not_keep_the_previous_logits_alive():
+    """Full-vocabulary logits of micro-batch i must be freed before micro-batch i+1's forward."""
+    from test_model_dsvlm import batch_for
+    from test_model_fixtures import tiny_recipe
+
+    from dsvlm.model.dsvlm import build_model
+    from dsvlm.train.loop import _optimizer_step
+
+    recipe = tiny_recipe()
+    stage = recipe.stages[0]
+    AcceleratorState._reset_state()
+    accelerator = Accelerator(cpu=True)
+    model = build_model(recipe)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    previous: list[weakref.ref] = []
+    alive_at_forward: list[bool] = []
+    model.register_forward_pre_hook(lambda *_: alive_at_forward.append(any(r() is not None for r in previous)))
+    model.register_forward_hook(lambda _m, _a, out: previous.append(weakref.ref(out.logits)))
+    micro = [batch_for(model, n=2) for _ in range(3)]
+    _optimizer_step(accelerator, model, optimizer, scheduler, list(model.parameters()), micro, stage, True, 0, 0)
+    assert alive_at_forward == [False, False, False]

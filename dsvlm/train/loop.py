@@ -328,6 +328,8 @@ def _optimizer_step(accelerator: Accelerator, model: torch.nn.Module, optimizer,
         rec_loss += out.rec_loss.detach()
         if out.rec_buckets is not None:
             rec_buckets += out.rec_buckets
+        # The full-vocabulary logits (GBs at 7B shapes) must not stay alive into the next micro-batch's forward.
+        del out
     norm = stage.max_grad_norm or float("inf")
     grad_norm = accelerator.clip_grad_norm_(trainable, norm)
     optimizer.step()
