@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoProcessor, LlavaForConditionalGeneration, LlavaProcessor
 
-from dsvlm.errors import RecipeError
+from dsvlm.errors import DsvlmError, RecipeError
 from dsvlm.model.collate import IGNORE_INDEX
 from dsvlm.model.supervision.branch import (
     CONNECTOR,
@@ -211,7 +211,10 @@ def _branch(recipe: Recipe, vlm: LlavaForConditionalGeneration) -> DiffusionSupe
 def build_model(recipe: Recipe, init: Path | None = None) -> DSVLM:
     """A fresh DS-VLM from the recipe, or the one `save_model` wrote to `init`."""
     if init is not None:
-        return load_model(init, recipe)
+        try:
+            return load_model(init, recipe)
+        except (OSError, ValueError) as exc:
+            raise DsvlmError(f"{init} does not load as a DS-VLM stage output: {exc}") from exc
     vlm, processor = build_vlm(recipe.model, seed=recipe.run.seed)
     return DSVLM(vlm, processor, _branch(recipe, vlm))
 
@@ -249,6 +252,9 @@ def load_vlm(directory: Path, recipe: Recipe) -> DSVLM:
     vlm_dir = directory / VLM_DIR
     if not (vlm_dir / "config.json").is_file():
         raise FileNotFoundError(f"{directory} holds no saved DS-VLM ({vlm_dir}/config.json missing)")
+    model_type = json.loads((vlm_dir / "config.json").read_text()).get("model_type")
+    if model_type != "llava":
+        raise DsvlmError(f"{vlm_dir} holds a {model_type!r} model, not the LLaVA a DS-VLM stage output holds")
     vlm = LlavaForConditionalGeneration.from_pretrained(
         vlm_dir, dtype=torch.float32, attn_implementation=recipe.model.attn_implementation
     )

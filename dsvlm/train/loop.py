@@ -100,10 +100,12 @@ def train(recipe: Recipe, options: TrainOptions) -> Path:
     for stage in stages:  # fail on missing data before any model is built
         _check_data(recipe, stage)
     state = PartialState(cpu=_cpu_only())
+    for stage in stages:  # the world size is known now: refuse a batch layout it cannot make, before any work
+        stage.accumulation_steps(state.num_processes)
+    init = resolve_init(options.init) if options.init else None
     run = RunDir.open(Path(recipe.run.output_dir), recipe, names, options.resume, options.overwrite,
                       main=state.is_main_process)
     state.wait_for_everyone()
-    init = resolve_init(options.init) if options.init else None
     output = run.root
     for stage in stages:
         if init is None:
