@@ -68,3 +68,13 @@ def test_a_pretrained_llm_of_another_architecture_or_missing_is_a_recipe_error(t
                                             "model.vision.config=null"])
     with pytest.raises(RecipeError, match=r"model.vision.pretrained .* does not load"):
         build_vlm(recipe.model)
+
+
+def test_deepspeed_with_gradient_accumulation_is_refused_before_any_model_loads(data, tmp_path, monkeypatch):
+    """`accelerate launch` with a DeepSpeed config sets ACCELERATE_USE_DEEPSPEED in each process."""
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    overrides = [*tiny_overrides(data, tmp_path / "run", batch=8), "stages.0.per_device_batch_size=4"]
+    recipe = load_recipe("tiny-synthetic", overrides)
+    with pytest.raises(DsvlmError, match="under DeepSpeed dsvlm needs gradient accumulation 1"):
+        train(recipe, TrainOptions(stages=["align"], progress=False))
+    assert not (tmp_path / "run").exists()

@@ -68,6 +68,9 @@ class DSVLM(nn.Module):
         # A plain attribute, not a module: the processor holds no weights and must not enter state dicts.
         self.processor = processor
         self._captured: dict[str, torch.Tensor] | None = None
+        # What FSDP's transformer auto-wrap shards as units (accelerate reads this attribute).
+        self._no_split_modules = sorted({type(_encoder_layers(vlm.model.vision_tower)[0]).__name__,
+                                         type(vlm.model.language_model.layers[0]).__name__})
         if supervision is not None:
             self._install_hooks(supervision)
 
@@ -219,18 +222,24 @@ def build_model(recipe: Recipe, init: Path | None = None) -> DSVLM:
     return DSVLM(vlm, processor, _branch(recipe, vlm))
 
 
-def save_model(model: DSVLM, out_dir: Path) -> None:
+def save_model(model: DSVLM, out_dir: Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
     """`out_dir/vlm/`: a standard transformers LLaVA directory (safetensors) with its processor.
-    `out_dir/supervision/`: the branch's weights except frozen pretrained parts (reloaded from their source)."""
+    `out_dir/supervision/`: the branch's weights except frozen pretrained parts (reloaded from their source).
+    `state_dict`: the model's full state dict when `model` holds only shards (FSDP gathers it on every rank)."""
     out_dir = Path(out_dir)
-    model.vlm.save_pretrained(out_dir / VLM_DIR, safe_serialization=True)
+    vlm_state = _sub_state(state_dict, "vlm.") if state_dict is not None else None
+    model.vlm.save_pretrained(out_dir / VLM_DIR, safe_serialization=True, state_dict=vlm_state)
     model.processor.save_pretrained(out_dir / VLM_DIR)
     branch = model.supervision
     if branch is None:
         return
     target = out_dir / SUPERVISION_DIR
     target.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in branch.trainable_state_dict().items()}
+    trainable = branch.trainable_state_dict()
+    if state_dict is not None:
+        full = _sub_state(state_dict, "supervision.")
+        trainable = {k: full[k] for k in trainable}
+    state = {k: v.detach().contiguous().cpu() for k, v in trainable.items()}
     save_file(state, target / SUPERVISION_WEIGHTS)
     info = {
         "conditions": branch.condition_names,
@@ -244,6 +253,10 @@ def save_model(model: DSVLM, out_dir: Path) -> None:
         "branch_parameters": sum(p.numel() for p in branch.parameters()),
     }
     (target / SUPERVISION_INFO).write_text(json.dumps(info, indent=2) + "\n")
+
+
+def _sub_state(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
 def load_vlm(directory: Path, recipe: Recipe) -> DSVLM:
