@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from helpers import dsvlm, prepare_small_synthetic, tiny_overrides
 from safetensors import safe_open
 from transformers import AutoProcessor, LlavaForConditionalGeneration
@@ -124,3 +126,17 @@ def test_push_to_hub_offline_fails_fast(run, tmp_path):
                    env={"HF_HUB_OFFLINE": "1"})
     assert result.returncode == 2 and "offline" in result.stderr
     assert (tmp_path / "m" / "config.json").is_file()  # the stripped model is kept
+
+
+def test_strip_needs_no_diffusion_weights(run, tmp_path):
+    """The diffusion source is gone after training (e.g. an SD 1.5 from the hub, offline): strip still works,
+    and reports the branch size from the output's metadata."""
+    final = tmp_path / "run" / "align" / "final"
+    shutil.copytree(run / "align" / "final", final)
+    recipe = yaml.safe_load((final / "recipe.yaml").read_text())
+    recipe["supervision"]["diffusion"]["pretrained"] = str(tmp_path / "deleted-sd15")
+    (final / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    branch = json.loads((final / "supervision" / "supervision.json").read_text())["branch_parameters"]
+    report = strip(final, tmp_path / "out")
+    assert report.params_removed == branch > 0
+    assert (tmp_path / "out" / "config.json").is_file()

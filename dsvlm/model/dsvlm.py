@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoProcessor, LlavaForConditionalGeneration, LlavaProcessor
 
-from dsvlm.errors import RecipeError
+from dsvlm.errors import DsvlmError, RecipeError
 from dsvlm.model.collate import IGNORE_INDEX
 from dsvlm.model.supervision.branch import (
     CONNECTOR,
@@ -68,6 +68,9 @@ class DSVLM(nn.Module):
         # A plain attribute, not a module: the processor holds no weights and must not enter state dicts.
         self.processor = processor
         self._captured: dict[str, torch.Tensor] | None = None
+        # What FSDP's transformer auto-wrap shards as units (accelerate reads this attribute).
+        self._no_split_modules = sorted({type(_encoder_layers(vlm.model.vision_tower)[0]).__name__,
+                                         type(vlm.model.language_model.layers[0]).__name__})
         if supervision is not None:
             self._install_hooks(supervision)
 
@@ -211,23 +214,32 @@ def _branch(recipe: Recipe, vlm: LlavaForConditionalGeneration) -> DiffusionSupe
 def build_model(recipe: Recipe, init: Path | None = None) -> DSVLM:
     """A fresh DS-VLM from the recipe, or the one `save_model` wrote to `init`."""
     if init is not None:
-        return load_model(init, recipe)
+        try:
+            return load_model(init, recipe)
+        except (OSError, ValueError) as exc:
+            raise DsvlmError(f"{init} does not load as a DS-VLM stage output: {exc}") from exc
     vlm, processor = build_vlm(recipe.model, seed=recipe.run.seed)
     return DSVLM(vlm, processor, _branch(recipe, vlm))
 
 
-def save_model(model: DSVLM, out_dir: Path) -> None:
+def save_model(model: DSVLM, out_dir: Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
     """`out_dir/vlm/`: a standard transformers LLaVA directory (safetensors) with its processor.
-    `out_dir/supervision/`: the branch's weights except frozen pretrained parts (reloaded from their source)."""
+    `out_dir/supervision/`: the branch's weights except frozen pretrained parts (reloaded from their source).
+    `state_dict`: the model's full state dict when `model` holds only shards (FSDP gathers it on every rank)."""
     out_dir = Path(out_dir)
-    model.vlm.save_pretrained(out_dir / VLM_DIR, safe_serialization=True)
+    vlm_state = _sub_state(state_dict, "vlm.") if state_dict is not None else None
+    model.vlm.save_pretrained(out_dir / VLM_DIR, safe_serialization=True, state_dict=vlm_state)
     model.processor.save_pretrained(out_dir / VLM_DIR)
     branch = model.supervision
     if branch is None:
         return
     target = out_dir / SUPERVISION_DIR
     target.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in branch.trainable_state_dict().items()}
+    trainable = branch.trainable_state_dict()
+    if state_dict is not None:
+        full = _sub_state(state_dict, "supervision.")
+        trainable = {k: full[k] for k in trainable}
+    state = {k: v.detach().contiguous().cpu() for k, v in trainable.items()}
     save_file(state, target / SUPERVISION_WEIGHTS)
     info = {
         "conditions": branch.condition_names,
@@ -237,21 +249,45 @@ def save_model(model: DSVLM, out_dir: Path) -> None:
         "vae_saved": any(k.startswith("vae.") for k in state),
         "tensors": len(state),
         "parameters": sum(v.numel() for v in state.values()),
+        # Everything strip removes, frozen pretrained parts included: strip reads it instead of building the branch.
+        "branch_parameters": sum(p.numel() for p in branch.parameters()),
     }
     (target / SUPERVISION_INFO).write_text(json.dumps(info, indent=2) + "\n")
 
 
-def load_model(directory: Path, recipe: Recipe) -> DSVLM:
-    """The DS-VLM `save_model` wrote; the branch follows the recipe (fresh if the directory has none)."""
+def _sub_state(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def load_vlm(directory: Path, recipe: Recipe) -> DSVLM:
+    """Only the VLM of what `save_model` wrote (no branch: nothing of the diffusion model is read or fetched)."""
     directory = Path(directory)
     vlm_dir = directory / VLM_DIR
     if not (vlm_dir / "config.json").is_file():
         raise FileNotFoundError(f"{directory} holds no saved DS-VLM ({vlm_dir}/config.json missing)")
+    model_type = json.loads((vlm_dir / "config.json").read_text()).get("model_type")
+    if model_type != "llava":
+        raise DsvlmError(f"{vlm_dir} holds a {model_type!r} model, not the LLaVA a DS-VLM stage output holds")
     vlm = LlavaForConditionalGeneration.from_pretrained(
         vlm_dir, dtype=torch.float32, attn_implementation=recipe.model.attn_implementation
     )
     vlm.config.image_aspect_ratio = recipe.model.image_aspect_ratio  # what evaluation will apply
-    processor = AutoProcessor.from_pretrained(vlm_dir)
+    return DSVLM(vlm, AutoProcessor.from_pretrained(vlm_dir), None)
+
+
+def branch_parameters(directory: Path) -> int:
+    """The branch's parameter count as `save_model` recorded it (0 without a branch)."""
+    info_file = Path(directory) / SUPERVISION_DIR / SUPERVISION_INFO
+    if not info_file.is_file():
+        return 0
+    info = json.loads(info_file.read_text())
+    return int(info.get("branch_parameters", info.get("parameters", 0)))  # older outputs: the saved part only
+
+
+def load_model(directory: Path, recipe: Recipe) -> DSVLM:
+    """The DS-VLM `save_model` wrote; the branch follows the recipe (fresh if the directory has none)."""
+    plain = load_vlm(directory, recipe)
+    vlm, processor = plain.vlm, plain.processor
     branch = _branch(recipe, vlm)
     weights = directory / SUPERVISION_DIR / SUPERVISION_WEIGHTS
     if branch is not None:

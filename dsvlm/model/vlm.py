@@ -6,7 +6,8 @@ loads in any LLaVA consumer (lmms-eval `llava_hf`, vLLM) with no dsvlm code.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 from transformers import (
@@ -36,6 +37,8 @@ from dsvlm.errors import RecipeError
 from dsvlm.model.templates import IMAGE_TOKEN, ChatTemplate, chat_template
 from dsvlm.model.tokenizer import build_word_tokenizer, prepare_tokenizer
 from dsvlm.recipe.schema import ModelConfig
+
+T = TypeVar("T")
 
 _VISION = {
     "clip": (CLIPVisionConfig, CLIPVisionModel, ("clip", "clip_vision_model")),
@@ -115,10 +118,12 @@ def _build_vision(cfg: ModelConfig) -> tuple[str, PreTrainedModel]:
     vision = cfg.vision
     kwargs = _load_kwargs(cfg, vision.revision)
     if vision.pretrained is not None:
-        loaded = AutoConfig.from_pretrained(vision.pretrained, **_config_kwargs(cfg, vision.revision))
+        loaded = _loading("model.vision.pretrained", vision.pretrained,
+                          lambda: AutoConfig.from_pretrained(vision.pretrained, **_config_kwargs(cfg, vision.revision)))
         family = _vision_family(loaded.model_type)
         _, model_cls, _ = _VISION[family]
-        encoder = model_cls.from_pretrained(vision.pretrained, **kwargs)
+        encoder = _loading("model.vision.pretrained", vision.pretrained,
+                           lambda: model_cls.from_pretrained(vision.pretrained, **kwargs))
         if cfg.image_size is not None and cfg.image_size != encoder.config.image_size:
             raise RecipeError(
                 f"model.image_size {cfg.image_size} differs from the pretrained encoder's "
@@ -147,9 +152,11 @@ def _vision_family(model_type: str) -> str:
 def _build_tokenizer(cfg: ModelConfig, template: ChatTemplate) -> PreTrainedTokenizerBase:
     llm = cfg.llm
     if llm.tokenizer is not None:
-        tokenizer = AutoTokenizer.from_pretrained(llm.tokenizer, **_config_kwargs(cfg, None))
+        tokenizer = _loading("model.llm.tokenizer", llm.tokenizer,
+                             lambda: AutoTokenizer.from_pretrained(llm.tokenizer, **_config_kwargs(cfg, None)))
     elif llm.pretrained is not None:
-        tokenizer = AutoTokenizer.from_pretrained(llm.pretrained, **_config_kwargs(cfg, llm.revision))
+        tokenizer = _loading("model.llm.pretrained", llm.pretrained,
+                             lambda: AutoTokenizer.from_pretrained(llm.pretrained, **_config_kwargs(cfg, llm.revision)))
     else:
         tokenizer = build_word_tokenizer(template)
     prepare_tokenizer(tokenizer, template)
@@ -159,7 +166,8 @@ def _build_tokenizer(cfg: ModelConfig, template: ChatTemplate) -> PreTrainedToke
 def _build_llm(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
     llm = cfg.llm
     if llm.pretrained is not None:
-        return AutoModelForCausalLM.from_pretrained(llm.pretrained, **_load_kwargs(cfg, llm.revision))
+        return _loading("model.llm.pretrained", llm.pretrained,
+                        lambda: AutoModelForCausalLM.from_pretrained(llm.pretrained, **_load_kwargs(cfg, llm.revision)))
     config_cls = _LLM_CONFIGS[llm.type]
     options: dict[str, Any] = {
         **(llm.config or {}),
@@ -174,6 +182,16 @@ def _build_llm(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrain
     except (TypeError, ValueError) as exc:
         raise RecipeError(f"model.llm.config is not a valid {config_cls.__name__}: {exc}") from exc
     return AutoModelForCausalLM.from_config(config, attn_implementation=cfg.attn_implementation)
+
+
+def _loading(field: str, source: str, load: Callable[[], T]) -> T:
+    """A pretrained directory / repo that is missing or of another architecture is a recipe error, not a
+    traceback (transformers raises OSError or ValueError, e.g. "Unrecognized configuration class")."""
+    try:
+        return load()
+    except (OSError, ValueError, KeyError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise RecipeError(f"{field} {source!r} does not load: {reason}") from exc
 
 
 def _config_kwargs(cfg: ModelConfig, revision: str | None) -> dict[str, Any]:

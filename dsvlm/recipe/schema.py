@@ -12,6 +12,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, field_validator, model_validator
 
+from dsvlm.errors import RecipeError
+
 log = logging.getLogger(__name__)
 
 ModuleName = Literal["connector", "vision", "llm", "supervision"]
@@ -281,9 +283,14 @@ class StageConfig(Strict):
         """Gradient accumulation that makes per-device x accumulation x world size = global batch."""
         per_step = self.per_device_batch_size * world_size
         if self.global_batch_size % per_step:
-            raise ValueError(
+            # Known only at launch (the world size), so a RecipeError of its own rather than a validation error.
+            raise RecipeError(
                 f"stage {self.name}: global_batch_size {self.global_batch_size} is not divisible by "
-                f"per_device_batch_size {self.per_device_batch_size} x world size {world_size}"
+                f"per_device_batch_size {self.per_device_batch_size} x {world_size} processes; set "
+                f"stages.N.per_device_batch_size to a divisor of {self.global_batch_size // world_size or 1}"
+                if self.global_batch_size % world_size == 0 else
+                f"stage {self.name}: global_batch_size {self.global_batch_size} is not divisible by the "
+                f"{world_size} launched processes"
             )
         return self.global_batch_size // per_step
 

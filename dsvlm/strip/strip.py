@@ -16,7 +16,7 @@ from transformers import GenerationConfig, LlavaForConditionalGeneration
 
 from dsvlm.errors import DsvlmError
 from dsvlm.io import atomic_dir
-from dsvlm.model.dsvlm import DSVLM, build_model
+from dsvlm.model.dsvlm import DSVLM, branch_parameters, load_vlm
 from dsvlm.outputs import STRIPPED_MODEL, check_output, write_marker, writer_lock
 from dsvlm.recipe.load import validate_recipe
 from dsvlm.strip.card import model_card
@@ -46,14 +46,15 @@ def dir_bytes(path: Path) -> int:
 
 
 def load_trained(source: Path) -> tuple[Path, DSVLM]:
-    """The training model (VLM + branch) of a run or stage output."""
+    """The VLM of a run or stage output, without its branch: strip drops it anyway, and building it would
+    read (or download) the diffusion model's weights."""
     final = resolve_init(source)
     recipe_file = final / "recipe.yaml"
     if not recipe_file.is_file():
         raise DsvlmError(f"{final} has no recipe.yaml: it was not written by `dsvlm train`")
     recipe = validate_recipe(yaml.safe_load(recipe_file.read_text()), source=str(recipe_file))
     try:
-        model = build_model(recipe, init=final)
+        model = load_vlm(final, recipe)
     except (OSError, ValueError, KeyError) as exc:
         raise DsvlmError(f"{final} is incomplete or corrupt, it does not load: {exc}") from exc
     return final, model.eval()
@@ -80,8 +81,8 @@ def strip(source: Path, out: Path, overwrite: bool = False) -> StripReport:
     with writer_lock(out):
         check_output(out, STRIPPED_MODEL, overwrite, sources=(source, resolve_init(Path(source))))
         final, model = load_trained(Path(source))
-        params_before = sum(p.numel() for p in model.parameters())
         params_after = sum(p.numel() for p in model.vlm.parameters())
+        params_before = params_after + branch_parameters(final)
         batch = probe_batch(model)
         with torch.no_grad():
             expected = model.vlm(**batch).logits

@@ -22,10 +22,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs, PartialState
+from accelerate import (
+    Accelerator,
+    DataLoaderConfiguration,
+    DistributedDataParallelKwargs,
+    FullyShardedDataParallelPlugin,
+    PartialState,
+)
 from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedType
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from torch.distributed.fsdp import FSDPModule
 from torch.utils.data import DataLoader, Sampler
 from transformers import get_scheduler
 
@@ -77,6 +84,20 @@ class EpochPermutation(Sampler[int]):
         return self.size
 
 
+def epoch_batches(accelerator: Accelerator, loader: DataLoader, sampler: EpochPermutation, epoch: int,
+                  skip: int) -> Iterator[dict]:
+    """This process's batches of `epoch`, the first `skip` left out (a resume inside the epoch).
+
+    accelerate's prepared loader re-seeds the sampler with its own iteration counter on every `iter()`, and
+    that counter only advances when an iterator runs to exhaustion (ours stop at the epoch's last full
+    step), while `skip_first_batches` copies the counter into a new loader. Setting the epoch on the loader
+    itself keeps both on `epoch`; our sampler gets it directly too, as accelerate's `set_epoch` does not
+    reach it through every wrapper (e.g. skip + shard under several processes)."""
+    sampler.set_epoch(epoch)
+    loader.set_epoch(epoch)
+    return iter(accelerator.skip_first_batches(loader, skip) if skip else loader)
+
+
 def train(recipe: Recipe, options: TrainOptions) -> Path:
     """Run the selected stages in order; each starts from the previous one's output. Returns the last output."""
     names = options.stages or [s.name for s in recipe.stages]
@@ -88,6 +109,8 @@ def train(recipe: Recipe, options: TrainOptions) -> Path:
         _check_data(recipe, stage)
     init = resolve_init(options.init) if options.init else None  # a bad --init fails before anything is written
     state = PartialState(cpu=_cpu_only())
+    for stage in stages:  # the world size is known now: refuse a batch layout it cannot make, before any work
+        _check_batch_layout(stage, state.num_processes)
     with writer_lock(Path(recipe.run.output_dir), enabled=state.is_main_process):
         run = RunDir.open(Path(recipe.run.output_dir), recipe, names, options.resume, options.overwrite,
                           main=state.is_main_process)
@@ -103,6 +126,16 @@ def train(recipe: Recipe, options: TrainOptions) -> Path:
                 output = run_stage(recipe, stage, run, init, options)
             init = output
     return output
+
+
+def _check_batch_layout(stage: StageConfig, world: int) -> None:
+    """Refuse what the launch cannot run, before any model loads. `accelerate launch` with a DeepSpeed config
+    sets ACCELERATE_USE_DEEPSPEED in every process: dsvlm accumulates gradients itself (no_sync), which DeepSpeed's
+    engine does not honour, so it needs accumulation 1 there (DeepSpeed is untested in dsvlm)."""
+    accumulation = stage.accumulation_steps(world)
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true" and accumulation > 1:
+        raise DsvlmError(f"stage {stage.name}: under DeepSpeed dsvlm needs gradient accumulation 1 (it would be "
+                         f"{accumulation}); set per_device_batch_size = global_batch_size / {world}")
 
 
 def _check_data(recipe: Recipe, stage: StageConfig) -> None:
@@ -136,6 +169,7 @@ def _cpu_only() -> bool:
 
 def _accelerator(stage: StageConfig) -> Accelerator:
     AcceleratorState._reset_state()  # each stage may use its own precision
+    cpu_fsdp = _cpu_only() and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
     accelerator = Accelerator(
         cpu=_cpu_only(),
         mixed_precision=PRECISION[stage.precision],
@@ -145,10 +179,12 @@ def _accelerator(stage: StageConfig) -> Accelerator:
         # The last encoder layers feed only the diffusion branch; unused parameters are normal.
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
-    if accelerator.distributed_type == DistributedType.DEEPSPEED and stage.accumulation_steps(
-            accelerator.num_processes) > 1:
-        raise DsvlmError(f"stage {stage.name}: under DeepSpeed dsvlm needs gradient accumulation 1; set "
-                         f"per_device_batch_size = global_batch_size / {accelerator.num_processes}")
+    if cpu_fsdp and accelerator.num_processes > 1:
+        # accelerate selects FSDP on accelerators only and would silently run DDP on CPU; FSDP2 itself runs on
+        # CPU (gloo), so a CPU launch with an FSDP config (tests, CI) gets the same FSDP code path as GPUs.
+        accelerator.state.distributed_type = DistributedType.FSDP
+        PartialState._shared_state["distributed_type"] = DistributedType.FSDP  # as accelerate does on GPUs
+        accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin()  # read from the launch's FSDP_* env
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if accelerator.num_processes != launched:
         raise DsvlmError(f"launched {launched} processes but accelerate set up {accelerator.num_processes}; "
@@ -229,10 +265,8 @@ def run_stage(recipe: Recipe, stage: StageConfig, run: RunDir, init: Path | None
     with _progress(options.progress and accelerator.is_main_process) as progress:
         task = progress.add_task(stage.name, total=total, completed=step, info="")
         while step < total:
-            epoch = step // steps_per_epoch
-            sampler.set_epoch(epoch)
-            within = step % steps_per_epoch
-            batches = iter(accelerator.skip_first_batches(loader, within * accum) if within else loader)
+            epoch, within = divmod(step, steps_per_epoch)
+            batches = epoch_batches(accelerator, loader, sampler, epoch, within * accum)
             for _ in range(steps_per_epoch - within):
                 micro = [next(batches) for _ in range(accum)]
                 tick = time.perf_counter()
@@ -261,7 +295,9 @@ def run_stage(recipe: Recipe, stage: StageConfig, run: RunDir, init: Path | None
                     break
 
     wall = time.perf_counter() - started
-    checksums = _rank_checksums(accelerator, model)
+    # Every rank takes part: under FSDP this gathers the shards into one full state dict (a collective).
+    full_state = accelerator.get_state_dict(model)
+    checksums = _rank_checksums(accelerator, model, full_state)
     if len(set(checksums)) > 1:
         raise DsvlmError(f"stage {stage.name}: the weights of the {world} processes diverged ({checksums})")
     if supervise:
@@ -273,12 +309,12 @@ def run_stage(recipe: Recipe, stage: StageConfig, run: RunDir, init: Path | None
         plot_losses(metrics, stage_dir / "loss.png", f"{recipe.description[:60]} - stage {stage.name}")
         info = {"stage": stage.name, "steps": total, "wall_time_s": round(wall, 2), "init": str(init or ""),
                 "dataset": str(dataset_dir), "split": stage.split_name, "records": len(split), "supervision": supervise,
-                "world_size": world, "rank_checksums": checksums,
+                "world_size": world, "distributed": accelerator.distributed_type.value, "rank_checksums": checksums,
                 "peak_memory_mb": _peak_memory_mb(accelerator), "last_metrics": metrics[-1] if metrics else {},
                 "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         try:
             with atomic_dir(output, replace=True) as tmp:
-                save_model(accelerator.unwrap_model(model), tmp)
+                save_model(accelerator.unwrap_model(model), tmp, state_dict=full_state)
                 atomic_write_text(tmp / "recipe.yaml", dump_recipe(recipe))
                 atomic_write_json(tmp / STAGE_INFO, info)
         except OSError as exc:
@@ -331,6 +367,8 @@ def _optimizer_step(accelerator: Accelerator, model: torch.nn.Module, optimizer,
         rec_loss += out.rec_loss.detach()
         if out.rec_buckets is not None:
             rec_buckets += out.rec_buckets
+        # The full-vocabulary logits (GBs at 7B shapes) must not stay alive into the next micro-batch's forward.
+        del out
     norm = stage.max_grad_norm or float("inf")
     grad_norm = accelerator.clip_grad_norm_(trainable, norm)
     optimizer.step()
@@ -379,20 +417,33 @@ def _preview_batch(split: PreparedSplit, collator: Collator, recipe: Recipe) -> 
 
 
 def _write_preview(accelerator: Accelerator, model: torch.nn.Module, batch: dict, recipe: Recipe, out: Path) -> None:
+    """Every rank runs the preview forward (under FSDP each holds only shards: a rank-0-only forward would hang
+    in its all-gathers); the main process writes the image."""
+    batch = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+    # The preview does not enter through the root forward, whose hook gathers the root-owned shards (embeddings,
+    # connector, UNet): gather them explicitly; the sharded layers gather themselves when called.
+    sharded = isinstance(model, FSDPModule)
+    if sharded:
+        model.unshard()
+    with torch.no_grad():
+        rows = accelerator.unwrap_model(model).reconstruct(batch, recipe.run.preview_images,
+                                                           recipe.supervision.sampler_steps)
+    if sharded:
+        model.reshard()
     if accelerator.is_main_process:
-        batch = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
-        with torch.no_grad():
-            rows = accelerator.unwrap_model(model).reconstruct(
-                batch, recipe.run.preview_images, recipe.supervision.sampler_steps)
         image_grid(list(rows), out)
     accelerator.wait_for_everyone()
 
 
-def _rank_checksums(accelerator: Accelerator, model: torch.nn.Module) -> list[float]:
-    """A weighted parameter sum per process: DDP replicas must hold identical weights."""
+def _rank_checksums(accelerator: Accelerator, model: torch.nn.Module, full_state: dict) -> list[float]:
+    """A weighted parameter sum per process: DDP replicas must hold identical weights. Under FSDP the ranks
+    hold shards of one copy: the sum is over the gathered state dict, on the ranks that received it."""
+    fsdp = accelerator.distributed_type == DistributedType.FSDP
+    tensors = list(full_state.values()) if fsdp else list(_unwrapped(model).parameters())
     with torch.no_grad():
-        total = sum(float((p.double() * (i % 7 + 1)).sum()) for i, p in enumerate(_unwrapped(model).parameters()))
-    return accelerator.gather(torch.tensor([total], dtype=torch.float64, device=accelerator.device)).tolist()
+        total = sum(float((p.double() * (i % 7 + 1)).sum()) for i, p in enumerate(tensors))
+    pairs = accelerator.gather(torch.tensor([[total, len(tensors)]], dtype=torch.float64, device=accelerator.device))
+    return [t for t, n in pairs.tolist() if n > 0]
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
