@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 # lmms-eval 0.7.3 must be installed without its dependencies (they would replace torch), then this list.
 LMMS_EVAL_DEPS := loguru sacrebleu evaluate pytz tenacity pytablewriter decord levenshtein 'filelock<4'
 
-.PHONY: install demo test lint clean
+.PHONY: install demo replicate test lint clean
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml Makefile
@@ -21,6 +21,10 @@ $(VENV)/.installed: pyproject.toml Makefile
 
 demo: install
 	PATH=$(abspath $(VENV))/bin:$$PATH bash scripts/demo.sh
+
+# The miniature replication (docs/replication.md): 5 arms x 3 seeds, on demand, not in CI.
+replicate: install
+	PATH=$(abspath $(VENV))/bin:$$PATH bash scripts/replicate.sh
 
 test: install
 	OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest -q

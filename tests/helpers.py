@@ -26,22 +26,23 @@ def prepare_small_synthetic(out: Path, n: int = 64) -> Path:
     return Path(result.stdout.strip())
 
 
-_TINY_DIFFUSION: list[Path] = []
+_TINY_DIFFUSION: dict[str, Path] = {}
 
 
-def tiny_diffusion() -> Path:
+def tiny_diffusion(prediction_type: str = "sample") -> Path:
     """A barely pretrained diffusion model in tiny-synthetic's layout, built once per test process through the
     real `pretrain_diffusion` (two steps: the tests need its format, not its quality)."""
-    if not _TINY_DIFFUSION:
+    if prediction_type not in _TINY_DIFFUSION:
         from dsvlm.data.synthetic import SyntheticConfig, prepare_synthetic
         from dsvlm.diffusion.pretrain import PretrainOptions, pretrain_diffusion
 
         root = Path(tempfile.mkdtemp(prefix="dsvlm-test-diffusion-"))
         data = root / "data"
         prepare_synthetic(data, SyntheticConfig(n_align=8, n_instruct=4, n_eval=2), progress=False)
-        options = PretrainOptions(steps=2, batch_size=4, eval_captions=2, sample_steps=2)
-        _TINY_DIFFUSION.append(pretrain_diffusion(data, root / "diffusion", options, progress=False))
-    return _TINY_DIFFUSION[0]
+        options = PretrainOptions(steps=2, batch_size=4, eval_captions=2, sample_steps=2,
+                                  prediction_type=prediction_type)
+        _TINY_DIFFUSION[prediction_type] = pretrain_diffusion(data, root / "diffusion", options, progress=False)
+    return _TINY_DIFFUSION[prediction_type]
 
 
 def tiny_overrides(data: Path, out: Path, steps: int = 4, batch: int = 8, **extra: object) -> list[str]:

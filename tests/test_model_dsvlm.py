@@ -120,8 +120,10 @@ def test_reconstruct_per_batch_and_normalisers() -> None:
 
 
 def test_one_step_preview_at_the_lowest_noise_is_the_image_in_pixel_space() -> None:
-    """x̂0 from t=0 is the image whatever the UNet predicts (the noise is 1% there); sampling from pure noise is not."""
-    model = build_model(load_recipe("tiny-synthetic", [f"supervision.diffusion.pretrained={tiny_diffusion()}"]))
+    """With ε-prediction, x̂0 from t=0 is the image whatever the UNet predicts (the noise is 1% there); sampling
+    from pure noise is not."""
+    epsilon = tiny_diffusion("epsilon")
+    model = build_model(load_recipe("tiny-synthetic", [f"supervision.diffusion.pretrained={epsilon}"]))
     examples = [example(i) for i in range(3)]
     for item in examples:
         item["image"] = item["image"].resize((32, 32))

@@ -82,7 +82,7 @@ def test_accumulation_from_global_batch():
     stage = load_recipe("llava15-vicuna7b-ds").stages[1]
     assert stage.accumulation_steps(world_size=8) == 1
     assert stage.accumulation_steps(world_size=2) == 4
-    with pytest.raises(ValueError, match="world size 3"):
+    with pytest.raises(RecipeError, match="3 launched processes"):
         stage.accumulation_steps(world_size=3)
 
 

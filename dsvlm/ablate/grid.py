@@ -190,7 +190,7 @@ def run_cell(grid: Grid, arm: str, seed: int, device: str | None = None, progres
         raise DsvlmError(f"cell {arm}:{seed}: {exc}") from exc
     model = cell / "model"
     if not (model / "config.json").is_file():  # written atomically: present means complete
-        strip(final, model, force=True)
+        strip(final, model, overwrite=True)
     import torch
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
