@@ -3,6 +3,7 @@ process, as a careless or hostile user would give them."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,11 @@ def files(tmp_path_factory) -> Path:
     (root / "mine").mkdir()
     (root / "mine" / "notes.txt").write_text("precious")
     (root / "summary.json").write_text("{not json")
+    laughs = ["a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]  # "billion laughs": 9^9 values once expanded
+    laughs += [f"{b}: &{b} [{', '.join([f'*{a}'] * 9)}]" for a, b in zip("abcdefgh", "bcdefghi", strict=True)]
+    (root / "laughs.yaml").write_text("\n".join(laughs).replace("i: &i", "stages: &i") + "\n")
+    (root / "self-alias.yaml").write_text("stages: &s [*s]\n")
+    (root / "deep.yaml").write_text("stages: " + "[" * 10_000 + "]" * 10_000 + "\n")
     turns = '[{"from": "human", "value": "<image>\\nq"}, {"from": "gpt", "value": "a"}]'
     (root / "nul.jsonl").write_text(f'{{"id": "1", "image": "a\\u0000.png", "conversations": {turns}}}\n')
     broken = root / "broken-stage"  # a stage output whose weights were cut short
@@ -44,6 +50,11 @@ CASES = {
         ["recipe", "validate", "{root}/list.yaml"],
         ["recipe", "validate", "{root}/broken.yaml"],
         ["recipe", "validate", "tiny-synthetc"],
+        ["recipe", "validate", "{root}/laughs.yaml"],
+        ["recipe", "validate", "{root}/self-alias.yaml"],
+        ["recipe", "validate", "{root}/deep.yaml"],
+        ["recipe", "validate", "x" * 5000],
+        ["recipe", "validate", "tiny-synthetic", "stages=" + "[" * 10_000 + "]" * 10_000],
         ["recipe", "validate", "tiny-synthetic", "run.seed"],
         ["recipe", "validate", "tiny-synthetic", "run.sede=1"],
         ["recipe", "validate", "tiny-synthetic", "run.seed.deeper=1"],
@@ -105,3 +116,16 @@ def test_a_bad_input_is_one_clean_error_with_exit_2(files, args):
     assert isinstance(result.exception, SystemExit) and "Traceback" not in result.output  # not an uncaught error
     assert result.stderr.count("error:") + result.stderr.count("Error") == 1, result.stderr
     assert set(before) <= {p.relative_to(files) for p in files.rglob("*")}  # nothing of the user's deleted
+
+
+@pytest.mark.parametrize("args", [
+    ["recipe", "validate", "tiny-synthetic", "run.seed=" + "x" * 100_000],
+    ["recipe", "validate", "tiny-synthetic", "run." + "x" * 100_000 + "=1"],
+    ["recipe", "validate", "y" * 100_000],
+    ["prepare", "llava", "{root}/x", "--align", "{root}/huge-id.jsonl", "--image-root", "{root}/images", "--strict"],
+])
+def test_an_error_quotes_user_values_briefly(files, args):
+    (files / "huge-id.jsonl").write_text(json.dumps({"id": ["x" * 1000] * 1000, "conversations": []}) + "\n")
+    result = CliRunner().invoke(app, [a.format(root=files) for a in args])
+    assert result.exit_code == 2, result.output[:2000]
+    assert len(result.stderr) < 1000, result.stderr[:2000]

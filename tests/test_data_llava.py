@@ -127,6 +127,8 @@ CASES = {
     "path_symlink_out": (lambda root: caption("bad", image=_symlink_out(root)), "path_escape"),
     "path_symlink_dir_out": (lambda root: caption("bad", image=_symlink_dir_out(root)), "path_escape"),
     "duplicate_id": (caption("good-1", image="sub/other.png"), "duplicate_id"),
+    "too_deep": ('{"id": "bad", "x": ' + "[" * 100_000 + "]" * 100_000 + "}", "too_deep"),
+    "too_large": (json.dumps(caption("bad", text="<image>\n" + "x" * llava.MAX_RECORD_CHARS)), "too_large"),
 }
 
 
@@ -149,7 +151,7 @@ def test_bad_record_is_skipped_and_reported(tmp_path: Path, root: Path, case: st
     skipped = PreparedDataset(out).skipped()
     assert len(skipped) == 1
     assert skipped[0]["reason"] == reason
-    assert skipped[0]["line"] == 2
+    assert skipped[0]["line"] == 2 and skipped[0]["index"] == 1
     assert skipped[0]["split"] == "instruct"
     assert skipped[0]["source"] == str(source.resolve())
     assert skipped[0]["detail"]
@@ -202,6 +204,19 @@ def test_malformed_json_list_names_the_line(tmp_path: Path, root: Path) -> None:
         with pytest.raises(DataError, match=rf"list.json: malformed JSON at line {line}, column"):
             prepare_llava(tmp_path / "out", {"align": source}, root, strict=strict, progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_json_list_steps_over_records_too_deep_or_too_large(tmp_path: Path, root: Path) -> None:
+    deep = '{"id": "deep", "x": ' + "[" * 100_000 + '"]}"' + "]" * 100_000 + "}"  # a bracket in a string too
+    large = json.dumps(caption("large", text="<image>\n" + "x" * llava.MAX_RECORD_CHARS))
+    source = tmp_path / "list.json"
+    source.write_text(f"[{json.dumps(caption('a'))},\n{deep},\n{large},\n{json.dumps(caption('b'))}]")
+    manifest = prepare_llava(tmp_path / "out", {"align": source}, root, progress=False)
+    assert manifest["splits"]["align"]["skipped"] == {"too_deep": 1, "too_large": 1}
+    skipped = PreparedDataset(tmp_path / "out").skipped()
+    assert [(s["index"], s["line"], s["reason"]) for s in skipped] == [(1, 2, "too_deep"), (2, 3, "too_large")]
+    assert all(len(s["detail"]) < 200 for s in skipped)
+    assert [r["id"] for r in PreparedDataset(tmp_path / "out").records("align")] == ["a", "b"]
 
 
 def test_json_object_instead_of_list(tmp_path: Path, root: Path) -> None:

@@ -17,12 +17,10 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from dsvlm.errors import DsvlmError
 from dsvlm.io import atomic_write_json, atomic_write_text
 from dsvlm.outputs import RUN, check_output, remove_dead_temporaries, write_marker
-from dsvlm.recipe.load import dump_recipe
+from dsvlm.recipe.load import dump_recipe, read_yaml
 from dsvlm.recipe.schema import Recipe
 from dsvlm.train.checkpoint import remove_temporaries
 
@@ -79,7 +77,7 @@ class RunDir:
         run = cls(root)
         stored = root / "recipe.yaml"
         if stored.exists() and not overwrite:
-            previous = yaml.safe_load(stored.read_text()) or {}
+            previous = read_yaml(stored)
             if _comparable(previous) != _comparable(recipe.model_dump(mode="json")):
                 raise DsvlmError(
                     f"{root} holds a run of a different recipe ({stored}); choose another run.output_dir, "
