@@ -24,6 +24,7 @@ def files(tmp_path_factory) -> Path:
     (root / "list.yaml").write_text("- a\n- b\n")
     (root / "broken.yaml").write_text("model: [\n")
     (root / "records.jsonl").write_text('{"id": "1", "conversations": []}\n')
+    (root / "empty.jsonl").write_text("\n")
     (root / "images").mkdir()
     (root / "mine").mkdir()
     (root / "mine" / "notes.txt").write_text("precious")
@@ -75,6 +76,8 @@ CASES = {
         ["prepare", "llava", "{root}/x", "--align", "{root}/records.jsonl", "--image-root", "{root}/images",
          "--strict"],
         ["prepare", "llava", "{root}/x", "--align", "{root}/nul.jsonl", "--image-root", "{root}/images", "--strict"],
+        ["prepare", "llava", "{root}/x", "--align", "{root}/records.jsonl", "--image-root", "{root}/images"],
+        ["prepare", "llava", "{root}/x", "--align", "{root}/empty.jsonl", "--image-root", "{root}/images"],
         ["prepare", "latents", "{root}/nope", "tiny-synthetic"],
         ["prepare", "hub", "liuhaotian/LLaVA-Pretrain", "{root}/x"],
     ],

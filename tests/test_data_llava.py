@@ -194,6 +194,28 @@ def test_strict_reports_the_earliest_problem(tmp_path: Path, root: Path) -> None
         prepare_llava(tmp_path / "out", {"align": source}, root, strict=True, progress=False)
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_strict_stops_at_the_first_bad_record_in_file_order(tmp_path: Path, root: Path, workers: int) -> None:
+    # bad records in several chunks of image checks (distinct images: 128 a chunk), a structural one late
+    for i in range(400):
+        write_png(root / "many" / f"{i}.png", size=(4, 4), seed=i)
+    records = [caption(f"r{i}", image=f"many/{i}.png") for i in range(400)]
+    records[390] = CASES["gpt_first"][0]
+    records[300] = caption("r300", image="missing-300.png")
+    records[170] = caption("r170", image="missing-170.png")
+    records[20] = caption("r20", image="sub/other.png")  # fine
+    source = write_jsonl(tmp_path / "many.jsonl", records)
+    with pytest.raises(DataError, match=r"record index 170, line 171 \(id r170\): image_missing"):
+        prepare_llava(tmp_path / "out", {"align": source}, root, workers=workers, strict=True, progress=False)
+    records[170] = caption("r170", image="many/170.png")
+    write_jsonl(source, records)
+    with pytest.raises(DataError, match=r"record index 300, line 301 \(id r300\): image_missing"):
+        prepare_llava(tmp_path / "out", {"align": source}, root, workers=workers, strict=True, progress=False)
+    write_jsonl(source, [*records[:250], "{oops", *records[250:]])  # a malformed line before the bad image
+    with pytest.raises(DataError, match=r"record index 250, line 251: malformed_json"):
+        prepare_llava(tmp_path / "out", {"align": source}, root, workers=workers, strict=True, progress=False)
+
+
 def test_malformed_json_list_names_the_line(tmp_path: Path, root: Path) -> None:
     text = json.dumps([caption("a"), caption("b")], indent=2)
     broken = text.replace('"b"', '"b" "oops"', 1)

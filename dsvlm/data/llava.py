@@ -41,7 +41,7 @@ from dsvlm.data.common import (
 )
 from dsvlm.data.images import ImageCheck, check_images
 from dsvlm.errors import DataError, brief
-from dsvlm.io import atomic_write_json
+from dsvlm.io import atomic_write_json, atomic_write_text
 
 if TYPE_CHECKING:
     from rich.progress import Progress
@@ -103,6 +103,14 @@ class Skip:
         shown_id = self.id if self.id is None or len(self.id) <= 80 else f"{self.id[:77]}..."
         ident = f" (id {shown_id})" if shown_id is not None else ""
         return f"{self.source}: record index {self.index}, line {self.line}{ident}: {self.reason}: {self.detail}"
+
+
+class EmptyInputError(DataError):
+    """An input that kept no record (empty, or every record skipped); carries the skips for the report."""
+
+    def __init__(self, message: str, skips: list[Skip]) -> None:
+        super().__init__(message)
+        self.skips = skips
 
 
 @dataclass(frozen=True)
@@ -391,13 +399,14 @@ def prepare_into(
     kind: str,
     options: dict[str, Any],
     strict: bool = False,
+    allow_empty: bool = False,
     workers: int = 1,
     progress: bool = True,
     extra: dict[str, Any] | None = None,
     latents: LatentRequest | None = None,
 ) -> dict[str, Any]:
     """Validate `splits` and write parquet files, skipped.jsonl and manifest.json into `dest`, then the latent
-    cache if `latents` asks for one.
+    cache if `latents` asks for one. A split that keeps no record raises EmptyInputError unless `allow_empty`.
 
     The one preparation path: `prepare_llava`, the synthetic set and the hub all end here. `dest` is the
     temporary directory of an `atomic_output`. Returns the manifest.
@@ -435,14 +444,62 @@ def prepare_into(
                 "source": {"path": shown, "sha256": sha256_file(source)},
             }
             log.debug("%s: %d records kept, %d skipped", name, len(records), len(skips))
-    with open(dest / SKIPPED, "w") as fh:
-        for skip in all_skips:
-            fh.write(json.dumps(asdict(skip), ensure_ascii=False) + "\n")
+    if not allow_empty:
+        _refuse_empty(manifest["splits"], splits, all_skips)
+    _write_skips(dest / SKIPPED, all_skips)
     manifest.update(extra or {})
     atomic_write_json(dest / MANIFEST, manifest, ensure_ascii=False)
     if latents is not None:
         manifest = latents.build(dest, progress=progress)
     return manifest
+
+
+def _refuse_empty(written: dict[str, Any], sources: dict[str, Path], skips: list[Skip]) -> None:
+    problems = []
+    for name, info in written.items():
+        if info["records"]:
+            continue
+        skipped = info["skipped"]
+        if not skipped:
+            problems.append(f"--{name} {sources[name]} holds no record")
+            continue
+        reasons = ", ".join(f"{reason} {count}" for reason, count in skipped.items())
+        first = next(skip for skip in skips if skip.split == name)
+        problems.append(f"--{name}: all {sum(skipped.values())} records were skipped ({reasons}); the first: "
+                        f"{first.message()}")
+    if problems:
+        raise EmptyInputError("; ".join(problems) + " (--allow-empty writes the dataset anyway)", skips)
+
+
+def _write_skips(path: Path, skips: list[Skip]) -> None:
+    atomic_write_text(path, "".join(json.dumps(asdict(skip), ensure_ascii=False) + "\n" for skip in skips))
+
+
+def _is_skip_report(path: Path) -> bool:
+    """Whether `path` is a skipped report dsvlm wrote (empty, or its first line a skip): one we may replace."""
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        first = fh.readline(1 << 16)
+    try:
+        return not first or "reason" in json.loads(first)
+    except (ValueError, TypeError):
+        return False
+
+
+@contextlib.contextmanager
+def report_empty_input(out: Path) -> Iterator[None]:
+    """Around the `atomic_output` of `out`: an input that kept no record leaves no dataset, but its skipped report
+    is written next to OUT (`OUT.skipped.jsonl`) so that the reasons can be read."""
+    try:
+        yield
+    except EmptyInputError as exc:
+        report = out.with_name(f"{out.name}.skipped.jsonl")
+        if not exc.skips:
+            raise DataError(f"{exc}; nothing was written") from None
+        if report.exists() and not (report.is_file() and _is_skip_report(report)):
+            raise DataError(f"{exc}; nothing was written ({report} exists and is not a skipped report, so the "
+                            "report was not written over it)") from None
+        _write_skips(report, exc.skips)
+        raise DataError(f"{exc}; no dataset written, every skip with its reason is in {report}") from None
 
 
 @contextlib.contextmanager
@@ -466,6 +523,7 @@ def prepare_llava(
     image_root: Path,
     *,
     strict: bool = False,
+    allow_empty: bool = False,
     workers: int = 1,
     overwrite: bool = False,
     latents: LatentRequest | None = None,
@@ -488,9 +546,10 @@ def prepare_llava(
         "splits": {name: str(Path(src).resolve()) for name, src in splits.items()},
         "image_root": str(image_root.resolve()),
         "strict": strict,
+        "allow_empty": allow_empty,
         "workers": workers,
     }
-    with atomic_output(out, overwrite) as tmp:
+    with report_empty_input(out), atomic_output(out, overwrite) as tmp:
         return prepare_into(
             tmp,
             {name: Path(src) for name, src in splits.items()},
@@ -499,6 +558,7 @@ def prepare_llava(
             kind="llava",
             options=options,
             strict=strict,
+            allow_empty=allow_empty,
             workers=workers,
             progress=progress,
             latents=latents,
