@@ -86,6 +86,8 @@ CASES = {
         [*TRAIN, "--stage", "pretrain"],
         [*TRAIN, "stages.0.lr=fast"],
         ["train", "tiny-synthetic", "data.dataset={data}", "run.output_dir={root}/mine", "--overwrite"],
+        ["train", "tiny-synthetic", "data.dataset={data}", "run.output_dir={root}/mine", "--resume"],
+        ["train", "tiny-synthetic", "data.dataset={data}", "run.output_dir={root}/mine"],
         ["train", "tiny-synthetic", "data.dataset={data}", "run.output_dir={root}/a-file/run"],
         [*TRAIN, "--init", "{root}/mine"],
         [*TRAIN, "stages.0.split=nope"],

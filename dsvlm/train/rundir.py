@@ -67,6 +67,11 @@ class RunDir:
         root = Path(root)
         if overwrite:  # it deletes stages: only ever inside a dsvlm run (or an empty folder)
             check_output(root, RUN, overwrite)
+        elif root.is_dir() and any(root.iterdir()) and not (root / RUN.marker).is_file():
+            # A run writes recipe.yaml, env.json and stage folders here: never into a folder of the user's
+            what = "continue a run in it" if resume else "start a run in it"
+            raise DsvlmError(f"{root} is not empty and is not a dsvlm run (no {RUN.marker}); refusing to {what}: "
+                             "choose another run.output_dir")
         try:
             root.mkdir(parents=True, exist_ok=True)
             probe = root / f".write-probe-{os.getpid()}"
