@@ -26,3 +26,8 @@ def brief(value: object, limit: int = 80) -> str:
     except Exception:  # e.g. an int too long to print (ValueError), a self-containing value
         text = f"<{type(value).__name__}>"
     return text if len(text) <= limit else f"{text[: limit - 3]}..."
+
+
+def shorten(text: str, limit: int = 80) -> str:
+    """`text` cut to `limit` characters, for a user's name quoted as is (a key, an id) in an error message."""
+    return text if len(text) <= limit else f"{text[: limit - 3]}..."

@@ -40,7 +40,7 @@ from dsvlm.data.common import (
     word_length,
 )
 from dsvlm.data.images import ImageCheck, check_images
-from dsvlm.errors import DataError, brief
+from dsvlm.errors import DataError, brief, shorten
 from dsvlm.io import atomic_write_json, atomic_write_text
 
 if TYPE_CHECKING:
@@ -100,8 +100,7 @@ class Skip:
     detail: str
 
     def message(self) -> str:
-        shown_id = self.id if self.id is None or len(self.id) <= 80 else f"{self.id[:77]}..."
-        ident = f" (id {shown_id})" if shown_id is not None else ""
+        ident = f" (id {shorten(self.id)})" if self.id is not None else ""
         return f"{self.source}: record index {self.index}, line {self.line}{ident}: {self.reason}: {self.detail}"
 
 

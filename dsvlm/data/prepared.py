@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from dsvlm.data.common import FORMAT_VERSION, MANIFEST, SKIPPED, prepare_hint
+from dsvlm.data.manifest import validate_manifest
 from dsvlm.errors import DataError
 
 
@@ -35,6 +36,7 @@ class PreparedDataset:
                 f"{manifest_path}: format_version {version!r}, but this dsvlm reads version {FORMAT_VERSION}; "
                 f"prepare the data again with this version ({prepare_hint(self.path)} --overwrite)"
             )
+        validate_manifest(self.manifest, self.path, f"{prepare_hint(self.path)} --overwrite")
         root = Path(self.manifest["image_root"])
         self.image_root = (root if root.is_absolute() else self.path / root).resolve()
 
@@ -85,6 +87,9 @@ class PreparedDataset:
                 f"{path}: image of record {record.get('id')!r} is missing (the image root {self.image_root} "
                 "changed since `dsvlm prepare`?)"
             ) from None
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:  # truncated, not an image
+            raise DataError(f"{path}: image of record {record.get('id')!r} cannot be read ({exc}); it changed "
+                            "since `dsvlm prepare` checked it: restore it, or prepare the data again") from None
 
     @property
     def eval_files(self) -> dict[str, Path]:

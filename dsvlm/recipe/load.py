@@ -12,7 +12,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from dsvlm.errors import RecipeError, brief
+from dsvlm.errors import RecipeError, brief, shorten
 from dsvlm.recipe.schema import Recipe
 
 log = logging.getLogger(__name__)
@@ -194,7 +194,7 @@ def format_errors(exc: ValidationError, data: dict[str, Any]) -> str:
     lines = []
     for err in exc.errors():
         loc = [str(p) for p in err["loc"]]
-        path = ".".join(brief(p, 40) if len(p) > 40 else p for p in loc) or "(root)"  # user keys: any length
+        path = ".".join(shorten(part, 40) for part in loc) or "(root)"  # user keys: any length
         if err["type"] == "extra_forbidden":
             known = _known_fields(loc[:-1])
             hint = difflib.get_close_matches(loc[-1], known, n=1)
