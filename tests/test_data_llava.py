@@ -176,6 +176,18 @@ def test_strict_stops_at_the_bad_record(tmp_path: Path, root: Path, case: str) -
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
 
 
+def test_a_truncated_image_is_found_even_after_lmms_eval_is_imported(tmp_path: Path, root: Path) -> None:
+    from PIL import ImageFile
+
+    source = write_jsonl(tmp_path / "t.jsonl", [caption("a"), caption("b", image=_truncated(root))])
+    ImageFile.LOAD_TRUNCATED_IMAGES = True  # what importing lmms_eval.api.task does
+    try:
+        manifest = prepare_llava(tmp_path / "out", {"align": source}, root, progress=False)
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = False
+    assert manifest["splits"]["align"]["skipped"] == {"image_corrupt": 1}
+
+
 def test_symlinks_inside_the_root_are_fine(tmp_path: Path, root: Path) -> None:
     os.symlink(root / "ok.png", root / "alias.png")
     os.symlink(root / "sub", root / "subalias")
