@@ -116,6 +116,62 @@ def test_missing_and_stale_cache(cached: tuple[Path, object, str], tmp_path: Pat
         cache.get("no-such-id")
 
 
+def _edited_copy(cached_dir: Path, tmp_path: Path, edit) -> Path:
+    """A copy of the cached dataset whose latents/index.json went through `edit(index, latents_dir)`."""
+    import shutil
+
+    out = tmp_path / "data"
+    shutil.copytree(cached_dir, out, symlinks=True)
+    index_path = out / "latents" / "index.json"
+    index = json.loads(index_path.read_text())
+    edit(index, out / "latents")
+    index_path.write_text(json.dumps(index))
+    return out
+
+
+def _cut_shard(index: dict, directory: Path) -> None:
+    shard = directory / index["shards"][0]
+    shard.write_bytes(shard.read_bytes()[:-64])
+
+
+def _escape(index: dict, directory: Path) -> None:
+    (directory.parent.parent / "elsewhere.safetensors").write_bytes((directory / index["shards"][0]).read_bytes())
+    index["shards"][0] = "../../elsewhere.safetensors"
+
+
+def _link_out(index: dict, directory: Path) -> None:
+    (directory.parent.parent / "elsewhere.safetensors").write_bytes((directory / index["shards"][0]).read_bytes())
+    (directory / "link.safetensors").symlink_to(directory.parent.parent / "elsewhere.safetensors")
+    index["shards"][0] = "link.safetensors"
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (lambda index, _: index.update(shape=[4, 3, 3]), r"shape \[4, \d+, \d+\], but the index says \[4, 3, 3\]"),
+    (lambda index, _: index["images"].update({next(iter(index["images"])): [0, 999]}), r"shard 0, row 999"),
+    (lambda index, _: index["images"].update({next(iter(index["images"])): [3, 0]}), r"shard 3, row 0"),
+    (lambda index, _: index.update(shards="shard-00000.safetensors"), r"index.json: not a valid LatentIndex \(shards"),
+    (lambda index, _: index.update(resolution="32"), r"not a valid LatentIndex \(resolution"),
+    (lambda index, _: index.pop("images"), r"not a valid LatentIndex \(images: Field required"),
+    (_cut_shard, r"shard-00000.safetensors: latent shard cannot be read"),
+    (_escape, r"must be a path relative to the dataset, without '..'"),
+    (_link_out, r"shards 'link.safetensors' resolves to .*elsewhere.safetensors, outside"),
+])
+def test_the_index_is_checked_against_the_shards(cached, tmp_path: Path, edit, message: str) -> None:
+    cached_dir, _, fingerprint = cached
+    out = _edited_copy(cached_dir, tmp_path, edit)
+    with pytest.raises(DataError, match=message):
+        LatentCache.open(out, fingerprint, 32, PAD)
+
+
+def test_a_shard_cut_short_after_opening_is_a_clean_error(cached, tmp_path: Path) -> None:
+    cached_dir, _, fingerprint = cached
+    out = _edited_copy(cached_dir, tmp_path, lambda index, _: None)
+    cache = LatentCache.open(out, fingerprint, 32, PAD)
+    _cut_shard(cache.index, out / "latents")
+    with pytest.raises(DataError, match=r"shard-00000\.safetensors: latent shard cannot be read"):
+        cache.get_image(next(iter(cache.index["images"])))
+
+
 def test_rebuild_replaces_the_cache(tmp_path: Path) -> None:
     out = tmp_path / "data"
     prepare_synthetic(out, SyntheticConfig(n_align=3, n_instruct=3, n_eval=1), progress=False)

@@ -127,6 +127,8 @@ CASES = {
     "path_symlink_out": (lambda root: caption("bad", image=_symlink_out(root)), "path_escape"),
     "path_symlink_dir_out": (lambda root: caption("bad", image=_symlink_dir_out(root)), "path_escape"),
     "duplicate_id": (caption("good-1", image="sub/other.png"), "duplicate_id"),
+    "too_deep": ('{"id": "bad", "x": ' + "[" * 100_000 + "]" * 100_000 + "}", "too_deep"),
+    "too_large": (json.dumps(caption("bad", text="<image>\n" + "x" * llava.MAX_RECORD_CHARS)), "too_large"),
 }
 
 
@@ -149,7 +151,7 @@ def test_bad_record_is_skipped_and_reported(tmp_path: Path, root: Path, case: st
     skipped = PreparedDataset(out).skipped()
     assert len(skipped) == 1
     assert skipped[0]["reason"] == reason
-    assert skipped[0]["line"] == 2
+    assert skipped[0]["line"] == 2 and skipped[0]["index"] == 1
     assert skipped[0]["split"] == "instruct"
     assert skipped[0]["source"] == str(source.resolve())
     assert skipped[0]["detail"]
@@ -174,6 +176,18 @@ def test_strict_stops_at_the_bad_record(tmp_path: Path, root: Path, case: str) -
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
 
 
+def test_a_truncated_image_is_found_even_after_lmms_eval_is_imported(tmp_path: Path, root: Path) -> None:
+    from PIL import ImageFile
+
+    source = write_jsonl(tmp_path / "t.jsonl", [caption("a"), caption("b", image=_truncated(root))])
+    ImageFile.LOAD_TRUNCATED_IMAGES = True  # what importing lmms_eval.api.task does
+    try:
+        manifest = prepare_llava(tmp_path / "out", {"align": source}, root, progress=False)
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = False
+    assert manifest["splits"]["align"]["skipped"] == {"image_corrupt": 1}
+
+
 def test_symlinks_inside_the_root_are_fine(tmp_path: Path, root: Path) -> None:
     os.symlink(root / "ok.png", root / "alias.png")
     os.symlink(root / "sub", root / "subalias")
@@ -192,6 +206,28 @@ def test_strict_reports_the_earliest_problem(tmp_path: Path, root: Path) -> None
         prepare_llava(tmp_path / "out", {"align": source}, root, strict=True, progress=False)
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_strict_stops_at_the_first_bad_record_in_file_order(tmp_path: Path, root: Path, workers: int) -> None:
+    # bad records in several chunks of image checks (distinct images: 128 a chunk), a structural one late
+    for i in range(400):
+        write_png(root / "many" / f"{i}.png", size=(4, 4), seed=i)
+    records = [caption(f"r{i}", image=f"many/{i}.png") for i in range(400)]
+    records[390] = CASES["gpt_first"][0]
+    records[300] = caption("r300", image="missing-300.png")
+    records[170] = caption("r170", image="missing-170.png")
+    records[20] = caption("r20", image="sub/other.png")  # fine
+    source = write_jsonl(tmp_path / "many.jsonl", records)
+    with pytest.raises(DataError, match=r"record index 170, line 171 \(id r170\): image_missing"):
+        prepare_llava(tmp_path / "out", {"align": source}, root, workers=workers, strict=True, progress=False)
+    records[170] = caption("r170", image="many/170.png")
+    write_jsonl(source, records)
+    with pytest.raises(DataError, match=r"record index 300, line 301 \(id r300\): image_missing"):
+        prepare_llava(tmp_path / "out", {"align": source}, root, workers=workers, strict=True, progress=False)
+    write_jsonl(source, [*records[:250], "{oops", *records[250:]])  # a malformed line before the bad image
+    with pytest.raises(DataError, match=r"record index 250, line 251: malformed_json"):
+        prepare_llava(tmp_path / "out", {"align": source}, root, workers=workers, strict=True, progress=False)
+
+
 def test_malformed_json_list_names_the_line(tmp_path: Path, root: Path) -> None:
     text = json.dumps([caption("a"), caption("b")], indent=2)
     broken = text.replace('"b"', '"b" "oops"', 1)
@@ -202,6 +238,19 @@ def test_malformed_json_list_names_the_line(tmp_path: Path, root: Path) -> None:
         with pytest.raises(DataError, match=rf"list.json: malformed JSON at line {line}, column"):
             prepare_llava(tmp_path / "out", {"align": source}, root, strict=strict, progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_json_list_steps_over_records_too_deep_or_too_large(tmp_path: Path, root: Path) -> None:
+    deep = '{"id": "deep", "x": ' + "[" * 100_000 + '"]}"' + "]" * 100_000 + "}"  # a bracket in a string too
+    large = json.dumps(caption("large", text="<image>\n" + "x" * llava.MAX_RECORD_CHARS))
+    source = tmp_path / "list.json"
+    source.write_text(f"[{json.dumps(caption('a'))},\n{deep},\n{large},\n{json.dumps(caption('b'))}]")
+    manifest = prepare_llava(tmp_path / "out", {"align": source}, root, progress=False)
+    assert manifest["splits"]["align"]["skipped"] == {"too_deep": 1, "too_large": 1}
+    skipped = PreparedDataset(tmp_path / "out").skipped()
+    assert [(s["index"], s["line"], s["reason"]) for s in skipped] == [(1, 2, "too_deep"), (2, 3, "too_large")]
+    assert all(len(s["detail"]) < 200 for s in skipped)
+    assert [r["id"] for r in PreparedDataset(tmp_path / "out").records("align")] == ["a", "b"]
 
 
 def test_json_object_instead_of_list(tmp_path: Path, root: Path) -> None:

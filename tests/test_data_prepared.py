@@ -43,6 +43,67 @@ def test_bad_manifest(tmp_path: Path) -> None:
         PreparedDataset(tmp_path)
 
 
+def _edit(manifest: dict, path: str, value: object) -> None:
+    *parents, last = path.split(".")
+    for part in parents:
+        manifest = manifest[part]
+    manifest[last] = value
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("splits.align.records", "many", r"splits\.align\.records: Input should be a valid integer"),
+    ("splits.align.records", -3, r"splits\.align\.records: Input should be greater than or equal to 0"),
+    ("splits.align", ["align.parquet"], r"splits\.align: Input should be a valid dictionary"),
+    ("splits.align.file", "../../../etc/passwd", r"splits\.align\.file: Value error, must be a path relative"),
+    ("splits.align.file", "/etc/passwd", r"splits\.align\.file: Value error, must be a path relative"),
+    ("splits.align.file", "link.parquet", r"splits\.align\.file 'link\.parquet' resolves to .*outside"),
+    ("eval.synthetic", "/tmp/x.parquet", r"eval\.synthetic: Value error, must be a path relative"),
+    ("latents", {"dir": "..", "fingerprint": "f", "resolution": 32, "geometry": "pad", "shape": None, "images": 0},
+     r"latents\.dir: Value error"),
+    ("image_root", "../../elsewhere", r"image_root '\.\./\.\./elsewhere' must be a path relative"),
+    ("image_root", "", r"image_root: String should have at least 1 character"),
+    ("kind", None, r"kind: Input should be a valid string"),
+    ("splits", None, r"splits: Input should be a valid dictionary"),
+])
+def test_a_hand_edited_manifest_is_a_clean_error_naming_the_field(synthetic: Path, tmp_path: Path, field: str,
+                                                                   value: object, message: str) -> None:
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(synthetic, data)
+    (tmp_path / "outside.parquet").write_bytes((data / "align.parquet").read_bytes())
+    (data / "link.parquet").symlink_to(tmp_path / "outside.parquet")
+    manifest = json.loads((data / "manifest.json").read_text())
+    _edit(manifest, field, value)
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match=message):
+        PreparedDataset(data)
+
+
+def test_a_foreign_manifest_is_a_clean_error(tmp_path: Path) -> None:
+    (tmp_path / "manifest.json").write_text(json.dumps({"format_version": 1, "name": "someone else's", "files": []}))
+    with pytest.raises(DataError, match=r"manifest.json: not a valid Manifest \(kind: Field required; image_root"):
+        PreparedDataset(tmp_path)
+    (tmp_path / "manifest.json").write_text("[1, 2]")
+    with pytest.raises(DataError, match="format_version None"):
+        PreparedDataset(tmp_path)
+
+
+def test_an_image_cut_short_after_prepare_is_a_clean_error_naming_it(synthetic: Path, tmp_path: Path) -> None:
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(synthetic, data)
+    split = PreparedSplit(data, "align")
+    image = split.dataset.image_path(split.records[0])
+    image.write_bytes(image.read_bytes()[:60])
+    with pytest.raises(DataError, match=rf"{image}: image of record .* cannot be read"):
+        split[0]
+    image.write_text("not an image")
+    with pytest.raises(DataError, match=rf"{image}: image of record .* cannot be read"):
+        split[0]
+
+
 def test_missing_split(synthetic: Path) -> None:
     with pytest.raises(DataError, match=r"no split 'train' \(has: align, instruct\)"):
         PreparedDataset(synthetic).records("train")

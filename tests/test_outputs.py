@@ -43,6 +43,25 @@ def test_non_empty_output_needs_overwrite_and_the_marker_of_its_kind(tmp_path):
         check_output(out, STRIPPED_MODEL, overwrite=True)
 
 
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> Path:
+    data = tmp_path_factory.mktemp("tiny") / "data"
+    prepared = CliRunner().invoke(app, ["prepare", "synthetic", str(data), "--n-align", "8", "--n-instruct", "8",
+                                        "--n-eval", "4"])
+    assert prepared.exit_code == 0, prepared.output
+    return data
+
+
+@pytest.mark.parametrize("flags", [[], ["--resume"], ["--overwrite"], ["--resume", "--overwrite"]])
+def test_train_never_writes_into_a_folder_that_is_not_a_run(tmp_path, tiny_data, flags):
+    out = precious(tmp_path / "out")
+    result = CliRunner().invoke(app, ["train", "tiny-synthetic", f"data.dataset={tiny_data}",
+                                      f"run.output_dir={out}", *flags])
+    assert result.exit_code == 2, result.output
+    assert "not a dsvlm run" in result.stderr or "not a training run written by dsvlm" in result.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["thesis.tex"]
+
+
 def test_files_and_symlinks_are_never_replaced(tmp_path):
     (tmp_path / "file").write_text("x")
     target = precious(tmp_path / "target")

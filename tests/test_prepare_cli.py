@@ -89,6 +89,41 @@ def test_llava_skips_and_reports(tmp_path: Path) -> None:
     assert_user_error(none, "--align FILE")
 
 
+def test_an_input_that_keeps_no_record_is_an_error_unless_allowed(tmp_path: Path) -> None:
+    from PIL import Image
+
+    (tmp_path / "img").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "img" / "a.png")
+    turns = [{"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": "a"}]
+    good = tmp_path / "good.jsonl"
+    good.write_text(json.dumps({"id": "g", "image": "a.png", "conversations": turns}) + "\n")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("\n" + json.dumps({"id": "0", "image": "gone.png", "conversations": turns}) + "\n{oops\n")
+    empty = tmp_path / "empty.json"
+    empty.write_text("[]")
+    out, report = tmp_path / "out", tmp_path / "out.skipped.jsonl"
+    images = ["--image-root", str(tmp_path / "img")]
+
+    result = run("llava", str(out), "--align", str(good), "--instruct", str(bad), *images)
+    assert_user_error(result, "--instruct: all 2 records were skipped (image_missing 1, malformed_json 1)")
+    assert "--allow-empty" in result.stderr and str(report) in result.stderr
+    assert not out.exists()
+    skips = [json.loads(line) for line in report.read_text().splitlines()]
+    assert [(s["index"], s["line"], s["reason"]) for s in skips] == [(0, 2, "image_missing"), (1, 3, "malformed_json")]
+
+    assert_user_error(run("llava", str(out), "--align", str(empty), *images), f"--align {empty} holds no record")
+    report.write_text("my notes\n")  # a file of the user's under the report's name is not written over
+    result = run("llava", str(out), "--instruct", str(bad), *images)
+    assert_user_error(result, "is not a skipped report")
+    assert report.read_text() == "my notes\n"
+
+    allowed = run("llava", str(out), "--align", str(empty), "--instruct", str(bad), *images, "--allow-empty")
+    assert allowed.exit_code == 0, allowed.output
+    dataset = PreparedDataset(out)
+    assert [dataset.manifest["splits"][s]["records"] for s in ("align", "instruct")] == [0, 0]
+    assert len(dataset.skipped()) == 2
+
+
 def test_strict_exits_2_without_traceback(tmp_path: Path) -> None:
     source = tmp_path / "bad.jsonl"
     source.write_text('{"id": "x", "conversations": []}\n')

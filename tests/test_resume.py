@@ -15,6 +15,7 @@ from accelerate.state import AcceleratorState
 from helpers import tiny_overrides
 
 from dsvlm.errors import DsvlmError
+from dsvlm.outputs import RUN, write_marker
 from dsvlm.recipe import load_recipe
 from dsvlm.train import checkpoint
 from dsvlm.train.loop import _append_metrics
@@ -113,6 +114,7 @@ def test_the_next_run_removes_what_killed_processes_left(tmp_path):
         directory.mkdir(parents=True)
         (directory / "model.safetensors").write_bytes(b"partial")
     (out / f".env.json.tmp-{dead}").write_text("{")
+    write_marker(out, RUN)  # the run they were writing
     kept = out / "align" / f".final.tmp-{live}"  # a live process's temporary is its own
     kept.mkdir()
     recipe = load_recipe("tiny-synthetic", tiny_overrides(tmp_path / "data", out))

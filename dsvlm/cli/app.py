@@ -34,8 +34,18 @@ class _Commands(TyperGroup):
         except common.DsvlmError as exc:
             if common.STATE.debug:
                 raise
-            common.console.print(f"[bold red]error:[/] {common.escape(str(exc))}", soft_wrap=True)
+            common.console.print(f"[bold red]error:[/] {common.escape(_own_message(exc))}", soft_wrap=True)
             raise typer.Exit(2) from exc
+
+
+def _own_message(exc: common.DsvlmError) -> str:
+    """The error's message. One raised in a DataLoader worker comes back re-created by torch with the worker's
+    traceback as its message; its last lines, after the exception's name, are the message itself."""
+    message = str(exc)
+    name = f"{type(exc).__module__}.{type(exc).__qualname__}: "
+    if "Original Traceback" in message and name in message:
+        return message.rsplit(name, 1)[1].strip()
+    return message
 
 
 app = typer.Typer(

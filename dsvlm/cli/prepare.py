@@ -30,6 +30,9 @@ RECIPE_OVERRIDES = typer.Argument(
     None, help="Recipe overrides `key.sub=value` for --latents, e.g. supervision.resolution=64.", show_default=False
 )
 STRICT = typer.Option(False, "--strict", help="Stop at the first bad record (exit 2) instead of skipping.")
+ALLOW_EMPTY = typer.Option(
+    False, "--allow-empty", help="Write the dataset even when an input keeps no record (empty, or all skipped)."
+)
 WORKERS = typer.Option(1, "--workers", min=1, help="Processes that check images in parallel.")
 OVERWRITE = typer.Option(False, "--overwrite", help="Replace an existing OUT (kept until the new dataset is complete).")
 LATENTS = typer.Option(
@@ -143,6 +146,7 @@ def llava(
     instruct: Path = typer.Option(None, "--instruct", help="Stage-2 chat data (JSON list or JSONL), e.g. mix-665K."),
     image_root: Path = typer.Option(..., "--image-root", help="Directory the records' `image` paths are relative to."),
     strict: bool = STRICT,
+    allow_empty: bool = ALLOW_EMPTY,
     workers: int = WORKERS,
     overwrite: bool = OVERWRITE,
     latents: str = LATENTS,
@@ -156,7 +160,8 @@ def llava(
         raise DataError("give at least one of --align FILE and --instruct FILE")
     request = _latent_request(latents, overrides)
     manifest = prepare_llava(
-        out, splits, image_root, strict=strict, workers=workers, overwrite=overwrite, latents=request
+        out, splits, image_root, strict=strict, allow_empty=allow_empty, workers=workers, overwrite=overwrite,
+        latents=request,
     )
     _report(out, manifest, as_json)
 
@@ -175,6 +180,7 @@ def hub(
     revision: str = typer.Option(None, "--revision", help="Branch, tag or commit."),
     download_dir: Path = typer.Option(None, "--download-dir", help="Where the repo files go (default: OUT-hub)."),
     strict: bool = STRICT,
+    allow_empty: bool = ALLOW_EMPTY,
     workers: int = WORKERS,
     overwrite: bool = OVERWRITE,
     latents: str = LATENTS,
@@ -194,6 +200,7 @@ def hub(
         revision=revision,
         download_dir=download_dir,
         strict=strict,
+        allow_empty=allow_empty,
         workers=workers,
         overwrite=overwrite,
         latents=request,

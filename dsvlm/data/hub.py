@@ -17,7 +17,7 @@ from huggingface_hub import constants, snapshot_download
 from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
 from dsvlm.data.common import atomic_output, progress_bar
-from dsvlm.data.llava import prepare_into
+from dsvlm.data.llava import prepare_into, report_empty_input
 from dsvlm.errors import DataError
 from dsvlm.outputs import DATASET, check_output
 
@@ -140,6 +140,7 @@ def prepare_hub(
     revision: str | None = None,
     download_dir: Path | None = None,
     strict: bool = False,
+    allow_empty: bool = False,
     workers: int = 1,
     overwrite: bool = False,
     latents: LatentRequest | None = None,
@@ -178,9 +179,10 @@ def prepare_hub(
         "image_root": image_root,
         "download_dir": str(snapshot.resolve()),
         "strict": strict,
+        "allow_empty": allow_empty,
         "workers": workers,
     }
-    with atomic_output(out, overwrite) as tmp:
+    with report_empty_input(out), atomic_output(out, overwrite) as tmp:
         if archive:
             _extract(snapshot / archive, tmp / "images", progress)
             root, shown_root = tmp / "images", "images"
@@ -195,6 +197,7 @@ def prepare_hub(
             kind="hub",
             options=options,
             strict=strict,
+            allow_empty=allow_empty,
             workers=workers,
             progress=progress,
             latents=latents,

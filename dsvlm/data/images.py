@@ -7,7 +7,7 @@ import stat
 import warnings
 from typing import NamedTuple
 
-from PIL import Image
+from PIL import Image, ImageFile
 
 
 class ImageCheck(NamedTuple):
@@ -82,4 +82,9 @@ def check_image(root: str, rel: str, dirs: dict[str, str] | None = None) -> Imag
 def check_images(root: str, rels: list[str]) -> list[ImageCheck]:
     """Check a chunk of images (one task of the process pool)."""
     dirs: dict[str, str] = {}
-    return [check_image(root, rel, dirs) for rel in rels]
+    # lmms-eval, once imported in this process, lets PIL pad truncated images with grey: undo it for the check
+    truncated_ok, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
+    try:
+        return [check_image(root, rel, dirs) for rel in rels]
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = truncated_ok

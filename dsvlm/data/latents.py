@@ -18,13 +18,14 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from dsvlm.data.common import MANIFEST, progress_bar
 from dsvlm.data.geometry import SquareGeometry
+from dsvlm.data.manifest import LatentIndex, check_inside, check_schema
 from dsvlm.data.prepared import PreparedDataset
-from dsvlm.errors import DataError
+from dsvlm.errors import DataError, brief
 from dsvlm.io import atomic_dir, atomic_write_json
 
 LATENTS_DIR = "latents"
@@ -187,6 +188,31 @@ def rebuild_hint(dataset_dir: Path) -> str:
     )
 
 
+def _shard_rows(path: Path, shape: list[int] | None, hint: str) -> int:
+    """How many latents the shard at `path` holds, after checking its header (a truncated file fails here) and
+    that each latent has the index's `shape`."""
+    try:
+        stored = safe_open(str(path), "pt").get_slice("latents").get_shape()
+    except (SafetensorError, OSError) as exc:
+        raise DataError(f"{path}: latent shard cannot be read ({exc}); {hint}") from None
+    if shape is None or list(stored[1:]) != list(shape):
+        raise DataError(f"{path}: latents of shape {list(stored[1:])}, but the index says {shape}; {hint}")
+    return stored[0]
+
+
+def _check_shards(directory: Path, index: dict[str, Any], hint: str) -> None:
+    """Every shard the index names is inside the cache, readable and of the index's shape, and every image's
+    [shard, row] points into one: the index is checked against the tensors, not trusted."""
+    rows = [
+        _shard_rows(check_inside(directory, name, directory / INDEX, "shards", hint), index["shape"], hint)
+        for name in index["shards"]
+    ]
+    for image, (shard, row) in index["images"].items():
+        if shard >= len(rows) or row >= rows[shard]:
+            raise DataError(f"{directory / INDEX}: image {brief(image)} points at shard {shard}, row {row}, which "
+                            f"does not exist ({len(rows)} shard(s)); {hint}")
+
+
 class LatentCache:
     """Read access to a dataset's latent cache; shards are memory-mapped lazily, per process."""
 
@@ -212,9 +238,11 @@ class LatentCache:
         except json.JSONDecodeError as exc:
             raise DataError(f"{directory / INDEX}: malformed JSON at line {exc.lineno}; "
                             f"{rebuild_hint(dataset_dir)}") from None
-        if index.get("version") != CACHE_VERSION:
-            raise DataError(f"{directory}: latent cache version {index.get('version')!r} is not "
+        version = index.get("version") if isinstance(index, dict) else None
+        if version != CACHE_VERSION:
+            raise DataError(f"{directory}: latent cache version {brief(version)} is not "
                             f"{CACHE_VERSION}; {rebuild_hint(dataset_dir)}")
+        check_schema(LatentIndex, index, directory / INDEX, rebuild_hint(dataset_dir))
         if index["fingerprint"] != fingerprint:
             raise DataError(
                 f"{directory}: the latent cache was built for another VAE (fingerprint "
@@ -230,6 +258,7 @@ class LatentCache:
                 f"{directory}: the latent cache was built with image geometry {index['geometry']}, the recipe uses "
                 f"{geometry.key} (model.image_aspect_ratio); {rebuild_hint(dataset_dir)}"
             )
+        _check_shards(directory, index, rebuild_hint(dataset_dir))
         return cls(directory, index)
 
     def __len__(self) -> int:
@@ -245,10 +274,15 @@ class LatentCache:
         except KeyError:
             raise DataError(f"{self.directory}: no latent for image {image!r}; the cache is stale, "
                             f"{rebuild_hint(self.directory.parent)}") from None
-        handle = self._handles.get(shard)
-        if handle is None:
-            handle = self._handles[shard] = safe_open(str(self.directory / self.index["shards"][shard]), "pt")
-        return handle.get_slice("latents")[row]
+        path = self.directory / self.index["shards"][shard]
+        try:
+            handle = self._handles.get(shard)
+            if handle is None:
+                handle = self._handles[shard] = safe_open(str(path), "pt")
+            return handle.get_slice("latents")[row]
+        except (SafetensorError, OSError) as exc:  # replaced or cut short since the cache was opened
+            raise DataError(f"{path}: latent shard cannot be read ({exc}); {rebuild_hint(self.directory.parent)}"
+                            ) from None
 
     def get(self, record_id: str) -> torch.Tensor:
         """The latent [C, h, w] of a record's image, by record id."""

@@ -40,8 +40,8 @@ from dsvlm.data.common import (
     word_length,
 )
 from dsvlm.data.images import ImageCheck, check_images
-from dsvlm.errors import DataError
-from dsvlm.io import atomic_write_json
+from dsvlm.errors import DataError, brief, shorten
+from dsvlm.io import atomic_write_json, atomic_write_text
 
 if TYPE_CHECKING:
     from rich.progress import Progress
@@ -50,9 +50,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+MAX_RECORD_CHARS = 1 << 20  # a record this long would not fit any model's context; parsing it is wasted memory
 # Why a record is skipped; the keys are the `reason` values of skipped.jsonl and the manifest.
 REASONS = {
     "malformed_json": "a JSONL line that is not valid JSON",
+    "too_deep": "a record nested too deeply for the JSON parser",
+    "too_large": f"a record over {MAX_RECORD_CHARS} characters (longer than any model's context)",
     "not_an_object": "a record that is not a JSON object",
     "missing_id": "no `id` (or not a string/integer)",
     "duplicate_id": "an `id` already used earlier in the split",
@@ -77,6 +80,7 @@ _WHITESPACE = re.compile(r"\s*")
 class Record:
     """A structurally valid record (images not yet checked)."""
 
+    index: int  # position in the input, from 0, counting every record (bad ones too)
     line: int
     id: str
     image: str | None
@@ -89,18 +93,30 @@ class Skip:
 
     split: str
     source: str
-    line: int
+    index: int  # position in the input, from 0 (`jq '.[index]'` of a JSON list)
+    line: int  # the line of a JSONL record; a JSON list record's first line
     id: str | None
     reason: str
     detail: str
 
     def message(self) -> str:
-        ident = f" (id {self.id})" if self.id is not None else ""
-        return f"{self.source}: line {self.line}{ident}: {self.reason}: {self.detail}"
+        ident = f" (id {shorten(self.id)})" if self.id is not None else ""
+        return f"{self.source}: record index {self.index}, line {self.line}{ident}: {self.reason}: {self.detail}"
+
+
+class EmptyInputError(DataError):
+    """An input that kept no record (empty, or every record skipped); carries the skips for the report."""
+
+    def __init__(self, message: str, skips: list[Skip]) -> None:
+        super().__init__(message)
+        self.skips = skips
 
 
 @dataclass(frozen=True)
 class _Malformed:
+    """A record that could not be parsed (reason: malformed_json, too_deep or too_large)."""
+
+    reason: str
     detail: str
 
 
@@ -150,6 +166,11 @@ def _read_json_list(path: Path, text: str, start: int) -> Iterator[tuple[int, An
                     f"{path}: malformed JSON at line {exc.lineno}, column {exc.colno}: {exc.msg} "
                     "(a JSON list cannot be repaired record by record: fix it, or use JSONL)"
                 ) from None
+            except (RecursionError, MemoryError) as exc:
+                end = _value_end(path, text, pos)
+                obj = _unparsable(exc, end - pos)
+            if not isinstance(obj, _Malformed) and end - pos > MAX_RECORD_CHARS:
+                obj = _unparsable(MemoryError(), end - pos)
             yield line, obj
             pos = _WHITESPACE.match(text, end).end()
             if text.startswith(",", pos):
@@ -163,6 +184,26 @@ def _read_json_list(path: Path, text: str, start: int) -> Iterator[tuple[int, An
         raise DataError(f"{path}: malformed JSON at {_position(text, pos)}: data after the closing ']'")
 
 
+_JSON_TOKEN = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]')
+
+
+def _value_end(path: Path, text: str, pos: int) -> int:
+    """Where the JSON value starting at `pos` ends, found by matching brackets outside strings: a record too deep
+    or too big to parse can still be stepped over."""
+    depth = 0
+    for token in _JSON_TOKEN.finditer(text, pos):
+        depth += {"[": 1, "{": 1, "]": -1, "}": -1}.get(token.group(), 0)
+        if depth == 0:
+            return token.end()
+    raise DataError(f"{path}: malformed JSON at {_position(text, pos)}: a record that never ends")
+
+
+def _unparsable(exc: BaseException, size: int) -> _Malformed:
+    if isinstance(exc, RecursionError):
+        return _Malformed("too_deep", "nested deeper than the JSON parser goes (a real record is a few levels)")
+    return _Malformed("too_large", f"{size} characters; records over {MAX_RECORD_CHARS} are skipped")
+
+
 def _read_jsonl(path: Path, text: str) -> Iterator[tuple[int, Any]]:
     lines = text.split("\n")
     first = next((raw for raw in lines if raw.strip()), "")
@@ -172,45 +213,50 @@ def _read_jsonl(path: Path, text: str) -> Iterator[tuple[int, Any]]:
     for number, raw in enumerate(lines, 1):
         if not raw.strip():
             continue
+        if len(raw) > MAX_RECORD_CHARS:
+            yield number, _unparsable(MemoryError(), len(raw))
+            continue
         try:
             yield number, json.loads(raw)
         except json.JSONDecodeError as exc:
-            yield number, _Malformed(f"column {exc.colno}: {exc.msg}")
+            yield number, _Malformed("malformed_json", f"column {exc.colno}: {exc.msg}")
+        except (RecursionError, MemoryError) as exc:
+            yield number, _unparsable(exc, len(raw))
 
 
 def _json_or_none(raw: str) -> Any:
     try:
         return json.loads(raw)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError, MemoryError):
         return None
 
 
 # ------------------------------------------------------------------------------------------- checking
 
 
-def check_record(obj: Any, line: int) -> Record | tuple[str, str, str | None]:
+def check_record(obj: Any, index: int, line: int) -> Record | tuple[str, str, str | None]:
     """Structural checks of one parsed record: a Record, or (reason, detail, id) when it is bad."""
     if isinstance(obj, _Malformed):
-        return "malformed_json", obj.detail, None
+        return obj.reason, obj.detail, None
     if not isinstance(obj, dict):
         return "not_an_object", f"expected a JSON object, got {type(obj).__name__}", None
     raw_id = obj.get("id")
     if isinstance(raw_id, bool) or not isinstance(raw_id, (str, int)) or not str(raw_id).strip():
-        return "missing_id", f"`id` must be a non-empty string or integer, got {raw_id!r}", None
+        return "missing_id", f"`id` must be a non-empty string or integer, got {brief(raw_id)}", None
     rid = str(raw_id)
     conversations = obj.get("conversations")
     if not isinstance(conversations, list) or not conversations:
-        what = "missing" if conversations is None else f"{type(conversations).__name__} {conversations!r:.40}"
+        what = "missing" if conversations is None else f"{type(conversations).__name__} {brief(conversations, 40)}"
         return "empty_conversations", f"`conversations` must be a non-empty list, got {what}", rid
     turns: list[dict[str, str]] = []
     for i, turn in enumerate(conversations):
         if not (isinstance(turn, dict) and turn.get("from") in ("human", "gpt") and isinstance(turn.get("value"), str)):
-            return "bad_turn", f"turn {i} must be {{from: human|gpt, value: string}}, got {turn!r:.80}", rid
+            return "bad_turn", f"turn {i} must be {{from: human|gpt, value: string}}, got {brief(turn)}", rid
         expected = "human" if i % 2 == 0 else "gpt"
         if turn["from"] != expected:
             return (
                 "turn_order",
-                f"turn {i} is from {turn['from']!r}, expected {expected!r} (human, gpt, human, ...)",
+                f"turn {i} is from {brief(turn['from'])}, expected {expected!r} (human, gpt, human, ...)",
                 rid,
             )
         turns.append({"from": turn["from"], "value": turn["value"]})
@@ -218,7 +264,7 @@ def check_record(obj: Any, line: int) -> Record | tuple[str, str, str | None]:
         return "turn_order", "the last turn is from 'human': every question needs a gpt answer", rid
     image = obj.get("image")
     if image is not None and (not isinstance(image, str) or not image.strip() or "\x00" in image):
-        return "bad_image_path", f"`image` must be a non-empty path string without NUL, got {image!r:.80}", rid
+        return "bad_image_path", f"`image` must be a non-empty path string without NUL, got {brief(image)}", rid
     counts = [turn["value"].count(IMAGE_TOKEN) for turn in turns]
     total = sum(counts)
     if image is None:
@@ -229,7 +275,7 @@ def check_record(obj: Any, line: int) -> Record | tuple[str, str, str | None]:
     elif counts[0] != 1:
         where = "no turn" if total == 0 else f"turn {counts.index(1)}"
         return "image_token_missing", f"{IMAGE_TOKEN} must be in the first human turn; found in {where}", rid
-    return Record(line, rid, image, turns)
+    return Record(index, line, rid, image, turns)
 
 
 def _iter_checks(root: str, rels: list[str], pool: Executor | None) -> Iterator[tuple[str, ImageCheck]]:
@@ -263,10 +309,10 @@ def _check_split(
         if record.image is not None and check is None:
             break  # strict stopped the image checks before this record
         if check is not None and check.reason is not None:
-            skips.append(Skip(name, shown_source, record.line, record.id, check.reason, check.detail))
+            skips.append(Skip(name, shown_source, record.index, record.line, record.id, check.reason, check.detail))
             continue
         kept.append(record)
-    skips.sort(key=lambda s: s.line)
+    skips.sort(key=lambda s: s.index)
     if strict and skips:
         raise DataError(skips[0].message() + "\n(--strict stops at the first bad record; without it bad records "
                         "are skipped and listed in skipped.jsonl)")
@@ -281,18 +327,19 @@ def _read_records(
     skips: list[Skip] = []
     first_line: dict[str, int] = {}
     reading = progress.add_task(f"{name}: reading {source.name}", total=None)
-    for count, (line, obj) in enumerate(read_source(source), 1):
-        if count % 1000 == 0:
-            progress.update(reading, completed=count)
-        checked = check_record(obj, line)
+    for index, (line, obj) in enumerate(read_source(source)):
+        if index % 1000 == 999:
+            progress.update(reading, completed=index + 1)
+        checked = check_record(obj, index, line)
         if isinstance(checked, Record) and checked.id in first_line:
-            checked = ("duplicate_id", f"id {checked.id!r} already used at line {first_line[checked.id]}", checked.id)
+            checked = ("duplicate_id", f"id {brief(checked.id)} already used at line {first_line[checked.id]}",
+                       checked.id)
         if isinstance(checked, Record):
             first_line[checked.id] = line
             records.append(checked)
             continue
         reason, detail, rid = checked
-        skips.append(Skip(name, shown_source, line, rid, reason, detail))
+        skips.append(Skip(name, shown_source, index, line, rid, reason, detail))
         if strict:
             break  # records after the first bad one are not needed; earlier ones still get image checks
     progress.remove_task(reading)
@@ -351,13 +398,14 @@ def prepare_into(
     kind: str,
     options: dict[str, Any],
     strict: bool = False,
+    allow_empty: bool = False,
     workers: int = 1,
     progress: bool = True,
     extra: dict[str, Any] | None = None,
     latents: LatentRequest | None = None,
 ) -> dict[str, Any]:
     """Validate `splits` and write parquet files, skipped.jsonl and manifest.json into `dest`, then the latent
-    cache if `latents` asks for one.
+    cache if `latents` asks for one. A split that keeps no record raises EmptyInputError unless `allow_empty`.
 
     The one preparation path: `prepare_llava`, the synthetic set and the hub all end here. `dest` is the
     temporary directory of an `atomic_output`. Returns the manifest.
@@ -395,14 +443,62 @@ def prepare_into(
                 "source": {"path": shown, "sha256": sha256_file(source)},
             }
             log.debug("%s: %d records kept, %d skipped", name, len(records), len(skips))
-    with open(dest / SKIPPED, "w") as fh:
-        for skip in all_skips:
-            fh.write(json.dumps(asdict(skip), ensure_ascii=False) + "\n")
+    if not allow_empty:
+        _refuse_empty(manifest["splits"], splits, all_skips)
+    _write_skips(dest / SKIPPED, all_skips)
     manifest.update(extra or {})
     atomic_write_json(dest / MANIFEST, manifest, ensure_ascii=False)
     if latents is not None:
         manifest = latents.build(dest, progress=progress)
     return manifest
+
+
+def _refuse_empty(written: dict[str, Any], sources: dict[str, Path], skips: list[Skip]) -> None:
+    problems = []
+    for name, info in written.items():
+        if info["records"]:
+            continue
+        skipped = info["skipped"]
+        if not skipped:
+            problems.append(f"--{name} {sources[name]} holds no record")
+            continue
+        reasons = ", ".join(f"{reason} {count}" for reason, count in skipped.items())
+        first = next(skip for skip in skips if skip.split == name)
+        problems.append(f"--{name}: all {sum(skipped.values())} records were skipped ({reasons}); the first: "
+                        f"{first.message()}")
+    if problems:
+        raise EmptyInputError("; ".join(problems) + " (--allow-empty writes the dataset anyway)", skips)
+
+
+def _write_skips(path: Path, skips: list[Skip]) -> None:
+    atomic_write_text(path, "".join(json.dumps(asdict(skip), ensure_ascii=False) + "\n" for skip in skips))
+
+
+def _is_skip_report(path: Path) -> bool:
+    """Whether `path` is a skipped report dsvlm wrote (empty, or its first line a skip): one we may replace."""
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        first = fh.readline(1 << 16)
+    try:
+        return not first or "reason" in json.loads(first)
+    except (ValueError, TypeError):
+        return False
+
+
+@contextlib.contextmanager
+def report_empty_input(out: Path) -> Iterator[None]:
+    """Around the `atomic_output` of `out`: an input that kept no record leaves no dataset, but its skipped report
+    is written next to OUT (`OUT.skipped.jsonl`) so that the reasons can be read."""
+    try:
+        yield
+    except EmptyInputError as exc:
+        report = out.with_name(f"{out.name}.skipped.jsonl")
+        if not exc.skips:
+            raise DataError(f"{exc}; nothing was written") from None
+        if report.exists() and not (report.is_file() and _is_skip_report(report)):
+            raise DataError(f"{exc}; nothing was written ({report} exists and is not a skipped report, so the "
+                            "report was not written over it)") from None
+        _write_skips(report, exc.skips)
+        raise DataError(f"{exc}; no dataset written, every skip with its reason is in {report}") from None
 
 
 @contextlib.contextmanager
@@ -426,6 +522,7 @@ def prepare_llava(
     image_root: Path,
     *,
     strict: bool = False,
+    allow_empty: bool = False,
     workers: int = 1,
     overwrite: bool = False,
     latents: LatentRequest | None = None,
@@ -448,9 +545,10 @@ def prepare_llava(
         "splits": {name: str(Path(src).resolve()) for name, src in splits.items()},
         "image_root": str(image_root.resolve()),
         "strict": strict,
+        "allow_empty": allow_empty,
         "workers": workers,
     }
-    with atomic_output(out, overwrite) as tmp:
+    with report_empty_input(out), atomic_output(out, overwrite) as tmp:
         return prepare_into(
             tmp,
             {name: Path(src) for name, src in splits.items()},
@@ -459,6 +557,7 @@ def prepare_llava(
             kind="llava",
             options=options,
             strict=strict,
+            allow_empty=allow_empty,
             workers=workers,
             progress=progress,
             latents=latents,

@@ -7,9 +7,10 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow.parquet as pq
-from PIL import Image
+from PIL import Image, ImageFile
 
 from dsvlm.data.common import FORMAT_VERSION, MANIFEST, SKIPPED, prepare_hint
+from dsvlm.data.manifest import validate_manifest
 from dsvlm.errors import DataError
 
 
@@ -35,6 +36,7 @@ class PreparedDataset:
                 f"{manifest_path}: format_version {version!r}, but this dsvlm reads version {FORMAT_VERSION}; "
                 f"prepare the data again with this version ({prepare_hint(self.path)} --overwrite)"
             )
+        validate_manifest(self.manifest, self.path, f"{prepare_hint(self.path)} --overwrite")
         root = Path(self.manifest["image_root"])
         self.image_root = (root if root.is_absolute() else self.path / root).resolve()
 
@@ -77,6 +79,8 @@ class PreparedDataset:
     def load_image(self, record: dict[str, Any]) -> Image.Image:
         """The record's image as an RGB PIL image."""
         path = self.image_path(record)
+        # lmms-eval, once imported, lets PIL pad truncated images with grey: here a cut file is an error
+        truncated_ok, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
         try:
             with Image.open(path) as image:
                 return image.convert("RGB")
@@ -85,6 +89,11 @@ class PreparedDataset:
                 f"{path}: image of record {record.get('id')!r} is missing (the image root {self.image_root} "
                 "changed since `dsvlm prepare`?)"
             ) from None
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:  # truncated, not an image
+            raise DataError(f"{path}: image of record {record.get('id')!r} cannot be read ({exc}); it changed "
+                            "since `dsvlm prepare` checked it: restore it, or prepare the data again") from None
+        finally:
+            ImageFile.LOAD_TRUNCATED_IMAGES = truncated_ok
 
     @property
     def eval_files(self) -> dict[str, Path]:

@@ -123,6 +123,7 @@ def evaluate(
     model_path = resolve_model(model_dir)
     plan = _plan(benches, data_files or {})
     device, dtype = resolve_device(device, dtype)
+    count_parameters(model_path)  # reads every weights file's header: one cut short fails here, naming it
     if model == "dsvlm":
         warn_if_large_on_cpu(model_path, device)
     out = Path(out_dir).expanduser().resolve()
@@ -192,15 +193,21 @@ def warn_if_large_on_cpu(model_path: Path, device: str) -> None:
 
 
 def count_parameters(model_path: Path) -> int:
-    """Parameters in the model's safetensors files, read from their headers (no weights load)."""
-    from safetensors import safe_open
+    """Parameters in the model's safetensors files, read from their headers (no weights load); DsvlmError
+    naming a file whose header does not cover it (cut short, not safetensors)."""
+    from safetensors import SafetensorError, safe_open
 
     total = 0
     for file in model_path.glob("*.safetensors"):
-        with safe_open(str(file), framework="np") as weights:
-            for key in weights.keys():  # noqa: SIM118 (a safetensors handle is not a dict)
-                shape = weights.get_slice(key).get_shape()
-                total += int(math.prod(shape))
+        try:
+            with safe_open(str(file), framework="np") as weights:
+                for key in weights.keys():  # noqa: SIM118 (a safetensors handle is not a dict)
+                    shape = weights.get_slice(key).get_shape()
+                    total += int(math.prod(shape))
+        except (SafetensorError, OSError) as exc:
+            detail = str(exc)[:1].lower() + str(exc)[1:]  # one "error" in the message, the CLI's
+            raise DsvlmError(f"{file}: the model's weights cannot be read ({detail}); the model directory is "
+                             "incomplete or corrupt: strip or download it again") from None
     return total
 
 

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 from PIL import Image
 from safetensors import safe_open
 from transformers import GenerationConfig, LlavaForConditionalGeneration
@@ -18,7 +17,7 @@ from dsvlm.errors import DsvlmError
 from dsvlm.io import atomic_dir
 from dsvlm.model.dsvlm import DSVLM, branch_parameters, load_vlm
 from dsvlm.outputs import STRIPPED_MODEL, check_output, write_marker, writer_lock
-from dsvlm.recipe.load import validate_recipe
+from dsvlm.recipe.load import read_yaml, validate_recipe
 from dsvlm.strip.card import model_card
 from dsvlm.train.rundir import STAGE_INFO, resolve_init
 
@@ -52,7 +51,7 @@ def load_trained(source: Path) -> tuple[Path, DSVLM]:
     recipe_file = final / "recipe.yaml"
     if not recipe_file.is_file():
         raise DsvlmError(f"{final} has no recipe.yaml: it was not written by `dsvlm train`")
-    recipe = validate_recipe(yaml.safe_load(recipe_file.read_text()), source=str(recipe_file))
+    recipe = validate_recipe(read_yaml(recipe_file), source=str(recipe_file))
     try:
         model = load_vlm(final, recipe)
     except (OSError, ValueError, KeyError) as exc:

@@ -17,12 +17,10 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from dsvlm.errors import DsvlmError
 from dsvlm.io import atomic_write_json, atomic_write_text
 from dsvlm.outputs import RUN, check_output, remove_dead_temporaries, write_marker
-from dsvlm.recipe.load import dump_recipe
+from dsvlm.recipe.load import dump_recipe, read_yaml
 from dsvlm.recipe.schema import Recipe
 from dsvlm.train.checkpoint import remove_temporaries
 
@@ -69,6 +67,11 @@ class RunDir:
         root = Path(root)
         if overwrite:  # it deletes stages: only ever inside a dsvlm run (or an empty folder)
             check_output(root, RUN, overwrite)
+        elif root.is_dir() and any(root.iterdir()) and not (root / RUN.marker).is_file():
+            # A run writes recipe.yaml, env.json and stage folders here: never into a folder of the user's
+            what = "continue a run in it" if resume else "start a run in it"
+            raise DsvlmError(f"{root} is not empty and is not a dsvlm run (no {RUN.marker}); refusing to {what}: "
+                             "choose another run.output_dir")
         try:
             root.mkdir(parents=True, exist_ok=True)
             probe = root / f".write-probe-{os.getpid()}"
@@ -79,7 +82,7 @@ class RunDir:
         run = cls(root)
         stored = root / "recipe.yaml"
         if stored.exists() and not overwrite:
-            previous = yaml.safe_load(stored.read_text()) or {}
+            previous = read_yaml(stored)
             if _comparable(previous) != _comparable(recipe.model_dump(mode="json")):
                 raise DsvlmError(
                     f"{root} holds a run of a different recipe ({stored}); choose another run.output_dir, "
