@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The miniature replication of DS-VLM's claim (docs/replication.md): five arms x three seeds on the
-# faithful tiny default, equal steps and data, in a low-instruction-data regime (500 labelled chats, all
-# 2,000 captioned images in stage 1). Cells run two at a time through `dsvlm ablate --cell` (the fan-out
+# faithful tiny default, equal steps and data, in a low-instruction-data regime (1,024 labelled chats, all
+# 2,000 captioned images in stage 1; 150 + 600 steps). Cells run two at a time through `dsvlm ablate --cell` (the fan-out
 # a cluster user would do with their launcher), then one report.
 set -euo pipefail
 OUT=${DSVLM_REPLICATION_DIR:-runs/replication}
@@ -11,8 +11,8 @@ start=$(date +%s)
 
 data=$(dsvlm prepare synthetic "$OUT/data" --overwrite)
 diffusion=$(dsvlm pretrain-diffusion "$data" --out "$OUT/diffusion")
-common=("data.dataset=$data" "supervision.diffusion.pretrained=$diffusion" "stages.1.max_records=512"
-        "stages.1.max_steps=300" "ablate.probe_train=512" "ablate.probe_test=256")
+common=("data.dataset=$data" "supervision.diffusion.pretrained=$diffusion" "stages.0.max_steps=150"
+        "stages.1.max_steps=600" "stages.1.max_records=1024" "ablate.probe_train=512" "ablate.probe_test=256")
 arms=(
   --arm "llava=supervision.enabled=false,stages.1.train=[connector,llm]"
   --arm "llava-enc=supervision.enabled=false"

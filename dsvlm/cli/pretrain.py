@@ -11,7 +11,7 @@ import typer
 def pretrain_diffusion(
     dataset: Path = typer.Argument(..., help="Prepared dataset (the output of `dsvlm prepare`)."),
     out: Path = typer.Option(..., "--out", "-o", help="Directory for the diffusers model (unet/, scheduler/, ...)."),
-    steps: int = typer.Option(400, help="UNet + text encoder optimizer steps."),
+    steps: int = typer.Option(1000, help="UNet + text encoder optimizer steps."),
     vae_steps: int = typer.Option(0, help="AutoencoderKL steps before the UNet; 0 = diffuse in pixel space."),
     batch_size: int = typer.Option(32, help="Images per step."),
     lr: float = typer.Option(1e-3, help="Peak learning rate (warmup, then cosine)."),

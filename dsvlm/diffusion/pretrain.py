@@ -71,7 +71,7 @@ def schedule(options: PretrainOptions) -> dict[str, Any]:
 class PretrainOptions:
     """What `dsvlm pretrain-diffusion` trains; the defaults suit the synthetic set on two CPU cores."""
 
-    steps: int = 400
+    steps: int = 1000
     vae_steps: int = 0  # 0 = diffuse in pixel space (no VAE)
     batch_size: int = 32
     lr: float = 1e-3
