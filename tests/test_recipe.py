@@ -13,7 +13,7 @@ import yaml
 from pydantic import BaseModel
 from typer.testing import CliRunner
 
-from dsvlm.cli.app import app
+from dsvlm.cli.app import LIFECYCLE, app
 from dsvlm.errors import RecipeError
 from dsvlm.recipe import bundled_recipes, load_recipe
 from dsvlm.recipe.load import recipe_path
@@ -256,3 +256,10 @@ def test_remote_code_is_named_before_it_can_run(tmp_path, command):
     assert "trust_remote_code is on" in result.stderr and "someone/odd-llm" in result.stderr
     quiet = runner.invoke(app, [*command, "tiny-synthetic", *REMOTE[1:], *extra])
     assert "trust_remote_code" not in quiet.stderr
+
+
+def test_help_lists_the_commands_in_lifecycle_order() -> None:
+    result = CliRunner().invoke(app, ["--help"])
+    listed = [line.split()[1] for line in result.stdout.splitlines() if line.startswith("│ ") and
+              len(line.split()) > 1 and line.split()[1] in LIFECYCLE]
+    assert listed == list(LIFECYCLE)

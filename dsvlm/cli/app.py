@@ -23,10 +23,17 @@ from dsvlm.cli import recipe as recipe_cli
 from dsvlm.cli import strip as strip_cli
 from dsvlm.cli import train as train_cli
 
+# `dsvlm --help` lists the commands in the order of the lifecycle, then the tools around it.
+LIFECYCLE = ("prepare", "pretrain-diffusion", "train", "strip", "eval", "ablate", "probe", "recipe")
+
 
 class _Commands(TyperGroup):
     """The root command group: an expected error ends any command with its message and exit 2, here rather
     than in `main`, so that in-process runs (tests, typer's CliRunner) see exactly what users see."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        names = super().list_commands(ctx)
+        return sorted(names, key=lambda name: LIFECYCLE.index(name) if name in LIFECYCLE else len(LIFECYCLE))
 
     def invoke(self, ctx: click.Context) -> object:
         try:
