@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import typer
+from rich.console import Console
 from rich.table import Table
 
 from dsvlm.cli.common import console
@@ -22,12 +24,16 @@ OVERRIDES_HELP = "Overrides `key.sub=value` (YAML values), e.g. stages.0.lr=1e-4
 
 @app.command("list")
 def list_recipes() -> None:
-    """List the bundled recipes with their descriptions (names on stdout)."""
+    """List the bundled recipes: a table with descriptions in a terminal, one name per line when piped."""
+    recipes = bundled_recipes()
+    if not sys.stdout.isatty():  # a pipeline consumes the names; a person reads the table, once
+        for name in recipes:
+            typer.echo(name)
+        return
     table = Table("recipe", "description", title="bundled recipes")
-    for name, description in bundled_recipes().items():
+    for name, description in recipes.items():
         table.add_row(name, description)
-        typer.echo(name)
-    console.print(table)
+    Console().print(table)
 
 
 app.command("ls", hidden=True)(list_recipes)
