@@ -341,7 +341,8 @@ def judge(command: Command, invocation: dict) -> str | None:
         return None
     error, reason = expected
     errors = [line for line in stderr.splitlines() if line.startswith("error:")]
-    if rc != 2 or "Traceback" in stderr or "Usage:" in stderr or len(errors) != 1 or not re.search(error, errors[0], re.I):
+    clean = rc == 2 and "Traceback" not in stderr and "Usage:" not in stderr and len(errors) == 1
+    if not (clean and re.search(error, errors[0], re.I)):
         return (f"expected a clean failure ({reason}): exit 2, one `error:` line matching {error!r}, no traceback "
                 f"or usage error; got exit {rc}:\n{stderr[-2500:]}")
     return None
