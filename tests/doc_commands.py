@@ -60,6 +60,9 @@ EXEMPT: list[tuple[str, str]] = [
     (r"^make demo$", "scripts/demo.sh in a fresh virtual environment: its pipeline is the README's lifecycle "
                      "block, which this test runs"),
     (r"^make test$", "the test suite itself (CI runs it)"),
+    (r"^make replicate",
+     "the miniature replication: 15 full cells, about 45 minutes, on demand (docs/replication.md has its results); "
+     "its `dsvlm ablate --cell` / `--report-only` lines are the README's ablate block, which this test runs"),
     (r"^make install TORCH=torch$", "builds a virtual environment, downloading torch (network, minutes)"),
     (r"^OMP_WAIT_POLICY=PASSIVE \.venv/bin/python benchmarks/\w+\.py( --[\w-]+( \S+)?)*$",
      "an on-demand benchmark (minutes); test_benchmark_commands_name_real_flags checks its script and flags"),
