@@ -57,6 +57,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from dsvlm.data.dataset import PreparedSplit
 from dsvlm.data.latents import LatentCache, build_latent_cache, vae_fingerprint
+from dsvlm.diffusion.pretrain import PretrainOptions, unet_config
 from dsvlm.model.collate import Collator
 from dsvlm.model.dsvlm import build_model
 from dsvlm.model.freeze import freeze_for_stage
@@ -73,7 +74,12 @@ def _override(key: str, value: Any) -> str:
 
 
 def _tiny_unet() -> dict[str, Any]:
-    return dict(load_recipe(RECIPE).supervision.diffusion.unet_config or {})
+    """The UNet `dsvlm pretrain-diffusion` builds for tiny-synthetic, inline: the same compute, random weights."""
+    return unet_config(PretrainOptions(), channels=3)
+
+
+# tiny-synthetic loads its pretrained frozen UNet from disk; a timing needs only its shape.
+TINY = (_override("supervision.diffusion.unet_config", _tiny_unet()), "supervision.diffusion.pretrained=null")
 
 
 # LLaVA-1.5-7B over SD 1.5 at 256 px: LLM forward / UNet forward FLOPs per sample ~ 30 (see paper_flops). The
@@ -92,6 +98,7 @@ PROPORTIONAL = (
                                     "num_attention_heads": 8, "num_key_value_heads": 8,
                                     "max_position_embeddings": 512, "tie_word_embeddings": False}),
     _override("supervision.diffusion.unet_config", PROPORTIONAL_UNET),
+    "supervision.diffusion.pretrained=null",
     "supervision.freeze_unet=true",
     "supervision.reconstruct_per_batch=null",
 )
@@ -100,6 +107,7 @@ SMALL_VAE = {"in_channels": 3, "out_channels": 3, "latent_channels": 4, "block_o
              "layers_per_block": 1, "norm_num_groups": 8, "sample_size": 32,
              "down_block_types": ["DownEncoderBlock2D"] * 2, "up_block_types": ["UpDecoderBlock2D"] * 2}
 LATENT = (
+    "supervision.diffusion.pretrained=null",
     "supervision.diffusion.pixel_space=false",
     _override("supervision.diffusion.vae_config", SMALL_VAE),
     _override("supervision.diffusion.unet_config", _tiny_unet() | {"in_channels": 4, "out_channels": 4,
@@ -135,7 +143,7 @@ class Setup:
 SETUPS = {
     setup.key: setup
     for setup in (
-        Setup("tiny", "tiny-synthetic as is (pixel-space UNet, trained)", (), 32, 7,
+        Setup("tiny", "tiny-synthetic as is (pixel-space UNet, frozen)", TINY, 32, 7,
               (TEXT_ONLY, Arm("DS, 8 of 32 reconstructed (recipe)"),
                Arm("DS, all 32 reconstructed", ("supervision.reconstruct_per_batch=null",)))),
         Setup("proportional", "proportional: LLM/UNet FLOPs ~ LLaVA-1.5-7B / SD 1.5, frozen UNet", PROPORTIONAL, 8, 5,
