@@ -45,7 +45,7 @@ from dsvlm.data.prepared import PreparedDataset
 from dsvlm.data.synthetic import _caption, _sample_scene
 from dsvlm.errors import DataError, DsvlmError
 from dsvlm.io import atomic_dir, atomic_write_json
-from dsvlm.train.plots import image_grid
+from dsvlm.train.plots import image_grid, plot_curves
 
 log = logging.getLogger(__name__)
 
@@ -476,26 +476,12 @@ def _diffusers_version() -> str:
 
 
 def _plot_history(history: list[dict[str, Any]], out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    curves = {}
     for phase in dict.fromkeys(h["phase"] for h in history):
         points = [(h["step"], h["loss"]) for h in history if h["phase"] == phase]
-        ax.plot(*zip(*points, strict=True), label=f"{phase} ({'L1' if phase == 'vae' else 'MSE'})", linewidth=1)
-    ax.set_yscale("log")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_title("diffusion pretraining")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    tmp = out.with_name(f".{out.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(out)
+        steps, losses = zip(*points, strict=True)
+        curves[f"{phase} ({'L1' if phase == 'vae' else 'MSE'})"] = (list(steps), list(losses))
+    plot_curves(curves, out, "diffusion pretraining", "step", log_scale=True)
 
 
 @contextlib.contextmanager

@@ -35,18 +35,29 @@ def read_metrics(path: Path) -> list[dict]:
 
 def plot_losses(metrics: list[dict], out: Path, title: str) -> Path:
     """Text, reconstruction and total loss against the optimizer step, written atomically as PNG."""
+    steps = [m["step"] for m in metrics]
+    curves = {}
+    for key, label in (("text_loss", "text"), ("rec_loss", "reconstruction"), ("loss", "total")):
+        values = [m.get(key) for m in metrics]
+        if any(v for v in values):
+            curves[label] = (steps, [np.nan if v is None else v for v in values])
+    return plot_curves(curves, out, title, "optimizer step")
+
+
+def plot_curves(curves: dict[str, tuple[list, list]], out: Path, title: str, xlabel: str,
+                log_scale: bool = False) -> Path:
+    """Named (x, y) loss curves in one figure, written atomically as PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
-    steps = [m["step"] for m in metrics]
-    for key, label in (("text_loss", "text"), ("rec_loss", "reconstruction"), ("loss", "total")):
-        values = [m.get(key) for m in metrics]
-        if any(v for v in values):
-            ax.plot(steps, [np.nan if v is None else v for v in values], label=label, linewidth=1.2)
-    ax.set_xlabel("optimizer step")
+    for label, (xs, ys) in curves.items():
+        ax.plot(xs, ys, label=label, linewidth=1.2)
+    if log_scale:
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("loss")
     ax.set_title(title)
     ax.grid(alpha=0.3)
