@@ -222,7 +222,10 @@ class DataConfig(Strict):
     use_latent_cache: bool = Field(
         True, description="Read precomputed VAE latents when the dataset has a matching cache."
     )
-    group_by_length: bool = Field(False, description="Batch records of similar length together.")
+    group_by_length: bool = Field(
+        False, description="Per epoch, fill each global batch with records of one modality (image or text-only) "
+        "and similar length (LLaVA's group_by_modality_length): less padding; the order stays seeded and resumable.",
+    )
     max_length: PositiveInt = Field(2048, description="Truncate tokenised conversations to this length.")
 
 

@@ -33,7 +33,7 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedType
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch.distributed.fsdp import FSDPModule
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, Sampler, Subset
 from transformers import get_scheduler
 
 from dsvlm.cli.common import console
@@ -82,6 +82,42 @@ class EpochPermutation(Sampler[int]):
 
     def __len__(self) -> int:
         return self.size
+
+
+class LengthGroupedPermutation(EpochPermutation):
+    """LLaVA's `group_by_modality_length`, per (seed, epoch): image and text-only records are shuffled apart,
+    cut into mega-batches of `group_size` (one global batch: per-device batch x processes x accumulation, the
+    records of one optimizer step) sorted longest first, so a step pads little and never mixes modalities.
+    The mega-batches come in shuffled order; the remainders of both modalities form the epoch's tail."""
+
+    def __init__(self, lengths: list[int], has_image: list[bool], seed: int, group_size: int) -> None:
+        super().__init__(len(lengths), seed)
+        self.lengths, self.has_image, self.group_size = lengths, has_image, group_size
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        longest_first = {"key": self.lengths.__getitem__, "reverse": True}
+        groups: list[list[int]] = []
+        remainder: list[int] = []
+        for image in (True, False):
+            members = [i for i in range(self.size) if self.has_image[i] == image]
+            shuffled = [members[j] for j in torch.randperm(len(members), generator=generator).tolist()]
+            full = len(shuffled) - len(shuffled) % self.group_size
+            groups += [sorted(shuffled[start:start + self.group_size], **longest_first)
+                       for start in range(0, full, self.group_size)]
+            remainder += shuffled[full:]
+        order = torch.randperm(len(groups), generator=generator).tolist()
+        return iter([i for g in order for i in groups[g]] + sorted(remainder, **longest_first))
+
+
+def epoch_sampler(split: PreparedSplit | Subset, seed: int, group_by_length: bool,
+                  group_size: int) -> EpochPermutation:
+    """The training sampler: a plain permutation, or grouped by modality and length (`data.group_by_length`)."""
+    if not group_by_length:
+        return EpochPermutation(len(split), seed)
+    base, indices = (split.dataset, split.indices) if isinstance(split, Subset) else (split, range(len(split)))
+    return LengthGroupedPermutation([base.lengths[i] for i in indices],
+                                    [base.records[i]["image"] is not None for i in indices], seed, group_size)
 
 
 def epoch_batches(accelerator: Accelerator, loader: DataLoader, sampler: EpochPermutation, epoch: int,
@@ -231,7 +267,7 @@ def run_stage(recipe: Recipe, stage: StageConfig, run: RunDir, init: Path | None
     split = PreparedSplit(dataset_dir, stage.split_name, latents=latents)
     if stage.max_records is not None:
         split = fixed_subset(split, stage.max_records)  # the same records for every run seed
-    sampler = EpochPermutation(len(split), recipe.run.seed)
+    sampler = epoch_sampler(split, recipe.run.seed, recipe.data.group_by_length, stage.global_batch_size)
     loader = DataLoader(split, batch_size=stage.per_device_batch_size, sampler=sampler, collate_fn=collator,
                         drop_last=True, num_workers=recipe.data.num_workers)
     steps_per_epoch = len(split) // stage.global_batch_size
