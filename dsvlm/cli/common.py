@@ -6,13 +6,11 @@ import logging
 import os
 from dataclasses import dataclass
 
-from rich.console import Console
 from rich.logging import RichHandler
 from rich.markup import escape
 
+from dsvlm.console import console
 from dsvlm.errors import DsvlmError
-
-console = Console(stderr=True)
 
 __all__ = ["STATE", "DsvlmError", "console", "escape", "setup_logging"]
 

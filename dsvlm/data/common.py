@@ -12,6 +12,7 @@ from pathlib import Path
 import pyarrow as pa
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from dsvlm.console import console
 from dsvlm.io import atomic_dir
 from dsvlm.outputs import DATASET, check_output, writer_lock
 
@@ -77,8 +78,6 @@ def atomic_output(out: Path, overwrite: bool = False) -> Iterator[Path]:
 
 def progress_bar(enabled: bool) -> Progress:
     """A rich progress bar on the shared stderr console (the one the CLI logs to, so lines don't interleave)."""
-    from dsvlm.cli.common import console
-
     return Progress(
         TextColumn("[progress.description]{task.description}"),
         BarColumn(),

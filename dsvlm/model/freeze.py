@@ -7,6 +7,7 @@ from collections.abc import Iterable
 from rich.table import Table
 from torch import nn
 
+from dsvlm.console import console
 from dsvlm.model.dsvlm import DSVLM
 from dsvlm.model.vlm import is_linear_connector
 
@@ -79,8 +80,6 @@ def freeze_for_stage(model: DSVLM, train: list[str]) -> list[dict]:
 
 
 def _log_table(rows: list[dict], train: list[str]) -> None:
-    from dsvlm.cli.common import console  # the shared stderr console, so lines do not interleave
-
     table = Table(title=f"Freeze step: training {', '.join(train)}")
     table.add_column("module")
     table.add_column("trainable", justify="right")

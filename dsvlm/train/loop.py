@@ -31,12 +31,11 @@ from accelerate import (
 )
 from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedType
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch.distributed.fsdp import FSDPModule
 from torch.utils.data import DataLoader, Sampler, Subset
 from transformers import get_scheduler
 
-from dsvlm.cli.common import console
+from dsvlm.console import step_progress
 from dsvlm.data.dataset import PreparedSplit, fixed_subset
 from dsvlm.data.geometry import SquareGeometry
 from dsvlm.data.latents import LatentCache, vae_fingerprint
@@ -298,7 +297,7 @@ def run_stage(recipe: Recipe, stage: StageConfig, run: RunDir, init: Path | None
     log.info("stage %s: %d steps, global batch %d = %d per device x %d accumulation x %d processes",
              stage.name, total, stage.global_batch_size, stage.per_device_batch_size, accum, world)
     started = time.perf_counter()
-    with _progress(options.progress and accelerator.is_main_process) as progress:
+    with step_progress(options.progress and accelerator.is_main_process) as progress:
         task = progress.add_task(stage.name, total=total, completed=step, info="")
         while step < total:
             epoch, within = divmod(step, steps_per_epoch)
@@ -410,15 +409,17 @@ def _optimizer_step(accelerator: Accelerator, model: torch.nn.Module, optimizer,
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    losses = accelerator.reduce(torch.stack([text_loss, rec_loss]), reduction="sum") / world
-    text, rec = losses.tolist()
+    # One all-reduce per step: the two losses and the per-noise-level (sum, count) pairs travel together.
+    reduced = accelerator.reduce(torch.cat([torch.stack([text_loss, rec_loss]), rec_buckets.flatten()]),
+                                 reduction="sum").tolist()
+    text, rec = reduced[0] / world, reduced[1] / world
     record = {"loss": text + (rec * _weight(model) if supervise else 0.0), "text_loss": text,
               "rec_loss": rec if supervise else None, "lr": scheduler.get_last_lr()[0],
               "grad_norm": float(grad_norm), "tokens": tokens}
     if supervise:
         # Mean per-image reconstruction loss by noise level, for the buckets this step drew.
-        sums = accelerator.reduce(rec_buckets, reduction="sum").tolist()
         n_timesteps = len(_unwrapped(model).supervision.alphas_cumprod)
+        sums = zip(reduced[2::2], reduced[3::2], strict=True)
         for (lo, hi), (total, count) in zip(timestep_buckets(n_timesteps), sums, strict=True):
             if count:
                 record[f"rec_loss_t{lo}-{hi}"] = total / count
@@ -511,11 +512,3 @@ def _progress_info(record: dict) -> str:
     parts.append(f"{record['samples_per_s']:.1f} samples/s")
     return "  ".join(parts)
 
-
-@contextlib.contextmanager
-def _progress(enabled: bool) -> Iterator[Progress]:
-    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                        TimeRemainingColumn(), TextColumn("{task.fields[info]}"), console=console,
-                        disable=not enabled, transient=False)
-    with progress:
-        yield progress
