@@ -14,14 +14,13 @@ guidance). Checkpoints make it resumable; `pretrain.json`, written last, marks a
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import json
 import logging
 import math
 import random
 import shutil
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -32,14 +31,13 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 from PIL import Image
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from safetensors.torch import load_file, save_file
 from tokenizers import AddedToken, Tokenizer
 from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import Whitespace
 from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
 
-from dsvlm.cli.common import console
+from dsvlm.console import step_progress
 from dsvlm.data.detect import detect_object
 from dsvlm.data.prepared import PreparedDataset
 from dsvlm.data.synthetic import _caption, _sample_scene
@@ -183,10 +181,16 @@ class Models(torch.nn.Module):
 
     def __init__(self, options: PretrainOptions, vocab_size: int) -> None:
         super().__init__()
-        torch.manual_seed(options.seed)
-        self.vae = None if options.pixel_space else AutoencoderKL(**vae_config(options))
-        self.unet = UNet2DConditionModel(**unet_config(options, 3 if options.pixel_space else 4))
-        self.text_encoder = CLIPTextModel(text_config(options, vocab_size))
+        with torch.random.fork_rng(devices=[]):  # seeded weights without moving the caller's random stream
+            torch.manual_seed(options.seed)
+            self.vae = None if options.pixel_space else AutoencoderKL(**vae_config(options))
+            self.unet = random_unet(options)
+            self.text_encoder = CLIPTextModel(text_config(options, vocab_size))
+
+
+def random_unet(options: PretrainOptions) -> UNet2DConditionModel:
+    """The UNet of these options, freshly initialised from the current random stream."""
+    return UNet2DConditionModel(**unet_config(options, 3 if options.pixel_space else 4))
 
 
 @dataclass
@@ -250,9 +254,17 @@ def pretrain_diffusion(dataset_dir: Path, out: Path, options: PretrainOptions = 
     state = _load_checkpoint(out / CHECKPOINTS, models) if resume else None
     history: list[dict[str, Any]] = state["history"] if state else []
     phases = ([("vae", options.vae_steps)] if models.vae is not None else []) + [("unet", options.steps)]
-    with _progress(progress) as bar:
+    targets = None
+    steps: dict[str, int] = dict(state["steps"]) if state else {}  # per phase, for every checkpoint to come
+    with step_progress(progress) as bar:
         for phase, total in phases:
             done = state["steps"].get(phase, 0) if state else 0
+            if phase == "unet":
+                # Set here, not after the VAE phase: a run resumed past that phase needs it too (it is config,
+                # not weights); then the UNet's targets are encoded once, not every step.
+                if models.vae is not None:
+                    _set_scaling_factor(models.vae, corpus)
+                targets = _unet_targets(models.vae, corpus)
             if done >= total:
                 continue
             optimizer = _optimizer(models, phase, options)
@@ -260,16 +272,13 @@ def pretrain_diffusion(dataset_dir: Path, out: Path, options: PretrainOptions = 
                 optimizer.load_state_dict(torch.load(out / CHECKPOINTS / state["dir"] / "optimizer.pt",
                                                      weights_only=True))
             task = bar.add_task(f"pretrain {phase}", total=total, completed=done, info="")
-            steps = {**(state["steps"] if state else {})}
             for step in range(done, total):
-                loss = _train_step(models, phase, corpus, tokenizer, options, step, optimizer, total)
+                loss = _train_step(models, phase, corpus, targets, tokenizer, options, step, optimizer, total)
                 steps[phase] = step + 1
                 history.append({"phase": phase, "step": step + 1, "loss": round(loss, 6)})
                 bar.update(task, completed=step + 1, info=f"loss {loss:.4f}")
                 if (step + 1) % options.checkpoint_every == 0 and step + 1 < total:
                     _save_checkpoint(out / CHECKPOINTS, models, optimizer, phase, steps, history)
-            if phase == "vae":
-                _set_scaling_factor(models.vae, corpus)
             state = None
     wall = time.perf_counter() - started
     pipeline = Pipeline(tokenizer, models.text_encoder.eval(), models.unet.eval(),
@@ -342,27 +351,26 @@ def _batch_indices(options: PretrainOptions, phase: str, step: int, n: int) -> t
     return torch.randint(0, n, (options.batch_size,), generator=generator)
 
 
-def _train_step(models: Models, phase: str, corpus: Corpus, tokenizer: PreTrainedTokenizerFast,
-                options: PretrainOptions, step: int, optimizer: torch.optim.Optimizer, total: int) -> float:
+def _train_step(models: Models, phase: str, corpus: Corpus, targets: torch.Tensor | None,
+                tokenizer: PreTrainedTokenizerFast, options: PretrainOptions, step: int,
+                optimizer: torch.optim.Optimizer, total: int) -> float:
     for group in optimizer.param_groups:
         group["lr"] = options.lr * _lr_factor(step, total)
     index = _batch_indices(options, phase, step, len(corpus.captions))
-    images = to_unit(corpus.images[index])
     generator = torch.Generator().manual_seed(options.seed * 7_000_003 + step)
     if phase == "vae":
+        images = to_unit(corpus.images[index])
         posterior = models.vae.encode(images).latent_dist
         reconstruction = models.vae.decode(posterior.sample(generator)).sample
         loss = F.l1_loss(reconstruction, images) + 1e-6 * posterior.kl().mean()
     else:
-        with torch.no_grad():
-            target = images if models.vae is None else (
-                models.vae.encode(images).latent_dist.mode() * models.vae.config.scaling_factor)
+        target = targets[index]
         captions = [c if random.Random(f"{options.seed}/{step}/{i}").random() >= options.caption_dropout else ""
                     for i, c in enumerate(corpus.captions[j] for j in index.tolist())]
         ids = tokenizer(captions, padding="max_length", max_length=MAX_TOKENS, truncation=True,
                         return_tensors="pt").input_ids
         states = models.text_encoder(ids).last_hidden_state
-        scheduler = DDPMScheduler.from_config(schedule(options))
+        scheduler = _noise_schedule(options)
         noise = torch.randn(target.shape, generator=generator)
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(target),), generator=generator)
         noisy = scheduler.add_noise(target, noise, timesteps)
@@ -375,6 +383,21 @@ def _train_step(models: Models, phase: str, corpus: Corpus, tokenizer: PreTraine
     torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], 1.0)
     optimizer.step()
     return float(loss.detach())
+
+
+@functools.cache
+def _noise_schedule(options: PretrainOptions) -> DDPMScheduler:
+    return DDPMScheduler.from_config(schedule(options))
+
+
+@torch.no_grad()
+def _unet_targets(vae: AutoencoderKL | None, corpus: Corpus, chunk: int = 256) -> torch.Tensor:
+    """Every corpus image in the UNet's input space: pixels in [-1, 1], or scaled VAE latent means."""
+    if vae is None:
+        return to_unit(corpus.images)
+    parts = [vae.encode(to_unit(corpus.images[i:i + chunk])).latent_dist.mode()
+             for i in range(0, len(corpus.images), chunk)]
+    return torch.cat(parts) * vae.config.scaling_factor
 
 
 @torch.no_grad()
@@ -397,19 +420,17 @@ def _save_checkpoint(root: Path, models: Models, optimizer: torch.optim.Optimize
 
 def _load_checkpoint(root: Path, models: Models) -> dict[str, Any] | None:
     """The latest complete checkpoint loaded into `models`; None when there is none."""
-    candidates = sorted((p for p in root.glob("*-*") if (p / "state.json").is_file()),
-                        key=lambda p: json.loads((p / "state.json").read_text())["steps"].get("unet", 0) * 10**7
-                        + json.loads((p / "state.json").read_text())["steps"].get("vae", 0))
-    if not candidates:
+    states = {p: json.loads((p / "state.json").read_text()) for p in root.glob("*-*") if (p / "state.json").is_file()}
+    if not states:
         log.warning("no checkpoint in %s: starting from scratch", root)
         return None
-    latest = candidates[-1]
+    latest = max(states, key=lambda p: (states[p]["steps"].get("unet", 0), states[p]["steps"].get("vae", 0)))
     try:
         models.load_state_dict(load_file(str(latest / "models.safetensors")))
     except (OSError, RuntimeError) as exc:
         raise DsvlmError(f"checkpoint {latest} does not load ({exc}); remove it or use --overwrite") from exc
     log.info("resuming diffusion pretraining from %s", latest)
-    return json.loads((latest / "state.json").read_text())
+    return states[latest]
 
 
 def _tail_mean(history: list[dict[str, Any]], phase: str, n: int = 50) -> float | None:
@@ -429,9 +450,11 @@ def _evaluate(pipeline: Pipeline, options: PretrainOptions, out: Path) -> dict[s
     same shape (same text encoder), on held-out captions. Writes samples.png (rows: trained, random)."""
     scenes = eval_scenes(options)
     captions = [c for c, _, _ in scenes]
-    random_unet = Models(PretrainOptions(**{**asdict(options), "seed": options.seed + 1}), 1).unet.eval()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(options.seed + 1)
+        untrained = random_unet(options).eval()
     results, rows = {}, []
-    for name, unet in (("trained", pipeline.unet), ("random_unet", random_unet)):
+    for name, unet in (("trained", pipeline.unet), ("random_unet", untrained)):
         generator = Pipeline(pipeline.tokenizer, pipeline.text_encoder, unet, pipeline.vae, pipeline.scheduler_config)
         images = generator.generate(captions, options.sample_steps, options.guidance_scale, options.seed)
         found = [detect_object((img.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)) for img in images]
@@ -483,10 +506,3 @@ def _plot_history(history: list[dict[str, Any]], out: Path) -> None:
         curves[f"{phase} ({'L1' if phase == 'vae' else 'MSE'})"] = (list(steps), list(losses))
     plot_curves(curves, out, "diffusion pretraining", "step", log_scale=True)
 
-
-@contextlib.contextmanager
-def _progress(enabled: bool) -> Iterator[Progress]:
-    bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                   TextColumn("{task.fields[info]}"), console=console, disable=not enabled)
-    with bar:
-        yield bar
