@@ -12,7 +12,7 @@ from torch import nn
 
 from dsvlm.errors import RecipeError
 from dsvlm.model.supervision.attention import MoECrossAttnProcessor
-from dsvlm.model.supervision.branch import DiffusionSupervision, timestep_buckets
+from dsvlm.model.supervision.branch import DiffusionSupervision, timestep_bucket, timestep_buckets
 from dsvlm.model.supervision.components import load_scheduler, load_unet, load_vae
 from dsvlm.model.supervision.losses import _VGG16
 from dsvlm.recipe.schema import DiffusionConfig, SupervisionConfig
@@ -212,6 +212,10 @@ def test_mismatched_unet_channels_are_a_recipe_error() -> None:
 def test_timestep_buckets_split_the_schedule() -> None:
     assert timestep_buckets(1000) == [(0, 249), (250, 499), (500, 749), (750, 999)]
     assert timestep_buckets(100)[-1] == (75, 99)
+    for n in (1000, 999, 7):  # the ranges the metrics name are the buckets the losses are summed into
+        t = torch.arange(n)
+        for i, (lo, hi) in enumerate(timestep_buckets(n)):
+            assert torch.equal((t >= lo) & (t <= hi), timestep_bucket(t, n) == i), (n, i)
 
 
 @pytest.mark.parametrize("loss", ["mae", "eps_mse"])

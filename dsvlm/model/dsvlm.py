@@ -27,7 +27,7 @@ from dsvlm.model.supervision.branch import (
     CONNECTOR,
     TIMESTEP_BUCKETS,
     DiffusionSupervision,
-    timestep_buckets,
+    timestep_bucket,
     vision_condition,
 )
 from dsvlm.model.vlm import build_vlm
@@ -183,12 +183,12 @@ class DSVLM(nn.Module):
 
 
 def _bucket_sums(per_image: torch.Tensor, timesteps: torch.Tensor, n_timesteps: int) -> torch.Tensor:
-    """(TIMESTEP_BUCKETS, 2): per timestep bucket, the summed loss and the number of images."""
+    """(TIMESTEP_BUCKETS, 2): per timestep bucket, the summed loss and the number of images. Scattered, not
+    masked: boolean indexing would synchronise with the device on every micro-batch."""
+    bucket = timestep_bucket(timesteps, n_timesteps)
     sums = per_image.new_zeros(TIMESTEP_BUCKETS, 2, dtype=torch.float32)
-    for b, (lo, hi) in enumerate(timestep_buckets(n_timesteps)):
-        inside = (timesteps >= lo) & (timesteps <= hi)
-        sums[b, 0] = per_image[inside].float().sum()
-        sums[b, 1] = inside.sum()
+    sums[:, 0].index_add_(0, bucket, per_image.float())
+    sums[:, 1].index_add_(0, bucket, torch.ones_like(per_image, dtype=torch.float32))
     return sums
 
 

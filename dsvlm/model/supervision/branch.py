@@ -32,9 +32,14 @@ CONNECTOR = "connector"
 TIMESTEP_BUCKETS = 4  # reconstruction-loss logging: equal slices of the noise schedule
 
 
+def timestep_bucket(timesteps: torch.Tensor, n_timesteps: int) -> torch.Tensor:
+    """The bucket index of each timestep: TIMESTEP_BUCKETS equal slices of the noise schedule."""
+    return timesteps * TIMESTEP_BUCKETS // n_timesteps
+
+
 def timestep_buckets(n_timesteps: int) -> list[tuple[int, int]]:
-    """Inclusive (low, high) timestep ranges splitting the schedule into TIMESTEP_BUCKETS equal parts."""
-    edges = [round(i * n_timesteps / TIMESTEP_BUCKETS) for i in range(TIMESTEP_BUCKETS + 1)]
+    """Inclusive (low, high) timestep range of each bucket, as `timestep_bucket` assigns them."""
+    edges = [-(-i * n_timesteps // TIMESTEP_BUCKETS) for i in range(TIMESTEP_BUCKETS + 1)]  # ceil(i * n / B)
     return [(edges[i], edges[i + 1] - 1) for i in range(TIMESTEP_BUCKETS)]
 
 
