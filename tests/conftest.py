@@ -22,3 +22,16 @@ def trained_tiny_model(tmp_path_factory):
     from tiny_llava import train_tiny_llava
 
     return train_tiny_llava(tmp_path_factory.mktemp("trained") / "model")
+
+
+@pytest.fixture
+def model_shaped_dir(tmp_path):
+    """Passes `resolve_model`'s file checks but cannot load: an error found before loading must come first."""
+    import json
+
+    path = tmp_path / "model"
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps({"model_type": "llava"}))
+    for name in ("model.safetensors", "processor_config.json", "tokenizer.json"):
+        (path / name).write_text("{}")
+    return path

@@ -35,16 +35,6 @@ def flat(text: str) -> str:
     return " ".join(text.split())
 
 
-@pytest.fixture
-def model_shaped_dir(tmp_path: Path) -> Path:
-    """Passes `resolve_model`'s checks (files only); nothing here ever loads it: errors must come first."""
-    path = tmp_path / "model"
-    path.mkdir()
-    (path / "config.json").write_text(json.dumps({"model_type": "llava"}))
-    for name in ("model.safetensors", "processor_config.json", "tokenizer.json"):
-        (path / name).write_text("{}")
-    return path
-
 
 @pytest.mark.parametrize("name", sorted(BENCHMARKS))
 def test_every_benchmark_names_a_real_lmms_eval_task(name):

@@ -98,16 +98,6 @@ def raw_task_yaml(path: Path) -> dict[str, Any]:
     return {**merged, **data}
 
 
-@pytest.fixture
-def model_shaped_dir(tmp_path: Path) -> Path:
-    """Passes `resolve_model`'s checks but cannot load: a judge error must come before any model loads."""
-    path = tmp_path / "model"
-    path.mkdir()
-    (path / "config.json").write_text(json.dumps({"model_type": "llava"}))
-    for name in ("model.safetensors", "processor_config.json", "tokenizer.json"):
-        (path / name).write_text("{}")
-    return path
-
 
 @pytest.mark.parametrize("name", JUDGED)
 def test_judged_benchmark_fails_fast_naming_the_judge(name, fixtures, model_shaped_dir, tmp_path, monkeypatch):
