@@ -1,6 +1,6 @@
-"""What a command may do to its output directory, shared by `prepare`, `train` and `strip`: the one
-`--overwrite` guard (dsvlm replaces only what it wrote itself: an output carries a marker file of its kind) and
-the one-writer lock."""
+"""What a command may do to its output directory, shared by `prepare`, `pretrain-diffusion`, `train` and
+`strip`: the one `--overwrite` guard (dsvlm replaces only what it wrote itself: an output carries a marker file of
+its kind) and the one-writer lock."""
 
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ class OutputKind:
 DATASET = OutputKind("prepared dataset", "manifest.json")
 RUN = OutputKind("training run", ".dsvlm-run")
 STRIPPED_MODEL = OutputKind("stripped model", ".dsvlm-model")
+DIFFUSION_MODEL = OutputKind("pretrained diffusion model", ".dsvlm-diffusion")
 
 
 def write_marker(directory: Path, kind: OutputKind) -> None:

@@ -69,8 +69,9 @@ def test_a_finished_model_is_reused_and_other_contents_are_refused(data: Path, t
     foreign = tmp_path / "mine"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep me")
-    for flags in ({}, {"overwrite": True}):
-        with pytest.raises(DsvlmError, match="not written by"):
+    for flags, reason in (({}, "--overwrite"), ({"overwrite": True}, "not a pretrained diffusion model written"),
+                          ({"resume": True}, "--overwrite")):
+        with pytest.raises(DsvlmError, match=reason):
             pretrain_diffusion(data, foreign, SMALL, progress=False, **flags)
     assert (foreign / "notes.txt").read_text() == "keep me"
 

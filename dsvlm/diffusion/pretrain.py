@@ -43,6 +43,7 @@ from dsvlm.data.prepared import PreparedDataset
 from dsvlm.data.synthetic import _caption, _sample_scene
 from dsvlm.errors import DataError, DsvlmError
 from dsvlm.io import atomic_dir, atomic_write_json
+from dsvlm.outputs import DIFFUSION_MODEL, check_output, write_marker, writer_lock
 from dsvlm.train.plots import image_grid, plot_curves
 
 log = logging.getLogger(__name__)
@@ -246,8 +247,14 @@ def pretrain_diffusion(dataset_dir: Path, out: Path, options: PretrainOptions = 
     if _finished(out, fingerprint) and not overwrite:
         log.info("reusing the pretrained diffusion model in %s", out)
         return out
-    _claim(out, resume, overwrite)
-    corpus = load_corpus(Path(dataset_dir), options)
+    with writer_lock(out):
+        _claim(out, resume, overwrite)
+        return _pretrain(Path(dataset_dir), out, options, fingerprint, resume, progress)
+
+
+def _pretrain(dataset_dir: Path, out: Path, options: PretrainOptions, fingerprint: dict[str, Any], resume: bool,
+              progress: bool) -> Path:
+    corpus = load_corpus(dataset_dir, options)
     tokenizer = build_tokenizer(corpus.captions)
     models = Models(options, len(tokenizer))
     started = time.perf_counter()
@@ -312,21 +319,15 @@ def _finished(out: Path, fingerprint: dict[str, Any]) -> bool:
 
 
 def _claim(out: Path, resume: bool, overwrite: bool) -> None:
-    """Make `out` ours to write: new, empty, resumable, or (with overwrite) a dsvlm diffusion directory."""
-    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
-        out.mkdir(parents=True, exist_ok=True)
+    """Make `out` ours to write: resumable (it carries our marker), or new, empty or, with `overwrite`, an earlier
+    diffusion model dsvlm wrote (the shared `--overwrite` guard)."""
+    if resume and (out / DIFFUSION_MODEL.marker).is_file():
         return
-    ours = (out / INFO).is_file() or (out / CHECKPOINTS).is_dir()
-    if resume and ours:
-        return
-    if overwrite and ours:
+    check_output(out, DIFFUSION_MODEL, overwrite)
+    if out.exists():
         shutil.rmtree(out)
-        out.mkdir(parents=True)
-        return
-    hint = ("--overwrite to start again" if ours else
-            "it was not written by `dsvlm pretrain-diffusion`; choose another --out")
-    raise DsvlmError(f"{out} already exists and holds another diffusion model or other files ({hint}"
-                     f"{', or --resume to continue it' if ours else ''})")
+    out.mkdir(parents=True)
+    write_marker(out, DIFFUSION_MODEL)
 
 
 def _optimizer(models: Models, phase: str, options: PretrainOptions) -> torch.optim.Optimizer:
