@@ -29,7 +29,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from dsvlm.data.synthetic import SyntheticConfig, generate_synthetic
+from dsvlm.data.synthetic import SyntheticConfig, generate_synthetic, synthetic_vocabulary
 from dsvlm.evaluation.benches import get_benchmark, write_task_yaml
 from dsvlm.evaluation.runner import lmms_cli_args, load_model
 from dsvlm.model.vlm import build_vlm
@@ -40,7 +40,7 @@ CONFIGS = [("dsvlm", 1), ("dsvlm", 8), ("llava_hf", 1)]
 
 def build_model(out: Path) -> Path:
     """The tiny-synthetic LLaVA with answer letters made likely (see the module docstring), saved to `out`."""
-    vlm, processor = build_vlm(load_recipe("tiny-synthetic").model, seed=0)
+    vlm, processor = build_vlm(load_recipe("tiny-synthetic").model, seed=0, words=synthetic_vocabulary())
     letters = processor.tokenizer.convert_tokens_to_ids(list("ABCD"))
     with torch.no_grad():
         vlm.get_output_embeddings().weight[letters] *= 30

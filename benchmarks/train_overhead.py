@@ -56,12 +56,14 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from dsvlm.data.dataset import PreparedSplit
-from dsvlm.data.latents import LatentCache, build_latent_cache, vae_fingerprint
+from dsvlm.data.latents import LatentCache, build_latent_cache
+from dsvlm.data.synthetic import synthetic_vocabulary
 from dsvlm.diffusion.pretrain import PretrainOptions, unet_config
 from dsvlm.model.collate import Collator
 from dsvlm.model.dsvlm import build_model
 from dsvlm.model.freeze import freeze_for_stage
 from dsvlm.model.supervision.components import load_vae
+from dsvlm.model.supervision.vae import vae_fingerprint
 from dsvlm.recipe import Recipe, load_recipe
 from dsvlm.recipe.load import validate_recipe
 from dsvlm.train.loop import noise_seeds
@@ -174,7 +176,7 @@ class ArmRun:
         stage = recipe.stage(stage_name)
         self.stage, self.seed = stage, recipe.run.seed
         with contextlib.redirect_stderr(io.StringIO()):  # freeze_for_stage prints its table
-            self.model = build_model(recipe)
+            self.model = build_model(recipe, words=synthetic_vocabulary())
             freeze_for_stage(self.model, stage.train)
         self.model.train()
         supervise = arm.supervise and self.model.supervision is not None

@@ -57,3 +57,19 @@ def tiny_overrides(data: Path, out: Path, steps: int = 4, batch: int = 8, **extr
                        f"stages.{i}.per_device_batch_size": batch})
     values.update(extra)
     return [f"{k}={v}" for k, v in values.items()]
+
+
+def tiny_vlm(cfg, seed: int = 0):
+    """`build_vlm` with the synthetic set's words for an inline LLM's tokenizer, as `dsvlm train` passes them."""
+    from dsvlm.data.synthetic import synthetic_vocabulary
+    from dsvlm.model.vlm import build_vlm
+
+    return build_vlm(cfg, seed=seed, words=synthetic_vocabulary())
+
+
+def tiny_model(recipe, init: Path | None = None):
+    """`build_model` with the synthetic set's words, as `dsvlm train` passes them."""
+    from dsvlm.data.synthetic import synthetic_vocabulary
+    from dsvlm.model.dsvlm import build_model
+
+    return build_model(recipe, init=init, words=synthetic_vocabulary())

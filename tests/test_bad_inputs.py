@@ -8,10 +8,10 @@ import shutil
 from pathlib import Path
 
 import pytest
+from helpers import tiny_vlm
 from typer.testing import CliRunner
 
 from dsvlm.cli.app import app
-from dsvlm.model.vlm import build_vlm
 from dsvlm.recipe import load_recipe
 from dsvlm.recipe.load import recipe_path
 
@@ -53,7 +53,7 @@ def files(tmp_path_factory) -> Path:
     foreign.mkdir()
     (foreign / "manifest.json").write_text('{"format_version": 1, "files": ["a.bin"]}')
     model = root / "broken-model"  # a LLaVA model directory whose weights were cut short
-    vlm, processor = build_vlm(load_recipe("tiny-synthetic").model, seed=0)
+    vlm, processor = tiny_vlm(load_recipe("tiny-synthetic").model, seed=0)
     vlm.save_pretrained(model)
     processor.save_pretrained(model)
     weights = model / "model.safetensors"

@@ -11,10 +11,11 @@ import torch
 
 from dsvlm.data.dataset import PreparedSplit
 from dsvlm.data.geometry import SquareGeometry
-from dsvlm.data.latents import LatentCache, build_latent_cache, encode, vae_fingerprint, vae_input
+from dsvlm.data.latents import LatentCache, build_latent_cache
 from dsvlm.data.prepared import PreparedDataset
 from dsvlm.data.synthetic import SyntheticConfig, prepare_synthetic
 from dsvlm.errors import DataError
+from dsvlm.model.supervision.vae import encode, vae_fingerprint, vae_input
 
 PAD = SquareGeometry("pad", (122, 116, 104))
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from helpers import tiny_diffusion, tiny_overrides
+from helpers import tiny_diffusion, tiny_model, tiny_overrides
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -22,7 +22,6 @@ from dsvlm.diffusion import pretrain
 from dsvlm.diffusion.pretrain import INFO, PretrainOptions, pretrain_diffusion
 from dsvlm.errors import DsvlmError
 from dsvlm.model.collate import Collator
-from dsvlm.model.dsvlm import build_model
 from dsvlm.model.freeze import freeze_for_stage
 from dsvlm.recipe import load_recipe
 
@@ -117,7 +116,7 @@ def test_the_detector_reads_every_rendered_colour_shape_and_size() -> None:
 def test_the_pretrained_unet_stays_bit_identical_in_a_ds_stage(tmp_path: Path, data: Path) -> None:
     recipe = load_recipe("tiny-synthetic", tiny_overrides(data, tmp_path / "run"))
     assert recipe.supervision.freeze_unet and recipe.supervision.diffusion.pretrained == str(tiny_diffusion())
-    model = build_model(recipe)
+    model = tiny_model(recipe)
     freeze_for_stage(model, recipe.stages[0].train)
     branch = model.supervision
     pretrained = UNet2DConditionModel.from_pretrained(tiny_diffusion(), subfolder="unet").state_dict()

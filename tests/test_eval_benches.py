@@ -14,7 +14,8 @@ from helpers import dsvlm
 from dsvlm.errors import DsvlmError
 from dsvlm.evaluation import BENCHMARKS, compare, evaluate, resolve_model
 from dsvlm.evaluation.benches import get_benchmark, parse_benches, parse_data_files, write_task_yaml
-from dsvlm.evaluation.runner import compare_table, default_out_dir, resolve_device
+from dsvlm.evaluation.model_dir import resolve_device
+from dsvlm.evaluation.runner import compare_table, default_out_dir
 
 PAPER_BENCHES = {
     "mmbench",
@@ -180,15 +181,15 @@ def test_a_large_model_on_cpu_gets_a_warning(tmp_path, monkeypatch, caplog):
     import torch
     from safetensors.torch import save_file
 
-    from dsvlm.evaluation import runner
+    from dsvlm.evaluation import model_dir
 
     save_file({"a": torch.zeros(3, 4), "b": torch.zeros(5)}, str(tmp_path / "model.safetensors"))
-    assert runner.count_parameters(tmp_path) == 17
-    monkeypatch.setattr(runner, "LARGE_ON_CPU", 17)  # the real threshold is a billion parameters
+    assert model_dir.count_parameters(tmp_path) == 17
+    monkeypatch.setattr(model_dir, "LARGE_ON_CPU", 17)  # the real threshold is a billion parameters
     with caplog.at_level("WARNING"):
-        runner.warn_if_large_on_cpu(tmp_path, "cuda")
+        model_dir.warn_if_large_on_cpu(tmp_path, "cuda")
         assert not caplog.records
-        runner.warn_if_large_on_cpu(tmp_path, "cpu")
+        model_dir.warn_if_large_on_cpu(tmp_path, "cpu")
     assert "on the CPU will be very slow" in caplog.text
 
 

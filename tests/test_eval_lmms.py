@@ -10,10 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import dsvlm
+from helpers import dsvlm, tiny_vlm
 
 from dsvlm.evaluation import evaluate
-from dsvlm.model.vlm import build_vlm
 from dsvlm.recipe import load_recipe
 
 N_EVAL = 24
@@ -25,7 +24,7 @@ def tiny_model(tmp_path_factory) -> Path:
     words; scaling the answer letters' output rows makes greedy answers letters that still depend on the
     input."""
     out = tmp_path_factory.mktemp("model")
-    vlm, processor = build_vlm(load_recipe("tiny-synthetic").model, seed=0)
+    vlm, processor = tiny_vlm(load_recipe("tiny-synthetic").model, seed=0)
     letters = processor.tokenizer.convert_tokens_to_ids(list("ABCD"))
     with torch.no_grad():
         vlm.get_output_embeddings().weight[letters] *= 30

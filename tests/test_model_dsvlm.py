@@ -7,12 +7,13 @@ import json
 import pytest
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-from helpers import tiny_diffusion
+from helpers import tiny_diffusion, tiny_model
 from test_model_fixtures import CLIP, LLAMA, UNET, VAE, example, recipe_dict, tiny_recipe
 from transformers import CLIPConfig, CLIPModel, LlamaConfig, LlamaForCausalLM, LlavaForConditionalGeneration
 
+from dsvlm.data.synthetic import synthetic_vocabulary
 from dsvlm.model.collate import Collator
-from dsvlm.model.dsvlm import DSVLM, build_model, load_model, save_model
+from dsvlm.model.dsvlm import DSVLM, load_model, save_model
 from dsvlm.model.freeze import freeze_for_stage
 from dsvlm.model.templates import CHAT_TEMPLATES
 from dsvlm.model.tokenizer import build_word_tokenizer
@@ -34,7 +35,7 @@ def grads(module: torch.nn.Module) -> float:
 
 
 def test_reconstruction_loss_reaches_encoder_and_connector_but_not_the_llm() -> None:
-    model = build_model(tiny_recipe())
+    model = tiny_model(tiny_recipe())
     out = model(batch_for(model))
     assert out.n_rec == 4 and out.rec_loss > 0
     out.rec_loss.backward()
@@ -46,7 +47,7 @@ def test_reconstruction_loss_reaches_encoder_and_connector_but_not_the_llm() -> 
 
 
 def test_text_loss_reaches_the_llm() -> None:
-    model = build_model(tiny_recipe())
+    model = tiny_model(tiny_recipe())
     out = model(batch_for(model), supervise=False)
     assert out.n_rec == 0 and out.rec_loss == 0
     out.loss.backward()
@@ -55,7 +56,7 @@ def test_text_loss_reaches_the_llm() -> None:
 
 
 def test_an_optimizer_step_leaves_the_frozen_unet_and_vae_bit_identical() -> None:
-    model = build_model(tiny_recipe(freeze_unet=True))
+    model = tiny_model(tiny_recipe(freeze_unet=True))
     freeze_for_stage(model, ["connector", "vision", "supervision"])
     branch = model.supervision
     for moe in branch.moe:  # a non-uniform router, so every branch's K/V gets a gradient of its own
@@ -76,7 +77,7 @@ def test_without_supervision_loss_and_logits_are_plain_llava(variant: str) -> No
     recipe = tiny_recipe(weight=0.0) if variant == "zero_weight" else Recipe.model_validate(
         {**recipe_dict(), "supervision": {"enabled": False},
          "stages": [{**recipe_dict()["stages"][0], "train": ["connector"]}]})
-    model = build_model(recipe)
+    model = tiny_model(recipe)
     batch = batch_for(model, text_only=(2,))
     out = model(batch)
     plain = LlavaForConditionalGeneration(model.vlm.config)
@@ -91,7 +92,7 @@ def test_without_supervision_loss_and_logits_are_plain_llava(variant: str) -> No
     "conditions", [{"connector": True, "vision_layers": []}, {"connector": False, "vision_layers": [2]},
                    {"connector": True, "vision_layers": [1, 2, 3]}], ids=["connector", "levels", "all"])
 def test_each_condition_subset_trains(conditions: dict) -> None:
-    model = build_model(tiny_recipe(**conditions))
+    model = tiny_model(tiny_recipe(**conditions))
     out = model(batch_for(model))
     out.loss.backward()
     assert grads(model.vlm.model.multi_modal_projector) > 0
@@ -100,7 +101,7 @@ def test_each_condition_subset_trains(conditions: dict) -> None:
 
 @pytest.mark.parametrize("combo", [("clip", "llama", "vicuna"), ("siglip", "qwen2", "chatml")])
 def test_encoder_llm_combinations_train(combo: tuple[str, str, str]) -> None:
-    model = build_model(tiny_recipe(*combo, loss={"perceptual": 1.0, "eps_mse": 1.0}))
+    model = tiny_model(tiny_recipe(*combo, loss={"perceptual": 1.0, "eps_mse": 1.0}))
     out = model(batch_for(model, text_only=(1,)))
     assert out.n_rec == 3 and out.n_text_tokens == 8  # answer letter + terminator, four samples
     out.loss.backward()
@@ -108,7 +109,7 @@ def test_encoder_llm_combinations_train(combo: tuple[str, str, str]) -> None:
 
 
 def test_reconstruct_per_batch_and_normalisers() -> None:
-    model = build_model(tiny_recipe(reconstruct_per_batch=2))
+    model = tiny_model(tiny_recipe(reconstruct_per_batch=2))
     batch = batch_for(model)
     out = model(batch)
     assert out.n_rec == 2
@@ -123,7 +124,7 @@ def test_one_step_preview_at_the_lowest_noise_is_the_image_in_pixel_space() -> N
     """With ε-prediction, x̂0 from t=0 is the image whatever the UNet predicts (the noise is 1% there); sampling
     from pure noise is not."""
     epsilon = tiny_diffusion("epsilon")
-    model = build_model(load_recipe("tiny-synthetic", [f"supervision.diffusion.pretrained={epsilon}"]))
+    model = tiny_model(load_recipe("tiny-synthetic", [f"supervision.diffusion.pretrained={epsilon}"]))
     examples = [example(i) for i in range(3)]
     for item in examples:
         item["image"] = item["image"].resize((32, 32))
@@ -135,7 +136,7 @@ def test_one_step_preview_at_the_lowest_noise_is_the_image_in_pixel_space() -> N
 def test_freeze_for_stage_trains_exactly_the_named_groups() -> None:
     recipe = Recipe.model_validate({**recipe_dict(freeze_unet=True), "model": {**recipe_dict()["model"],
                                                                                 "connector": "linear"}})
-    model = build_model(recipe)
+    model = tiny_model(recipe)
     rows = {r["module"]: r for r in freeze_for_stage(model, ["connector", "supervision"])}
     assert rows["vision"]["trainable"] == 0 and rows["llm"]["trainable"] == 0
     projector = model.vlm.model.multi_modal_projector
@@ -145,13 +146,13 @@ def test_freeze_for_stage_trains_exactly_the_named_groups() -> None:
     rows = {r["module"]: r for r in freeze_for_stage(model, ["vision", "llm"])}
     assert rows["vision"]["frozen"] == 0 and rows["llm"]["frozen"] == 0 and rows["connector"]["trainable"] == 0
     assert not any(p.requires_grad for p in model.supervision.parameters())
-    trainable_unet = build_model(tiny_recipe(freeze_unet=False))
+    trainable_unet = tiny_model(tiny_recipe(freeze_unet=False))
     rows = {r["module"]: r for r in freeze_for_stage(trainable_unet, ["supervision"])}
     assert rows["unet"]["frozen"] == 0 and rows["vae"]["trainable"] == 0
 
 
 def test_gradient_checkpointing_keeps_the_reconstruction_gradient() -> None:
-    model = build_model(tiny_recipe())
+    model = tiny_model(tiny_recipe())
     model.vlm.activation_checkpointing_enable()
     model.train()
     out = model(batch_for(model))
@@ -163,7 +164,7 @@ def pretrained_parts(root) -> dict:
     """Save tiny CLIP, Llama (+ tokenizer), UNet/VAE/scheduler as the hub would hold them."""
     CLIPModel(CLIPConfig(vision_config=CLIP, text_config={**CLIP, "vocab_size": 50})).save_pretrained(root / "clip")
     LlamaForCausalLM(LlamaConfig(**LLAMA, vocab_size=120)).save_pretrained(root / "llama")
-    build_word_tokenizer(CHAT_TEMPLATES["vicuna"]).save_pretrained(root / "llama")
+    build_word_tokenizer(CHAT_TEMPLATES["vicuna"], synthetic_vocabulary()).save_pretrained(root / "llama")
     UNet2DConditionModel(**UNET).save_pretrained(root / "sd" / "unet")
     AutoencoderKL(**VAE).save_pretrained(root / "sd" / "vae")
     DDPMScheduler(num_train_timesteps=100).save_pretrained(root / "sd" / "scheduler")
@@ -176,7 +177,7 @@ def pretrained_parts(root) -> dict:
 
 def test_build_from_pretrained_directories_and_round_trip(tmp_path) -> None:
     recipe = Recipe.model_validate(pretrained_parts(tmp_path))
-    model = build_model(recipe)
+    model = tiny_model(recipe)
     sd_unet = UNet2DConditionModel.from_pretrained(tmp_path / "sd" / "unet")
     assert torch.equal(model.supervision.unet.conv_in.weight, sd_unet.conv_in.weight)
     freeze_for_stage(model, ["connector", "supervision"])
@@ -195,12 +196,12 @@ def test_build_from_pretrained_directories_and_round_trip(tmp_path) -> None:
         assert torch.equal(expected.logits, again.logits)
         assert torch.equal(expected.logits, plain(**{k: batch[k] for k in VLM_INPUTS}).logits)
         assert torch.allclose(expected.rec_loss, again.rec_loss)
-    assert torch.equal(build_model(recipe, init=tmp_path / "out").vlm.lm_head.weight, model.vlm.lm_head.weight)
+    assert torch.equal(tiny_model(recipe, init=tmp_path / "out").vlm.lm_head.weight, model.vlm.lm_head.weight)
 
 
 def test_inline_branch_saves_its_trained_unet(tmp_path) -> None:
     recipe = tiny_recipe(freeze_unet=False, lora_rank=2)
-    model = build_model(recipe)
+    model = tiny_model(recipe)
     freeze_for_stage(model, ["supervision"])
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     batch = batch_for(model)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from helpers import tiny_vlm
 from PIL import Image
 from test_model_fixtures import CLIP, LLAMA, example, image, tiny_recipe
 from transformers import (
@@ -19,13 +20,13 @@ from transformers import (
 )
 
 from dsvlm.data.geometry import SquareGeometry
-from dsvlm.data.latents import vae_input
 from dsvlm.data.synthetic import synthetic_vocabulary
 from dsvlm.errors import DataError, RecipeError
 from dsvlm.model.collate import IGNORE_INDEX, Collator
+from dsvlm.model.supervision.vae import vae_input
 from dsvlm.model.templates import CHAT_TEMPLATES, IMAGE_TOKEN
 from dsvlm.model.tokenizer import build_word_tokenizer
-from dsvlm.model.vlm import build_vlm, image_geometry
+from dsvlm.model.vlm import image_geometry
 from dsvlm.recipe.schema import ModelConfig
 
 QUESTION = "What colour is the shape ?"
@@ -39,7 +40,7 @@ def two_turns() -> dict:
 
 @pytest.mark.parametrize("name", sorted(CHAT_TEMPLATES))
 def test_string_and_list_content_render_alike(name: str) -> None:
-    tokenizer = build_word_tokenizer(CHAT_TEMPLATES[name])
+    tokenizer = build_word_tokenizer(CHAT_TEMPLATES[name], synthetic_vocabulary())
     as_string = [{"role": "user", "content": f"{IMAGE_TOKEN}\n{QUESTION}"}]
     as_list = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]
     rendered = [
@@ -51,7 +52,7 @@ def test_string_and_list_content_render_alike(name: str) -> None:
 
 @pytest.mark.parametrize("name", sorted(CHAT_TEMPLATES))
 def test_chat_labels_are_the_answers_and_their_terminators(name: str) -> None:
-    vlm, processor = build_vlm(tiny_recipe(template=name).model)
+    vlm, processor = tiny_vlm(tiny_recipe(template=name).model)
     batch = Collator(processor, "chat", max_length=256)([two_turns()])
     tokens = processor.tokenizer.convert_ids_to_tokens(batch["labels"][0][batch["labels"][0] != IGNORE_INDEX])
     terminator = CHAT_TEMPLATES[name].terminator
@@ -63,7 +64,7 @@ def test_chat_labels_are_the_answers_and_their_terminators(name: str) -> None:
 
 
 def test_plain_format_is_image_caption_eos_with_loss_on_the_caption() -> None:
-    vlm, processor = build_vlm(tiny_recipe().model)
+    vlm, processor = tiny_vlm(tiny_recipe().model)
     ex = example(0, answer="A red circle .")
     batch = Collator(processor, "plain", max_length=64)([ex])
     ids = batch["input_ids"][0][batch["attention_mask"][0].bool()]
@@ -75,7 +76,7 @@ def test_plain_format_is_image_caption_eos_with_loss_on_the_caption() -> None:
 
 
 def test_word_tokenizer_gives_single_letter_answers() -> None:
-    tokenizer = build_word_tokenizer(CHAT_TEMPLATES["dsvlm"])
+    tokenizer = build_word_tokenizer(CHAT_TEMPLATES["dsvlm"], synthetic_vocabulary())
     assert set(synthetic_vocabulary()) <= set(tokenizer.get_vocab())
     for letter in "ABCD":
         ids = tokenizer(f"{letter} <end>", add_special_tokens=False)["input_ids"]
@@ -85,7 +86,7 @@ def test_word_tokenizer_gives_single_letter_answers() -> None:
 
 
 def test_clip_llama_llava_loads_back_with_plain_transformers(tmp_path) -> None:
-    vlm, processor = build_vlm(tiny_recipe().model, seed=3)
+    vlm, processor = tiny_vlm(tiny_recipe().model, seed=3)
     assert vlm.config.vision_feature_select_strategy == "default"
     assert processor.num_additional_image_tokens == 1
     assert vlm.config.image_seq_length == (16 // 8) ** 2  # CLS dropped
@@ -103,7 +104,7 @@ def test_clip_llama_llava_loads_back_with_plain_transformers(tmp_path) -> None:
 
 
 def test_siglip_qwen2_keeps_every_patch_token() -> None:
-    vlm, processor = build_vlm(tiny_recipe("siglip", "qwen2", "chatml").model)
+    vlm, processor = tiny_vlm(tiny_recipe("siglip", "qwen2", "chatml").model)
     assert vlm.config.vision_feature_select_strategy == "full"
     assert processor.num_additional_image_tokens == 0
     assert vlm.config.image_seq_length == 4
@@ -115,7 +116,7 @@ def test_siglip_qwen2_keeps_every_patch_token() -> None:
 
 def test_seed_makes_init_deterministic() -> None:
     cfg = tiny_recipe().model
-    a, b, c = build_vlm(cfg, seed=1)[0], build_vlm(cfg, seed=1)[0], build_vlm(cfg, seed=2)[0]
+    a, b, c = tiny_vlm(cfg, seed=1)[0], tiny_vlm(cfg, seed=1)[0], tiny_vlm(cfg, seed=2)[0]
     for (name, x), y in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
         assert torch.equal(x, y), name
     assert not torch.equal(a.model.multi_modal_projector.linear_1.weight, c.model.multi_modal_projector.linear_1.weight)
@@ -123,7 +124,7 @@ def test_seed_makes_init_deterministic() -> None:
 
 def test_linear_connector_is_one_linear_map() -> None:
     cfg = tiny_recipe().model.model_copy(update={"connector": "linear"})
-    vlm, _ = build_vlm(cfg)
+    vlm, _ = tiny_vlm(cfg)
     projector = vlm.model.multi_modal_projector
     x = torch.randn(3, 32)
     expected = x @ projector.linear_1.weight.T + projector.linear_1.bias
@@ -142,7 +143,7 @@ def test_pretrained_encoder_and_llm_directories(tmp_path) -> None:
     )
     cfg = ModelConfig(vision={"pretrained": str(tmp_path / "clip")}, llm={"pretrained": str(tmp_path / "llama")},
                       chat_template="vicuna")
-    vlm, processor = build_vlm(cfg)
+    vlm, processor = tiny_vlm(cfg)
     for name, tensor in clip.vision_model.state_dict().items():
         assert torch.equal(vlm.model.vision_tower.state_dict()[name], tensor), name
     assert torch.equal(vlm.model.language_model.layers[0].mlp.up_proj.weight, llm.model.layers[0].mlp.up_proj.weight)
@@ -159,11 +160,11 @@ def test_pretrained_encoder_and_llm_directories(tmp_path) -> None:
     assert [i for i in ids if i != image_id] == [i for i in trained["input_ids"] if i != image_id]
     assert ids.count(tokenizer.bos_token_id) == 1 and ids.count(image_id) == vlm.config.image_seq_length
     with pytest.raises(RecipeError, match="image_size"):
-        build_vlm(cfg.model_copy(update={"image_size": 32}))
+        tiny_vlm(cfg.model_copy(update={"image_size": 32}))
 
 
 def test_collator_batch_layout() -> None:
-    vlm, processor = build_vlm(tiny_recipe().model)
+    vlm, processor = tiny_vlm(tiny_recipe().model)
     examples = [example(0), example(1, with_image=False), example(2)]
     examples[0]["latent"] = torch.zeros(4, 8, 8)
     batch = Collator(processor, "chat", max_length=64, rec_resolution=16)(examples)
@@ -187,7 +188,7 @@ def test_collator_batch_layout() -> None:
 
 
 def test_collator_refuses_inconsistent_examples() -> None:
-    _, processor = build_vlm(tiny_recipe().model)
+    _, processor = tiny_vlm(tiny_recipe().model)
     collate = Collator(processor, "chat", max_length=64)
     orphan = example(0, with_image=False)
     orphan["conversations"][0]["value"] = "<image>\n" + QUESTION
@@ -219,7 +220,7 @@ def expected_square(mode: str, fill: tuple[int, int, int]) -> Image.Image:
 
 @pytest.mark.parametrize("mode", ["pad", "crop"])
 def test_reconstruction_target_is_the_geometry_the_encoder_saw(mode: str) -> None:
-    _, processor = build_vlm(tiny_recipe().model)
+    _, processor = tiny_vlm(tiny_recipe().model)
     fill = tuple(int(x * 255) for x in processor.image_processor.image_mean)
     ex = example(0)
     ex["image"] = two_colour_image()
@@ -242,7 +243,7 @@ def test_reconstruction_target_is_the_geometry_the_encoder_saw(mode: str) -> Non
 
 def test_image_geometry_matches_the_collator_and_is_saved_for_evaluation(tmp_path) -> None:
     cfg = tiny_recipe().model.model_copy(update={"image_aspect_ratio": "crop"})
-    vlm, processor = build_vlm(cfg)
+    vlm, processor = tiny_vlm(cfg)
     assert image_geometry(cfg) == Collator(processor, "chat", 64, image_aspect_ratio="crop").geometry
     assert image_geometry(tiny_recipe().model) == SquareGeometry("pad", (122, 116, 104))  # CLIP's mean colour
     vlm.save_pretrained(tmp_path)

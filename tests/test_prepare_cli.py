@@ -13,9 +13,10 @@ from typer.testing import CliRunner
 
 from dsvlm.cli import prepare as prepare_cli
 from dsvlm.cli.app import app
-from dsvlm.data.latents import LatentCache, vae_fingerprint
+from dsvlm.data.latents import LatentCache
 from dsvlm.data.prepared import PreparedDataset
 from dsvlm.data.synthetic import QUESTION_TYPES
+from dsvlm.model.supervision.vae import vae_fingerprint
 from dsvlm.model.vlm import image_geometry
 from dsvlm.recipe import load_recipe
 

@@ -263,3 +263,22 @@ def test_help_lists_the_commands_in_lifecycle_order() -> None:
     listed = [line.split()[1] for line in result.stdout.splitlines() if line.startswith("│ ") and
               len(line.split()) > 1 and line.split()[1] in LIFECYCLE]
     assert listed == list(LIFECYCLE)
+
+
+def test_what_a_library_prints_while_a_command_runs_goes_to_stderr(tmp_path, monkeypatch):
+    # DeepSpeed's logger and lmms-eval's task reports print to stdout; a pipeline reading `--json` must not see it
+    from dsvlm.cli import recipe as recipe_cli
+
+    write = recipe_cli.atomic_write_text
+
+    def noisy_write(*args, **kwargs):
+        print("[WARNING] [real_accelerator.py] Setting accelerator to CPU.")
+        return write(*args, **kwargs)
+
+    monkeypatch.setattr(recipe_cli, "atomic_write_text", noisy_write)
+    dest = tmp_path / "mine.yaml"
+    result = runner.invoke(app, ["recipe", "cp", "tiny-synthetic", str(dest)])
+    assert result.exit_code == 0
+    assert result.stdout.strip() == str(dest)
+    assert "Setting accelerator to CPU" in result.stderr
+    assert "Usage" in runner.invoke(app, ["recipe", "cp", "--help"]).stdout  # help still goes to stdout

@@ -16,11 +16,11 @@ from helpers import tiny_overrides
 
 from dsvlm.errors import DsvlmError
 from dsvlm.outputs import RUN, write_marker
+from dsvlm.plots import read_metrics
 from dsvlm.recipe import load_recipe
+from dsvlm.rundir import RunDir
 from dsvlm.train import checkpoint
 from dsvlm.train.loop import _append_metrics
-from dsvlm.train.plots import read_metrics
-from dsvlm.train.rundir import RunDir
 
 
 def dead_pid() -> int:

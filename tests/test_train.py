@@ -15,13 +15,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import REPO, dsvlm, prepare_small_synthetic, tiny_overrides
+from helpers import REPO, dsvlm, prepare_small_synthetic, tiny_model, tiny_overrides
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from dsvlm.cli.app import app
 from dsvlm.errors import DsvlmError
-from dsvlm.model.dsvlm import build_model
 from dsvlm.outputs import lock_path
 from dsvlm.recipe import load_recipe
 from dsvlm.train.loop import TrainOptions, train
@@ -84,8 +83,8 @@ def test_frozen_modules_stay_bit_identical(data, tmp_path):
     overrides = tiny_overrides(data, out, steps=3, **{"stages.0.train": "[connector,supervision]"})
     recipe = load_recipe("tiny-synthetic", overrides)
     train(recipe, TrainOptions(stages=["align"], progress=False))
-    fresh = build_model(recipe).vlm.state_dict()  # same seed: the weights the stage started from
-    trained = build_model(recipe, init=out / "align" / "final").vlm.state_dict()
+    fresh = tiny_model(recipe).vlm.state_dict()  # same seed: the weights the stage started from
+    trained = tiny_model(recipe, init=out / "align" / "final").vlm.state_dict()
     moved = {k for k, v in trained.items() if not torch.equal(v, fresh[k])}
     assert moved, "nothing trained"
     assert all(".multi_modal_projector." in k for k in moved), sorted(moved)[:5]

@@ -64,17 +64,17 @@ def test_the_order_is_a_function_of_seed_and_epoch_only():
 
 def test_a_micro_batch_forward_does_not_keep_the_previous_logits_alive():
     """Full-vocabulary logits of micro-batch i must be freed before micro-batch i+1's forward."""
+    from helpers import tiny_model
     from test_model_dsvlm import batch_for
     from test_model_fixtures import tiny_recipe
 
-    from dsvlm.model.dsvlm import build_model
     from dsvlm.train.loop import _optimizer_step
 
     recipe = tiny_recipe()
     stage = recipe.stages[0]
     AcceleratorState._reset_state()
     accelerator = Accelerator(cpu=True)
-    model = build_model(recipe)
+    model = tiny_model(recipe)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     model, optimizer = accelerator.prepare(model, optimizer)

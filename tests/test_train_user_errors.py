@@ -9,12 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import REPO, dsvlm, prepare_small_synthetic, tiny_overrides
+from helpers import REPO, dsvlm, prepare_small_synthetic, tiny_overrides, tiny_vlm
 from test_model_fixtures import CLIP
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
 from dsvlm.errors import DsvlmError, RecipeError
-from dsvlm.model.vlm import build_vlm
 from dsvlm.recipe import load_recipe
 from dsvlm.train.loop import TrainOptions, train
 
@@ -63,11 +62,11 @@ def test_a_pretrained_llm_of_another_architecture_or_missing_is_a_recipe_error(t
     for source in (clip, tmp_path / "missing"):
         recipe = load_recipe("tiny-synthetic", [f"model.llm.pretrained={source}", "model.llm.config=null"])
         with pytest.raises(RecipeError, match=r"model.llm.pretrained .* does not load"):
-            build_vlm(recipe.model)
+            tiny_vlm(recipe.model)
     recipe = load_recipe("tiny-synthetic", [f"model.vision.pretrained={tmp_path / 'missing'}",
                                             "model.vision.config=null"])
     with pytest.raises(RecipeError, match=r"model.vision.pretrained .* does not load"):
-        build_vlm(recipe.model)
+        tiny_vlm(recipe.model)
 
 
 def test_deepspeed_with_gradient_accumulation_is_refused_before_any_model_loads(data, tmp_path, monkeypatch):

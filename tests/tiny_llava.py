@@ -6,9 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from helpers import tiny_vlm
 
 from dsvlm.data.synthetic import SyntheticConfig, generate_synthetic, mmbench_prompt
-from dsvlm.model.vlm import build_vlm
 from dsvlm.recipe import load_recipe
 
 
@@ -17,7 +17,7 @@ def train_tiny_llava(out: Path, steps: int = 120, batch: int = 32, seed: int = 0
     letter + eos, loss on the answer only, lr 3e-4: see shared/docs/miniature.md), saved to `out`."""
     import datasets
 
-    model, processor = build_vlm(load_recipe("tiny-synthetic").model, seed=seed)
+    model, processor = tiny_vlm(load_recipe("tiny-synthetic").model, seed=seed)
     eval_file = generate_synthetic(
         out.parent / f"{out.name}-train-data",
         SyntheticConfig(

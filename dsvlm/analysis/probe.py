@@ -149,9 +149,10 @@ def probe_model(model_path: str | Path, out_dir: str | Path, config: ProbeConfig
     """Probe a stripped model (or a run, stripped on the fly); write probe.json/.md/.png into `out_dir`."""
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    from dsvlm.evaluation.runner import resolve_model
+    from dsvlm.evaluation.model_dir import resolve_model
+    from dsvlm.strip.strip import stripped_model
 
-    path = resolve_model(model_path)
+    path = resolve_model(stripped_model(Path(model_path)))
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = LlavaForConditionalGeneration.from_pretrained(path).to(device).eval()
     processor = AutoProcessor.from_pretrained(path)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import typer
 
+from dsvlm.cli.common import emit
 from dsvlm.cli.recipe import OVERRIDES_HELP
 
 
@@ -42,10 +43,10 @@ def ablate(
     if cell is not None:
         name, seed = parse_cell(cell)
         grid.arm(name)
-        typer.echo(str(run_cell(grid, name, seed, device=device, progress=progress)))
+        emit(str(run_cell(grid, name, seed, device=device, progress=progress)))
         return
     report = build_report(grid) if report_only else run_grid(grid, device=device, progress=progress)
-    typer.echo(json.dumps(report, indent=2) if as_json else str(grid.out / REPORT_JSON))
+    emit(json.dumps(report, indent=2) if as_json else str(grid.out / REPORT_JSON))
 
 
 def register(app: typer.Typer) -> None:

@@ -6,7 +6,9 @@ Logs and progress go to stderr; stdout carries only what a pipeline consumes.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import sys
 
 import click
 import typer
@@ -35,6 +37,12 @@ class _Commands(TyperGroup):
         names = super().list_commands(ctx)
         return sorted(names, key=lambda name: LIFECYCLE.index(name) if name in LIFECYCLE else len(LIFECYCLE))
 
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        command = super().get_command(ctx, cmd_name)
+        if command is not None:
+            _results_on_stdout(command)
+        return command
+
     def invoke(self, ctx: click.Context) -> object:
         try:
             return super().invoke(ctx)
@@ -43,6 +51,26 @@ class _Commands(TyperGroup):
                 raise
             common.console.print(f"[bold red]error:[/] {common.escape(_own_message(exc))}", soft_wrap=True)
             raise typer.Exit(2) from exc
+
+
+def _results_on_stdout(command: click.Command) -> None:
+    """While a command runs, stdout carries only its results (`common.emit`): what libraries print there
+    (DeepSpeed's logger, lmms-eval's task reports) goes to stderr. Help and usage still go to stdout."""
+    if isinstance(command, TyperGroup):
+        for sub in command.commands.values():
+            _results_on_stdout(sub)
+        return
+    invoke = command.invoke
+
+    def invoke_with_results_on_stdout(ctx: click.Context) -> object:
+        common.STATE.results = sys.stdout
+        try:
+            with contextlib.redirect_stdout(sys.stderr):
+                return invoke(ctx)
+        finally:
+            common.STATE.results = None
+
+    command.invoke = invoke_with_results_on_stdout  # type: ignore[method-assign]
 
 
 def _own_message(exc: common.DsvlmError) -> str:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from dsvlm.cli.common import console
+from dsvlm.cli.common import console, emit
 from dsvlm.evaluation.benches import BENCHMARKS, parse_benches, parse_data_files
 
 
@@ -50,13 +50,14 @@ def eval_command(
 ) -> None:
     """Run benchmarks through lmms-eval; print the summary path (or, with --json, the summary)."""
     from dsvlm.evaluation.runner import SUMMARY, compare, compare_table, default_out_dir, evaluate, load_summary
+    from dsvlm.strip.strip import stripped_model
 
     names = parse_benches(bench)
     files = parse_data_files(data_files)
     base = load_summary(compare_to) if compare_to is not None else None  # a bad file fails before the run
     out_dir = out if out is not None else default_out_dir(model, names)
     summary = evaluate(
-        model,
+        stripped_model(model),
         names,
         out_dir,
         data_files=files,
@@ -71,6 +72,6 @@ def eval_command(
         console.print(compare_table(deltas))
         summary = {**summary, "compare": deltas}
     if as_json:
-        typer.echo(json.dumps(summary, indent=2))
+        emit(json.dumps(summary, indent=2))
     else:
-        typer.echo(str(Path(out_dir).expanduser().resolve() / SUMMARY))
+        emit(str(Path(out_dir).expanduser().resolve() / SUMMARY))

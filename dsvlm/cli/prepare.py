@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from dsvlm.cli.common import console
+from dsvlm.cli.common import console, emit
 from dsvlm.errors import DataError
 
 if TYPE_CHECKING:
@@ -62,7 +62,8 @@ def _latent_request(recipe_name: str | None, overrides: list[str] | None) -> Lat
         if overrides:
             raise DataError(f"recipe overrides {' '.join(overrides)} given without --latents RECIPE")
         return None
-    from dsvlm.data.latents import LatentRequest, vae_fingerprint
+    from dsvlm.data.latents import LatentRequest
+    from dsvlm.model.supervision.vae import vae_fingerprint
     from dsvlm.recipe import load_recipe
 
     recipe = load_recipe(recipe_name, overrides or [])
@@ -91,9 +92,9 @@ def _report(out: Path, manifest: dict[str, Any], as_json: bool) -> None:
         info = manifest["latents"]
         console.print(f"latent cache: {info['images']} images at {info['resolution']} px, shape {info['shape']}")
     if as_json:
-        typer.echo(json.dumps({"path": str(out), **manifest}, indent=2))
+        emit(json.dumps({"path": str(out), **manifest}, indent=2))
     else:
-        typer.echo(str(out))
+        emit(str(out))
 
 
 @app.command()
@@ -223,7 +224,7 @@ def latents_cmd(
     PreparedDataset(dataset)  # fail on a missing dataset before loading the VAE
     request = _latent_request(recipe, overrides)
     if request is None:
-        typer.echo(str(dataset))
+        emit(str(dataset))
         return
     request.batch_size = batch_size
     with writer_lock(dataset):

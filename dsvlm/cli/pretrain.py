@@ -7,6 +7,8 @@ from pathlib import Path
 
 import typer
 
+from dsvlm.cli.common import emit
+
 
 def pretrain_diffusion(
     dataset: Path = typer.Argument(..., help="Prepared dataset (the output of `dsvlm prepare`)."),
@@ -38,7 +40,7 @@ def pretrain_diffusion(
                               width=width, prediction_type=prediction_type, seed=seed, split=split,
                               checkpoint_every=checkpoint_every)
     path = run(dataset, out, options, resume=resume, overwrite=overwrite, progress=progress)
-    typer.echo(json.dumps(json.loads((path / INFO).read_text())) if as_json else str(path))
+    emit(json.dumps(json.loads((path / INFO).read_text())) if as_json else str(path))
 
 
 def register(app: typer.Typer) -> None:

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import typer
 
+from dsvlm.cli.common import emit
+
 
 def probe(
     model: Path = typer.Argument(
@@ -31,7 +33,7 @@ def probe(
     out_dir = out if out is not None else model / "probe"
     result = probe_model(model, out_dir, config, device=device)
     console.print(table(result), markup=False)
-    typer.echo(json.dumps(result, indent=2) if as_json else str(Path(out_dir).resolve() / PROBE_JSON))
+    emit(json.dumps(result, indent=2) if as_json else str(Path(out_dir).resolve() / PROBE_JSON))
 
 
 def register(app: typer.Typer) -> None:

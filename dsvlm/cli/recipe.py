@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from dsvlm.cli.common import console
+from dsvlm.cli.common import console, emit, results_stream
 from dsvlm.errors import RecipeError
 from dsvlm.io import atomic_write_text
 from dsvlm.recipe import bundled_recipes, load_recipe, recipe_path
@@ -26,14 +25,14 @@ OVERRIDES_HELP = "Overrides `key.sub=value` (YAML values), e.g. stages.0.lr=1e-4
 def list_recipes() -> None:
     """List the bundled recipes: a table with descriptions in a terminal, one name per line when piped."""
     recipes = bundled_recipes()
-    if not sys.stdout.isatty():  # a pipeline consumes the names; a person reads the table, once
+    if not results_stream().isatty():  # a pipeline consumes the names; a person reads the table, once
         for name in recipes:
-            typer.echo(name)
+            emit(name)
         return
     table = Table("recipe", "description", title="bundled recipes")
     for name, description in recipes.items():
         table.add_row(name, description)
-    Console().print(table)
+    Console(file=results_stream()).print(table)
 
 
 app.command("ls", hidden=True)(list_recipes)
@@ -47,9 +46,9 @@ def show(recipe: str = typer.Argument(..., help="Bundled name or path."),
     if resolved or overrides:
         from dsvlm.recipe.load import dump_recipe
 
-        typer.echo(dump_recipe(load_recipe(recipe, overrides or [])), nl=False)
+        emit(dump_recipe(load_recipe(recipe, overrides or [])), nl=False)
     else:
-        typer.echo(recipe_path(recipe).read_text(), nl=False)
+        emit(recipe_path(recipe).read_text(), nl=False)
 
 
 @app.command()
@@ -70,7 +69,7 @@ def cp(recipe: str = typer.Argument(..., help="Bundled name."),
         atomic_write_text(dest, source.read_text(encoding="utf-8"))
     except OSError as exc:
         raise RecipeError(f"cannot write {dest}: {exc.strerror or exc}") from exc
-    typer.echo(str(dest))
+    emit(str(dest))
 
 
 @app.command()
@@ -87,4 +86,4 @@ def validate(recipe: str = typer.Argument(..., help="Bundled name or path."),
 @app.command()
 def schema() -> None:
     """Print the recipe JSON schema (with every field's description) to stdout."""
-    typer.echo(json.dumps(Recipe.model_json_schema(), indent=2))
+    emit(json.dumps(Recipe.model_json_schema(), indent=2))

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import typer
 
+from dsvlm.cli.common import emit
+
 
 def strip(
     source: Path = typer.Argument(..., help="A run directory or a stage output (RUN/<stage>/final)."),
@@ -31,7 +33,7 @@ def strip(
                   f"logits identical (max diff {report.max_logit_diff:.1e})")
     if push_to_hub:
         console.print(f"pushed: {push(out, push_to_hub)}")
-    typer.echo(json.dumps(asdict(report)) if as_json else str(out))
+    emit(json.dumps(asdict(report)) if as_json else str(out))
 
 
 def register(app: typer.Typer) -> None:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 
+from dsvlm.cli.common import emit
 from dsvlm.cli.recipe import OVERRIDES_HELP
 
 
@@ -35,7 +36,7 @@ def train(
     from accelerate import PartialState
 
     if PartialState().is_main_process:
-        typer.echo(str(out))
+        emit(str(out))
 
 
 def register(app: typer.Typer) -> None:

@@ -10,9 +10,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import pyarrow as pa
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from dsvlm.console import console
 from dsvlm.io import atomic_dir
 from dsvlm.outputs import DATASET, check_output, writer_lock
 
@@ -74,16 +72,3 @@ def atomic_output(out: Path, overwrite: bool = False) -> Iterator[Path]:
         check_output(out, DATASET, overwrite)
         with atomic_dir(out, replace=out.exists()) as tmp:
             yield tmp
-
-
-def progress_bar(enabled: bool) -> Progress:
-    """A rich progress bar on the shared stderr console (the one the CLI logs to, so lines don't interleave)."""
-    return Progress(
-        TextColumn("[progress.description]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        disable=not enabled,
-        transient=True,
-    )

@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any
 from huggingface_hub import constants, snapshot_download
 from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
-from dsvlm.data.common import atomic_output, progress_bar
+from dsvlm.console import progress_bar
+from dsvlm.data.common import atomic_output
 from dsvlm.data.llava import prepare_into, report_empty_input
 from dsvlm.errors import DataError
 from dsvlm.outputs import DATASET, check_output

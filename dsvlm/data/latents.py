@@ -9,59 +9,28 @@ resized to resolution x resolution and scaled to [-1, 1] (`vae_input`).
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from PIL import Image
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from dsvlm.data.common import MANIFEST, progress_bar
+from dsvlm.console import progress_bar
+from dsvlm.data.common import MANIFEST
 from dsvlm.data.geometry import SquareGeometry
 from dsvlm.data.manifest import LatentIndex, check_inside, check_schema
 from dsvlm.data.prepared import PreparedDataset
 from dsvlm.errors import DataError, brief
 from dsvlm.io import atomic_dir, atomic_write_json
+from dsvlm.model.supervision.vae import encode, vae_input
 
 LATENTS_DIR = "latents"
 INDEX = "index.json"
 SHARD_SIZE = 4096  # latents per shard: 64 MiB at SD's 4x32x32 float32
 CACHE_VERSION = 2  # 2: images made square by the recorded geometry before resizing
-
-
-def vae_fingerprint(vae: torch.nn.Module) -> str:
-    """sha256 over the VAE's config (public keys) and every weight (name, dtype, shape, bytes)."""
-    digest = hashlib.sha256()
-    # Keys starting with "_" (_name_or_path, _diffusers_version) don't change the latents.
-    config = {k: v for k, v in dict(getattr(vae, "config", {})).items() if not k.startswith("_")}
-    digest.update(json.dumps(config, sort_keys=True, default=str).encode())
-    for name, tensor in sorted(vae.state_dict().items()):
-        flat = tensor.detach().cpu().contiguous().reshape(-1)
-        digest.update(f"{name}|{flat.dtype}|{tuple(tensor.shape)}".encode())
-        digest.update(flat.view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
-def vae_input(image: Image.Image, resolution: int) -> torch.Tensor:
-    """The VAE's input for one image already made square by its `SquareGeometry`: RGB, resized to resolution x
-    resolution (bicubic), [3, R, R] in [-1, 1]. Training without the cache must encode with exactly this."""
-    image = image.convert("RGB").resize((resolution, resolution), Image.Resampling.BICUBIC)
-    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32).copy()).permute(2, 0, 1)
-    return pixels / 127.5 - 1.0
-
-
-@torch.no_grad()
-def encode(vae: Any, pixels: torch.Tensor) -> torch.Tensor:
-    """The UNet-space latents of a [B, 3, R, R] batch in [-1, 1]: (posterior mean - shift) x scale, float32 on the
-    VAE's device. The only encoding formula: the cache and the training branch both use it."""
-    param = next(vae.parameters())
-    posterior = vae.encode(pixels.to(param.device, param.dtype)).latent_dist
-    return ((posterior.mean - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor).float()
 
 
 def build_latent_cache(

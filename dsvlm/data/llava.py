@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 from rich.table import Table
 
 from dsvlm import __version__
+from dsvlm.console import progress_bar
 from dsvlm.data.common import (
     FORMAT_VERSION,
     IMAGE_TOKEN,
@@ -35,7 +36,6 @@ from dsvlm.data.common import (
     SPLIT_NAME,
     atomic_output,
     now_iso,
-    progress_bar,
     sha256_file,
     word_length,
 )

@@ -37,14 +37,14 @@ from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import Whitespace
 from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
 
-from dsvlm.console import step_progress
+from dsvlm.console import progress_bar
 from dsvlm.data.detect import detect_object
 from dsvlm.data.prepared import PreparedDataset
 from dsvlm.data.synthetic import _caption, _sample_scene
 from dsvlm.errors import DataError, DsvlmError
 from dsvlm.io import atomic_dir, atomic_write_json
 from dsvlm.outputs import DIFFUSION_MODEL, check_output, write_marker, writer_lock
-from dsvlm.train.plots import image_grid, plot_curves
+from dsvlm.plots import image_grid, plot_curves
 
 log = logging.getLogger(__name__)
 
@@ -263,7 +263,7 @@ def _pretrain(dataset_dir: Path, out: Path, options: PretrainOptions, fingerprin
     phases = ([("vae", options.vae_steps)] if models.vae is not None else []) + [("unet", options.steps)]
     targets = None
     steps: dict[str, int] = dict(state["steps"]) if state else {}  # per phase, for every checkpoint to come
-    with step_progress(progress) as bar:
+    with progress_bar(progress, info=True) as bar:
         for phase, total in phases:
             done = state["steps"].get(phase, 0) if state else 0
             if phase == "unet":

@@ -5,6 +5,7 @@ builds its model registry, so nothing here may import torch, transformers or lmm
 """
 
 from dsvlm.evaluation.benches import BENCHMARKS, Benchmark
-from dsvlm.evaluation.runner import compare, evaluate, resolve_model
+from dsvlm.evaluation.model_dir import resolve_model
+from dsvlm.evaluation.runner import compare, evaluate
 
 __all__ = ["BENCHMARKS", "Benchmark", "compare", "evaluate", "resolve_model"]

@@ -22,7 +22,7 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration
 from dsvlm.data.geometry import SquareGeometry
 from dsvlm.errors import DsvlmError
 from dsvlm.evaluation.compat import LogProb, apply_workarounds
-from dsvlm.evaluation.runner import resolve_device, resolve_model
+from dsvlm.evaluation.model_dir import resolve_device, resolve_model
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

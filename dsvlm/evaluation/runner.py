@@ -1,4 +1,4 @@
-"""Run benchmarks through lmms-eval and summarise them: `evaluate`, `compare`, `resolve_model`.
+"""Run benchmarks through lmms-eval and summarise them: `evaluate`, `compare`.
 
 Outputs under `out_dir`: `results.json` (lmms-eval's results), `samples_<bench>.jsonl` (lmms-eval's
 per-sample records), `summary.json` (per benchmark: task, metric, score, n, samples file, and for the
@@ -12,7 +12,6 @@ import contextlib
 import io
 import json
 import logging
-import math
 import sys
 import tempfile
 import time
@@ -36,67 +35,12 @@ from dsvlm.evaluation.benches import (
     write_task_yaml,
 )
 from dsvlm.evaluation.compat import apply_workarounds, check_filelock, lmms_cli_args, route_lmms_eval_logs
+from dsvlm.evaluation.model_dir import count_parameters, resolve_device, resolve_model, warn_if_large_on_cpu
 from dsvlm.io import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
 
 SUMMARY = "summary.json"
-
-
-def resolve_model(path: str | Path) -> Path:
-    """The model directory to evaluate: a stripped dsvlm model (a transformers LLaVA folder), or a training
-    run / stage output, stripped on the fly into RUN/<stage>/stripped (reused when already there)."""
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise DsvlmError(f"model {path} does not exist")
-    if path.is_dir() and not (path / "config.json").is_file():
-        stripped = _strip_run(path)
-        if stripped is not None:
-            return stripped
-    problems = []
-    config = path / "config.json"
-    if not path.is_dir():
-        problems.append("it is not a directory")
-    elif not config.is_file():
-        problems.append("no config.json")
-    else:
-        try:
-            model_type = json.loads(config.read_text()).get("model_type")
-        except (json.JSONDecodeError, AttributeError):
-            model_type = "unreadable"
-        if model_type != "llava":
-            problems.append(f"config.json has model_type {model_type!r}, not 'llava'")
-    if path.is_dir():
-        if not any(path.glob("*.safetensors")):
-            problems.append("no *.safetensors weights")
-        if not any((path / f).is_file() for f in ("processor_config.json", "preprocessor_config.json")):
-            problems.append("no processor (processor_config.json)")
-        if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
-            problems.append("no tokenizer")
-    if problems:
-        raise DsvlmError(
-            f"{path} is not a model directory ({'; '.join(problems)}); pass a stripped model, "
-            "the output of `dsvlm strip RUN` (a transformers LLaVA folder with its processor)"
-        )
-    return path.resolve()
-
-
-def _strip_run(path: Path) -> Path | None:
-    """Strip a run or stage output next to its `final/` (once; again when the stage output is newer)."""
-    from dsvlm.train.rundir import STAGE_INFO, resolve_init
-
-    try:
-        final = resolve_init(path)
-    except DsvlmError:
-        return None  # not a run either: resolve_model explains what a model directory needs
-    stripped = final.parent / "stripped"
-    done = stripped / "config.json"
-    if not done.is_file() or done.stat().st_mtime < (final / STAGE_INFO).stat().st_mtime:
-        from dsvlm.strip.strip import strip
-
-        log.info("%s is a training run: stripping %s into %s", path, final, stripped)
-        strip(final, stripped, overwrite=True)
-    return stripped.resolve()
 
 
 def evaluate(
@@ -160,55 +104,6 @@ def evaluate(
     )
     Console(stderr=True).print(summary_table(summary))
     return summary
-
-
-def resolve_device(device: str = "auto", dtype: str = "auto") -> tuple[str, str]:
-    """The device and dtype the model would be used with: "auto" is a GPU in bfloat16 (float16 where the GPU
-    has no bfloat16) when one is present, else the CPU in float32."""
-    if device == "auto" or dtype == "auto":
-        import torch
-
-        gpu = torch.cuda.is_available()
-        if device == "auto":
-            device = "cuda" if gpu else "cpu"
-        if dtype == "auto":
-            on_gpu = device.startswith("cuda") and gpu
-            dtype = ("bfloat16" if torch.cuda.is_bf16_supported() else "float16") if on_gpu else "float32"
-    return device, dtype
-
-
-LARGE_ON_CPU = 1_000_000_000  # parameters; a 7B model takes hours per benchmark on a CPU
-
-
-def warn_if_large_on_cpu(model_path: Path, device: str) -> None:
-    """Log a warning when a billion-parameter model is about to be evaluated on a CPU."""
-    if device != "cpu":
-        return
-    n = count_parameters(model_path)
-    if n >= LARGE_ON_CPU:
-        log.warning(
-            "evaluating a %.1fB-parameter model on the CPU will be very slow; pass --device cuda on a GPU machine",
-            n / 1e9,
-        )
-
-
-def count_parameters(model_path: Path) -> int:
-    """Parameters in the model's safetensors files, read from their headers (no weights load); DsvlmError
-    naming a file whose header does not cover it (cut short, not safetensors)."""
-    from safetensors import SafetensorError, safe_open
-
-    total = 0
-    for file in model_path.glob("*.safetensors"):
-        try:
-            with safe_open(str(file), framework="np") as weights:
-                for key in weights.keys():  # noqa: SIM118 (a safetensors handle is not a dict)
-                    shape = weights.get_slice(key).get_shape()
-                    total += int(math.prod(shape))
-        except (SafetensorError, OSError) as exc:
-            detail = str(exc)[:1].lower() + str(exc)[1:]  # one "error" in the message, the CLI's
-            raise DsvlmError(f"{file}: the model's weights cannot be read ({detail}); the model directory is "
-                             "incomplete or corrupt: strip or download it again") from None
-    return total
 
 
 def default_out_dir(model_dir: str | Path, benches: list[str], root: str | Path = "results") -> Path:

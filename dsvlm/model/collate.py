@@ -8,8 +8,8 @@ import torch
 from transformers import LlavaProcessor
 
 from dsvlm.data.geometry import AspectRatio, SquareGeometry
-from dsvlm.data.latents import vae_input
 from dsvlm.errors import DataError
+from dsvlm.model.supervision.vae import vae_input
 from dsvlm.model.templates import IMAGE_TOKEN, PLAIN_TEMPLATE
 
 IGNORE_INDEX = -100

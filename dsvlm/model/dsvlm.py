@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -211,14 +211,15 @@ def _branch(recipe: Recipe, vlm: LlavaForConditionalGeneration) -> DiffusionSupe
     )
 
 
-def build_model(recipe: Recipe, init: Path | None = None) -> DSVLM:
-    """A fresh DS-VLM from the recipe, or the one `save_model` wrote to `init`."""
+def build_model(recipe: Recipe, init: Path | None = None, words: Iterable[str] | None = None) -> DSVLM:
+    """A fresh DS-VLM from the recipe, or the one `save_model` wrote to `init`. `words`: the vocabulary of an
+    inline LLM's word-level tokenizer (see `build_vlm`)."""
     if init is not None:
         try:
             return load_model(init, recipe)
         except (OSError, ValueError) as exc:
             raise DsvlmError(f"{init} does not load as a DS-VLM stage output: {exc}") from exc
-    vlm, processor = build_vlm(recipe.model, seed=recipe.run.seed)
+    vlm, processor = build_vlm(recipe.model, seed=recipe.run.seed, words=words)
     return DSVLM(vlm, processor, _branch(recipe, vlm))
 
 

@@ -1,8 +1,8 @@
 """Tokenizers: a word-level one for inline LLMs, and the preparation every tokenizer gets.
 
 An inline (randomly initialised) LLM has no tokenizer of its own. A word-level vocabulary over the
-synthetic dataset's words keeps the model tiny and makes every answer letter one token, so decoding a
-one-letter answer gives exactly that letter.
+training data's words (the caller passes them; `dsvlm train` passes the synthetic set's) keeps the model tiny
+and makes every answer letter one token, so decoding a one-letter answer gives exactly that letter.
 """
 
 from __future__ import annotations
@@ -21,16 +21,13 @@ UNK_TOKEN = "[UNK]"
 PAD_TOKEN = "<pad>"
 
 
-def build_word_tokenizer(template: ChatTemplate, words: Iterable[str] | None = None) -> PreTrainedTokenizerFast:
+def build_word_tokenizer(template: ChatTemplate, words: Iterable[str]) -> PreTrainedTokenizerFast:
     """A WordLevel tokenizer (whitespace + punctuation split, `[UNK]`) over `words` and the template's text.
 
-    `words` defaults to the synthetic dataset's vocabulary. The template's own fixed words (system prompt,
-    role names) are added so rendering a conversation produces no unknown tokens.
+    The template's own fixed words (system prompt, role names) are added so rendering a conversation produces
+    no unknown tokens.
     """
-    if words is None:
-        from dsvlm.data.synthetic import synthetic_vocabulary
-
-        words = synthetic_vocabulary()
+    words = list(words)
     specials = [UNK_TOKEN, PAD_TOKEN, IMAGE_TOKEN, *template.special_tokens]
     base = _word_level(specials, words, template)
     vocab_words = set(words) | _template_words(base, template)

@@ -6,7 +6,7 @@ loads in any LLaVA consumer (lmms-eval `llava_hf`, vLLM) with no dsvlm code.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 import torch
@@ -50,11 +50,14 @@ _EXTRA_TOKENS = {"clip": 1, "siglip": 0}
 _DEFAULT_STRATEGY = {"clip": "default", "siglip": "full"}
 
 
-def build_vlm(cfg: ModelConfig, seed: int = 0) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
+def build_vlm(
+    cfg: ModelConfig, seed: int = 0, words: Iterable[str] | None = None
+) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
     """A LLaVA model and processor from the recipe's model section; `seed` makes random init deterministic.
 
     Pretrained vision/LLM weights are used as they are (no copy); the connector is freshly initialised, and so
-    are token embeddings added for `<image>` and the template's control tokens.
+    are token embeddings added for `<image>` and the template's control tokens. `words`: the vocabulary of
+    the word-level tokenizer an inline LLM without a `tokenizer` gets (the training data's words).
     """
     template = chat_template(cfg.chat_template)
     # A private RNG stream: the same seed gives the same weights whatever ran before, and the caller's
@@ -62,7 +65,7 @@ def build_vlm(cfg: ModelConfig, seed: int = 0) -> tuple[LlavaForConditionalGener
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         family, vision = _build_vision(cfg)
-        tokenizer = _build_tokenizer(cfg, template)
+        tokenizer = _build_tokenizer(cfg, template, words)
         llm = _build_llm(cfg, tokenizer)
         vlm, processor = _finish(cfg, template, family, vision, tokenizer, llm)
     return vlm, processor
@@ -149,7 +152,7 @@ def _vision_family(model_type: str) -> str:
     raise RecipeError(f"model.vision.pretrained is a {model_type!r} model; dsvlm supports CLIP and SigLIP encoders")
 
 
-def _build_tokenizer(cfg: ModelConfig, template: ChatTemplate) -> PreTrainedTokenizerBase:
+def _build_tokenizer(cfg: ModelConfig, template: ChatTemplate, words: Iterable[str] | None) -> PreTrainedTokenizerBase:
     llm = cfg.llm
     if llm.tokenizer is not None:
         tokenizer = _loading("model.llm.tokenizer", llm.tokenizer,
@@ -157,8 +160,11 @@ def _build_tokenizer(cfg: ModelConfig, template: ChatTemplate) -> PreTrainedToke
     elif llm.pretrained is not None:
         tokenizer = _loading("model.llm.pretrained", llm.pretrained,
                              lambda: AutoTokenizer.from_pretrained(llm.pretrained, **_config_kwargs(cfg, llm.revision)))
+    elif words is not None:
+        tokenizer = build_word_tokenizer(template, words)
     else:
-        tokenizer = build_word_tokenizer(template)
+        raise RecipeError("model.llm: an inline LLM without `tokenizer` gets a word-level one over the training "
+                          "data's words, and none were given; set model.llm.tokenizer or model.llm.pretrained")
     prepare_tokenizer(tokenizer, template)
     return tokenizer
 

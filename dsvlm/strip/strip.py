@@ -18,8 +18,8 @@ from dsvlm.io import atomic_dir
 from dsvlm.model.dsvlm import DSVLM, branch_parameters, load_vlm
 from dsvlm.outputs import STRIPPED_MODEL, check_output, write_marker, writer_lock
 from dsvlm.recipe.load import read_yaml, validate_recipe
+from dsvlm.rundir import STAGE_INFO, resolve_init
 from dsvlm.strip.card import model_card
-from dsvlm.train.rundir import STAGE_INFO, resolve_init
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +100,24 @@ def strip(source: Path, out: Path, overwrite: bool = False) -> StripReport:
     log.info("stripped %s -> %s: removed %d parameters (%d -> %d), %.1f MB -> %.1f MB", final, out,
              report.params_removed, params_before, params_after, report.bytes_before / 1e6, report.bytes_after / 1e6)
     return report
+
+
+def stripped_model(path: Path) -> Path:
+    """`path` itself, or for a training run / stage output its stripped model in RUN/<stage>/stripped,
+    written on first use and again when the stage output is newer: what `dsvlm eval` and `dsvlm probe` accept."""
+    path = Path(path).expanduser()
+    if not path.is_dir() or (path / "config.json").is_file():
+        return path  # a model directory (or nothing): the evaluator's own checks explain what is wrong
+    try:
+        final = resolve_init(path)
+    except DsvlmError:
+        return path
+    stripped = final.parent / "stripped"
+    done = stripped / "config.json"
+    if not done.is_file() or done.stat().st_mtime < (final / STAGE_INFO).stat().st_mtime:
+        log.info("%s is a training run: stripping %s into %s", path, final, stripped)
+        strip(final, stripped, overwrite=True)
+    return stripped.resolve()
 
 
 def verify(directory: Path, batch: dict[str, torch.Tensor], expected: torch.Tensor) -> float:

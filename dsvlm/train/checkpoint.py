@@ -112,11 +112,3 @@ def load_latest(accelerator: Accelerator, directory: Path) -> dict[str, Any] | N
         raise DsvlmError(f"no checkpoint in {directory} loads:\n  {listed}\nremove them to start the stage over, "
                          "or pass --overwrite instead of --resume")
     return None
-
-
-def remove_temporaries(directory: Path) -> None:
-    """Remove `.step-N.tmp` directories that a killed run left. Call it only while holding the run's writer lock:
-    then no live process is writing one."""
-    for tmp in directory.glob(".step-*.tmp"):
-        log.info("removing %s, left by an interrupted checkpoint write", tmp)
-        shutil.rmtree(tmp, ignore_errors=True)

@@ -35,23 +35,25 @@ from torch.distributed.fsdp import FSDPModule
 from torch.utils.data import DataLoader, Sampler, Subset
 from transformers import get_scheduler
 
-from dsvlm.console import step_progress
+from dsvlm.console import progress_bar
 from dsvlm.data.dataset import PreparedSplit, fixed_subset
 from dsvlm.data.geometry import SquareGeometry
-from dsvlm.data.latents import LatentCache, vae_fingerprint
+from dsvlm.data.latents import LatentCache
 from dsvlm.data.prepared import PreparedDataset
+from dsvlm.data.synthetic import synthetic_vocabulary
 from dsvlm.errors import DsvlmError
 from dsvlm.io import atomic_dir, atomic_write_json, atomic_write_text
 from dsvlm.model.collate import Collator
 from dsvlm.model.dsvlm import DSVLM, build_model, save_model
 from dsvlm.model.freeze import freeze_for_stage
 from dsvlm.model.supervision.branch import TIMESTEP_BUCKETS, timestep_buckets
+from dsvlm.model.supervision.vae import vae_fingerprint
 from dsvlm.outputs import writer_lock
+from dsvlm.plots import image_grid, plot_losses, read_metrics
 from dsvlm.recipe.load import dump_recipe
 from dsvlm.recipe.schema import Recipe, StageConfig
+from dsvlm.rundir import STAGE_INFO, RunDir, environment, is_final, resolve_init
 from dsvlm.train import checkpoint
-from dsvlm.train.plots import image_grid, plot_losses, read_metrics
-from dsvlm.train.rundir import STAGE_INFO, RunDir, environment, is_final, resolve_init
 
 log = logging.getLogger(__name__)
 PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
@@ -250,7 +252,7 @@ def run_stage(recipe: Recipe, stage: StageConfig, run: RunDir, init: Path | None
     torch.manual_seed(recipe.run.seed)
 
     try:
-        model = build_model(recipe, init=init)
+        model = build_model(recipe, init=init, words=synthetic_vocabulary())
     except (OSError, ValueError, KeyError) as exc:  # a missing, truncated or mismatched stage output
         raise DsvlmError(f"stage {stage.name}: {init or 'the base model'} does not load: {exc}") from exc
     freeze_for_stage(model, stage.train)
@@ -297,7 +299,7 @@ def run_stage(recipe: Recipe, stage: StageConfig, run: RunDir, init: Path | None
     log.info("stage %s: %d steps, global batch %d = %d per device x %d accumulation x %d processes",
              stage.name, total, stage.global_batch_size, stage.per_device_batch_size, accum, world)
     started = time.perf_counter()
-    with step_progress(options.progress and accelerator.is_main_process) as progress:
+    with progress_bar(options.progress and accelerator.is_main_process, info=True) as progress:
         task = progress.add_task(stage.name, total=total, completed=step, info="")
         while step < total:
             epoch, within = divmod(step, steps_per_epoch)

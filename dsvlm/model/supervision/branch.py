@@ -12,7 +12,6 @@ import torch
 from diffusers import DDIMScheduler
 from torch import nn
 
-from dsvlm.data.latents import encode as encode_latents
 from dsvlm.errors import RecipeError
 from dsvlm.model.supervision.adapters import ConditionAdapters
 from dsvlm.model.supervision.attention import MoECrossAttnProcessor, install_moe
@@ -26,6 +25,7 @@ from dsvlm.model.supervision.losses import (
     ssim_loss,
     vae_encoder_features,
 )
+from dsvlm.model.supervision.vae import encode as encode_latents
 from dsvlm.recipe.schema import SupervisionConfig
 
 CONNECTOR = "connector"

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 import shutil
@@ -22,7 +23,8 @@ from dsvlm.io import atomic_write_json, atomic_write_text
 from dsvlm.outputs import RUN, check_output, remove_dead_temporaries, write_marker
 from dsvlm.recipe.load import dump_recipe, read_yaml
 from dsvlm.recipe.schema import Recipe
-from dsvlm.train.checkpoint import remove_temporaries
+
+log = logging.getLogger(__name__)
 
 FINAL = "final"
 STAGE_INFO = "stage.json"
@@ -101,7 +103,7 @@ class RunDir:
         if main:  # under the run's writer lock (train): what other processes left is theirs no more
             remove_dead_temporaries(root.rglob(".*"))
             for stage in stages:
-                remove_temporaries(run.checkpoints_dir(stage))
+                remove_checkpoint_temporaries(run.checkpoints_dir(stage))
             write_marker(root, RUN)
             atomic_write_text(stored, dump_recipe(recipe))
         return run
@@ -141,3 +143,11 @@ def resolve_init(path: Path) -> Path:
         f"{path} is not a finished stage output or run directory (no {FINAL}/{STAGE_INFO}); "
         "pass a run directory, or RUN/<stage>/final"
     )
+
+
+def remove_checkpoint_temporaries(directory: Path) -> None:
+    """Remove the `.step-N.tmp` directories (`train.checkpoint` writes into one) that a killed run left. Call it
+    only while holding the run's writer lock: then no live process is writing one."""
+    for tmp in directory.glob(".step-*.tmp"):
+        log.info("removing %s, left by an interrupted checkpoint write", tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
