@@ -24,7 +24,7 @@ from dsvlm.model.supervision.losses import (
     mae_loss,
     perceptual_loss,
     ssim_loss,
-    vae_encoder_features,
+    vae_features,
 )
 from dsvlm.recipe.schema import SupervisionConfig
 
@@ -214,9 +214,9 @@ class DiffusionSupervision(nn.Module):
         if self.perceptual is not None:
             return perceptual_loss(self.perceptual, reconstruction, target, self.perceptual.tap_weights())
         if self.vae is None:  # the recipe schema refuses this combination; guard direct construction too
-            raise RecipeError("the perceptual loss over vae_encoder features needs a VAE")
+            raise RecipeError("the perceptual loss over vae_features needs a VAE")
         vae = self.vae
-        return perceptual_loss(lambda x: vae_encoder_features(vae, x.to(vae.dtype)), reconstruction, target)
+        return perceptual_loss(lambda x: vae_features(vae, x.to(vae.dtype)), reconstruction, target)
 
     def _encoder_states(self, conditions: dict[str, torch.Tensor]) -> torch.Tensor | tuple[torch.Tensor, ...]:
         adapted = self.adapters(conditions)
