@@ -42,7 +42,7 @@ def test_unreachable_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
         raise LocalEntryNotFoundError("ConnectError: [Errno -2] Name or service not known")
 
     monkeypatch.setattr(hub, "snapshot_download", unreachable)
-    monkeypatch.setattr(hub, "_offline", lambda: False)
+    monkeypatch.setattr(hub, "is_offline_mode", lambda: False)
     with pytest.raises(DataError, match=r"the hub is unreachable \(ConnectError") as info:
         prepare_hub("org/chat", tmp_path / "out", instruct="data/chat.json", image_root="imgs", revision="v1",
                     progress=False)

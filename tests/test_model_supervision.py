@@ -5,16 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
 from safetensors.torch import save_file
 from test_model_fixtures import PIXEL_UNET, UNET, VAE, tiny_recipe
 from torch import nn
 
 from dsvlm.errors import RecipeError
-from dsvlm.model.supervision.attention import MoECrossAttnProcessor
+from dsvlm.model.supervision.attention import MoECrossAttnProcessor, install_moe
 from dsvlm.model.supervision.branch import DiffusionSupervision, timestep_bucket, timestep_buckets
 from dsvlm.model.supervision.components import load_scheduler, load_unet, load_vae
-from dsvlm.model.supervision.losses import _VGG16
+from dsvlm.model.supervision.losses import _VGG16, ssim_loss
 from dsvlm.recipe.schema import DiffusionConfig, SupervisionConfig
 
 VISION, LLM = 32, 24
@@ -241,3 +241,87 @@ def test_x0_clamp_bounds_the_decoded_one_step_estimate() -> None:
     assert torch.allclose(out["mae"], x.abs().flatten(1).mean(dim=1), atol=1e-5)
     unclamped = branch(diffusion=pixel, loss={"mae": 1.0}, timestep_range=[90, 99])
     assert not torch.allclose(unclamped(conditions(model, 2), x, None, torch.arange(2))["mae"], out["mae"])
+
+
+@pytest.mark.parametrize("kind", ["epsilon", "v_prediction", "sample"])
+def test_x0_recovery_inverts_the_schedulers_noising(kind: str) -> None:
+    """Oracle: given diffusers' own target for each prediction type (the noise, `get_velocity`, the sample), the
+    branch recovers exactly the noise and the clean latent that `add_noise` mixed."""
+    model = branch()
+    model.scheduler = DDPMScheduler.from_config(model.scheduler.config, prediction_type=kind)
+    generator = torch.Generator().manual_seed(0)
+    latents, noise = torch.randn(4, 4, 8, 8, generator=generator), torch.randn(4, 4, 8, 8, generator=generator)
+    n = len(model.alphas_cumprod)
+    t = torch.tensor([1, n // 3, 2 * n // 3, n - 1])
+    noisy = model.scheduler.add_noise(latents, noise, t)
+    target = {"epsilon": noise, "sample": latents}.get(kind)
+    if target is None:
+        target = model.scheduler.get_velocity(latents, noise, t)
+    eps, x0 = model._eps_and_x0(target, noisy, model.alphas_cumprod[t].view(-1, 1, 1, 1))
+    assert torch.allclose(eps, noise, atol=1e-3) and torch.allclose(x0, latents, atol=1e-3)
+
+
+def test_moe_with_identical_conditions_equals_the_default_attention_processor() -> None:
+    """Oracle: every new K/V pair starts as a copy of the original, so at init (any router, routed or not) MoE
+    cross-attention over N copies of one condition is diffusers' default `AttnProcessor` over it."""
+    torch.manual_seed(0)
+    attn = Attention(query_dim=32, cross_attention_dim=24, heads=4, dim_head=8)
+    hidden, condition = torch.randn(2, 10, 32), torch.randn(2, 7, 24)
+    attn.set_processor(AttnProcessor())
+    expected = attn(hidden, encoder_hidden_states=condition)
+    routed = MoECrossAttnProcessor(attn, 3)
+    nn.init.normal_(routed.router.weight)  # a trained-looking router mixes copies: still the same output
+    attn.set_processor(routed)
+    assert torch.allclose(attn(hidden, encoder_hidden_states=(condition,) * 3), expected, atol=1e-5)
+    attn.set_processor(MoECrossAttnProcessor(attn, 3, routed=False))
+    assert torch.allclose(attn(hidden, encoder_hidden_states=condition), expected, atol=1e-5)
+    # and the converse: a branch trained away from its copy changes the output
+    routed.to_v[0].weight.data.add_(1.0)
+    attn.set_processor(routed)
+    assert not torch.allclose(attn(hidden, encoder_hidden_states=(condition,) * 3), expected, atol=1e-3)
+
+
+def test_moe_unet_at_init_equals_the_stock_unet() -> None:
+    torch.manual_seed(0)
+    stock = UNet2DConditionModel(**UNET).eval()
+    stock.set_attn_processor(AttnProcessor())
+    moe = UNet2DConditionModel(**UNET).eval()
+    moe.load_state_dict(stock.state_dict())
+    install_moe(moe, 3)
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([10, 500])
+    condition = torch.randn(2, 5, UNET["cross_attention_dim"])
+    with torch.no_grad():
+        expected = stock(x, t, encoder_hidden_states=condition).sample
+        assert torch.allclose(moe(x, t, encoder_hidden_states=(condition,) * 3).sample, expected, atol=1e-5)
+
+
+def _structured_images() -> torch.Tensor:
+    """Gradients, a checkerboard, stripes and flat grey in [0, 1], (4, 3, 40, 48): SSIM's easy and hard cases."""
+    y, x = torch.meshgrid(torch.linspace(0, 1, 40), torch.linspace(0, 1, 48), indexing="ij")
+    board = ((torch.arange(40)[:, None] // 4 + torch.arange(48)[None, :] // 4) % 2).float()
+    stripes = (torch.sin(x * 30) + 1) / 2
+    planes = [torch.stack([x, y, x * y]), board.expand(3, -1, -1), stripes.expand(3, -1, -1),
+              torch.full((3, 40, 48), 0.5)]
+    return torch.stack(planes).double()
+
+
+def test_ssim_loss_matches_a_reference_implementation() -> None:
+    """Oracle: 1 - SSIM equals pytorch-msssim's SSIM (Wang et al.'s gaussian 11x11, σ 1.5, K 0.01/0.03)."""
+    reference = pytest.importorskip("pytorch_msssim", reason="the dev extra installs pytorch-msssim")
+    generator = torch.Generator().manual_seed(0)
+    structured = _structured_images()
+    noise = torch.rand(structured.shape, generator=generator, dtype=torch.float64)
+    pairs = [
+        (torch.rand(3, 3, 32, 32, generator=generator, dtype=torch.float64),
+         torch.rand(3, 3, 32, 32, generator=generator, dtype=torch.float64)),
+        (structured, (structured + 0.1 * (noise - 0.5)).clamp(0, 1)),  # mildly noisy copies
+        (structured, structured.roll(3, dims=-1)),  # shifted
+        (structured, structured),  # identical: SSIM 1
+    ]
+    for a, b in pairs:
+        expected = reference.ssim(a, b, data_range=1.0, size_average=False, win_size=11, win_sigma=1.5)
+        ours = 1 - ssim_loss(a * 2 - 1, b * 2 - 1)
+        # 2e-5: the reference builds its window in float32; a σ of 1.4, a 9-wide window or another K2 is off
+        # by 6e-4 or more on these pairs
+        assert torch.allclose(ours, expected, atol=2e-5), (ours, expected)
+    assert torch.allclose(1 - ssim_loss(structured * 2 - 1, structured * 2 - 1), torch.ones(4, dtype=torch.float64))

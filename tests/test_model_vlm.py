@@ -23,6 +23,7 @@ from dsvlm.data.geometry import SquareGeometry
 from dsvlm.data.synthetic import synthetic_vocabulary
 from dsvlm.errors import DataError, RecipeError
 from dsvlm.model.collate import IGNORE_INDEX, Collator
+from dsvlm.model.image_tokens import image_token_count
 from dsvlm.model.supervision.vae import vae_input
 from dsvlm.model.templates import CHAT_TEMPLATES, IMAGE_TOKEN
 from dsvlm.model.tokenizer import build_word_tokenizer
@@ -248,3 +249,19 @@ def test_image_geometry_matches_the_collator_and_is_saved_for_evaluation(tmp_pat
     assert image_geometry(tiny_recipe().model) == SquareGeometry("pad", (122, 116, 104))  # CLIP's mean colour
     vlm.save_pretrained(tmp_path)
     assert AutoConfig.from_pretrained(tmp_path).image_aspect_ratio == "crop"
+
+
+@pytest.mark.parametrize(("vision", "llm", "template"), [("clip", "llama", "dsvlm"), ("siglip", "qwen2", "chatml")])
+def test_image_token_count_is_what_the_processor_and_model_use(vision: str, llm: str, template: str) -> None:
+    """Oracle: the one token-count helper agrees with LlavaProcessor's own `<image>` expansion and with the
+    number of features the model produces for the image."""
+    vlm, processor = tiny_vlm(tiny_recipe(vision, llm, template).model)
+    expanded = processor(images=[image(0)], text=[IMAGE_TOKEN], return_tensors="pt")
+    side = expanded["pixel_values"].shape[-1]
+    count = image_token_count(processor, side, side)
+    assert count == int((expanded["input_ids"] == vlm.config.image_token_index).sum()) == vlm.config.image_seq_length
+    with torch.no_grad():
+        features = vlm.model.get_image_features(pixel_values=expanded["pixel_values"]).pooler_output
+    assert sum(f.shape[0] for f in features) == count
+    batch = Collator(processor, "chat", max_length=64)([example(0)])
+    assert int((batch["input_ids"] == vlm.config.image_token_index).sum()) == count

@@ -3,9 +3,11 @@
 import json
 import logging
 import re
+import shutil
 import subprocess
 import sys
 import typing
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -13,11 +15,12 @@ import yaml
 from pydantic import BaseModel
 from typer.testing import CliRunner
 
+import dsvlm
 from dsvlm.cli.app import LIFECYCLE, app
 from dsvlm.errors import RecipeError
 from dsvlm.recipe import bundled_recipes, load_recipe
-from dsvlm.recipe.load import recipe_path
-from dsvlm.recipe.schema import Recipe
+from dsvlm.recipe.load import recipe_path, recipes_dir
+from dsvlm.recipe.schema import Recipe, _warn_renamed
 
 runner = CliRunner()
 
@@ -282,3 +285,41 @@ def test_what_a_library_prints_while_a_command_runs_goes_to_stderr(tmp_path, mon
     assert result.stdout.strip() == str(dest)
     assert "Setting accelerator to CPU" in result.stderr
     assert "Usage" in runner.invoke(app, ["recipe", "cp", "--help"]).stdout  # help still goes to stdout
+
+
+def test_the_old_perceptual_network_name_still_loads(tmp_path, caplog):
+    """Runs saved before the rename hold `vae_encoder` in their recipe.yaml."""
+    _warn_renamed.cache_clear()
+    path = write_recipe(tmp_path, lambda d: d["supervision"].update(perceptual_network="vae_encoder"))
+    with caplog.at_level(logging.WARNING, logger="dsvlm.recipe.schema"):
+        assert load_recipe(str(path)).supervision.perceptual_network == "vae_features"
+    assert "'vae_encoder' is now called 'vae_features'" in caplog.text
+    with pytest.raises(RecipeError, match="perceptual_network"):
+        load_recipe(str(write_recipe(tmp_path, lambda d: d["supervision"].update(perceptual_network="lpips"))))
+
+
+def test_bundled_recipes_are_package_data_mirroring_the_top_level_folder():
+    top = Path(__file__).resolve().parents[1] / "recipes"
+    assert recipes_dir().parent == Path(dsvlm.__file__).parent  # found through the package, not sys.prefix
+    assert recipes_dir().resolve() == top.resolve()  # in a checkout: the symlink to recipes/
+    assert set(bundled_recipes()) == {p.stem for p in top.glob("*.yaml")}
+    assert {p.name for p in (recipes_dir() / "accelerate").glob("*.yaml")} == {p.name for p in top.glob("accelerate/*")}
+
+
+@pytest.mark.slow
+def test_a_built_wheel_ships_every_recipe_inside_the_package(tmp_path):
+    """The wheel, not only a checkout, holds recipes/ (so `pip install --user` and --target installs find them)."""
+    pytest.importorskip("setuptools")
+    repo = Path(__file__).resolve().parents[1]
+    source = tmp_path / "src"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(repo / name, source / name)
+    shutil.copytree(repo / "dsvlm", source / "dsvlm", symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(repo / "recipes", source / "recipes")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", str(source),
+                    "-w", str(tmp_path / "dist")], check=True, capture_output=True)
+    names = set(zipfile.ZipFile(next((tmp_path / "dist").glob("*.whl"))).namelist())
+    recipes = (repo / "recipes").rglob("*.yaml")
+    shipped = {f"dsvlm/recipes/{p.relative_to(repo / 'recipes').as_posix()}" for p in recipes}
+    assert shipped and shipped <= names

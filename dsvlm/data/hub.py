@@ -7,13 +7,12 @@ says what to download elsewhere and which `dsvlm prepare llava` command to run o
 
 from __future__ import annotations
 
-import os
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from huggingface_hub import constants, snapshot_download
+from huggingface_hub import is_offline_mode, snapshot_download
 from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
 from dsvlm.console import progress_bar
@@ -47,11 +46,6 @@ PRESETS = {
     # LCS-558K, the LLaVA-1.5 stage-1 captions; images.zip unpacks to 00000/000000012.jpg, ...
     "liuhaotian/LLaVA-Pretrain": HubPreset(align="blip_laion_cc_sbu_558k.json", archive="images.zip"),
 }
-
-
-def _offline() -> bool:
-    env = os.environ.get("HF_HUB_OFFLINE", "").strip().upper()
-    return constants.HF_HUB_OFFLINE or env in {"1", "ON", "YES", "TRUE"}
 
 
 def offline_message(
@@ -115,7 +109,7 @@ def _download(
         )
     except LocalEntryNotFoundError as exc:
         # raised both in offline mode and when the hub can't be reached and nothing is cached
-        reason = "offline mode (HF_HUB_OFFLINE=1)" if _offline() else f"the hub is unreachable ({exc})"
+        reason = "offline mode (HF_HUB_OFFLINE=1)" if is_offline_mode() else f"the hub is unreachable ({exc})"
         raise DataError(offline_message(repo_id, out, files, archive, image_root, revision, reason)) from None
     except HfHubHTTPError as exc:
         raise DataError(f"{repo_id}: {str(exc).splitlines()[0]}") from None

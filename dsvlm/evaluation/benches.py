@@ -350,10 +350,11 @@ def _read_task_yaml(path: Path) -> dict[str, Any]:
 
 
 def _offline() -> bool:
-    return any(
-        os.environ.get(var, "").strip().lower() in {"1", "true", "yes", "on"}
-        for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
-    )
+    """Whether `datasets` (which lmms-eval loads the task data with) will refuse the network: HF_HUB_OFFLINE,
+    overridden by HF_DATASETS_OFFLINE, as `datasets` itself reads them."""
+    from datasets import config  # imported here: half a second, paid only when the data is not cached
+
+    return bool(config.HF_HUB_OFFLINE)
 
 
 def _in_hf_cache(repo: str) -> bool:

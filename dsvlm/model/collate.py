@@ -9,6 +9,7 @@ from transformers import LlavaProcessor
 
 from dsvlm.data.geometry import AspectRatio, SquareGeometry
 from dsvlm.errors import DataError
+from dsvlm.model.image_tokens import image_token_count
 from dsvlm.model.supervision.vae import vae_input
 from dsvlm.model.templates import IMAGE_TOKEN, PLAIN_TEMPLATE
 
@@ -53,7 +54,7 @@ class Collator:
         if images:
             pixel_values = self.processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
             batch["pixel_values"] = pixel_values
-            n_image_tokens = self._image_seq_length(pixel_values.shape[-2:])
+            n_image_tokens = image_token_count(self.processor, *pixel_values.shape[-2:])
             if self.rec_resolution is not None:
                 # Exactly the latent cache's VAE input, so cached latents and on-the-fly targets agree.
                 batch["rec_pixels"] = torch.stack([vae_input(im, self.rec_resolution) for im in images])
@@ -78,13 +79,6 @@ class Collator:
             sample_index=torch.tensor([int(ex["index"]) for ex in examples], dtype=torch.long),
         )
         return batch
-
-    def _image_seq_length(self, size: torch.Size) -> int:
-        """Tokens one image occupies, by the processor's own arithmetic (patches + CLS, minus dropped CLS)."""
-        proc = self.processor
-        height, width = int(size[0]), int(size[1])
-        count = (height // proc.patch_size) * (width // proc.patch_size) + proc.num_additional_image_tokens
-        return count - (1 if proc.vision_feature_select_strategy == "default" else 0)
 
     def _tokenize(self, example: dict[str, Any], n_image_tokens: int) -> tuple[list[int], list[int]]:
         messages = _messages(example)

@@ -34,6 +34,7 @@ from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
 from dsvlm.data.geometry import SquareGeometry
 from dsvlm.errors import RecipeError
+from dsvlm.model.image_tokens import image_token_count
 from dsvlm.model.templates import IMAGE_TOKEN, ChatTemplate, chat_template
 from dsvlm.model.tokenizer import build_word_tokenizer, prepare_tokenizer
 from dsvlm.recipe.schema import ModelConfig
@@ -83,15 +84,22 @@ def _finish(
     image_size = vision.config.image_size
     patch_size = vision.config.patch_size
     strategy = cfg.vision_feature_select_strategy or _DEFAULT_STRATEGY[family]
-    extra = _EXTRA_TOKENS[family]
-    image_seq_length = (image_size // patch_size) ** 2 + extra - (1 if strategy == "default" else 0)
+    processor = LlavaProcessor(
+        image_processor=_image_processor(cfg, family, image_size),
+        tokenizer=tokenizer,
+        patch_size=patch_size,
+        vision_feature_select_strategy=strategy,
+        chat_template=template.jinja,
+        num_additional_image_tokens=_EXTRA_TOKENS[family],
+        image_token=IMAGE_TOKEN,
+    )
     config = LlavaConfig(
         vision_config=vision.config,
         text_config=llm.config,
         image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
         vision_feature_layer=cfg.vision_feature_layer,
         vision_feature_select_strategy=strategy,
-        image_seq_length=image_seq_length,
+        image_seq_length=image_token_count(processor, image_size, image_size),
         # `linear`: transformers' projector is always linear_1 -> act -> linear_2; with the identity activation
         # and linear_2 fixed to the identity it is exactly one linear map, and stays loadable by plain LLaVA.
         projector_hidden_act="gelu" if cfg.connector == "mlp2x_gelu" else "linear",
@@ -103,16 +111,6 @@ def _finish(
     if len(tokenizer) > vlm.get_input_embeddings().num_embeddings:
         vlm.resize_token_embeddings(len(tokenizer))
     _set_generation_tokens(vlm, tokenizer)
-
-    processor = LlavaProcessor(
-        image_processor=_image_processor(cfg, family, image_size),
-        tokenizer=tokenizer,
-        patch_size=patch_size,
-        vision_feature_select_strategy=strategy,
-        chat_template=template.jinja,
-        num_additional_image_tokens=extra,
-        image_token=IMAGE_TOKEN,
-    )
     return vlm, processor
 
 

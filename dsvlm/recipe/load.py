@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import logging
-import sys
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +22,15 @@ MAX_YAML_NODES = 100_000
 
 
 def recipes_dir() -> Path:
-    """The bundled recipes: `recipes/` of a source checkout, or `share/dsvlm/recipes` of an install."""
-    for candidate in (Path(__file__).resolve().parents[2] / "recipes", Path(sys.prefix) / "share/dsvlm/recipes"):
-        if candidate.is_dir():
-            return candidate
-    raise RecipeError("the bundled recipes were not found; reinstall dsvlm")
+    """The bundled recipes: package data `dsvlm/recipes` (in a checkout, a symlink to the top-level `recipes/`).
+
+    A real directory wherever dsvlm is installed (wheels install unzipped), so recipes stay plain paths that
+    `accelerate launch --config_file` and `dsvlm recipe cp` can use.
+    """
+    bundled = resources.files("dsvlm") / "recipes"
+    if not isinstance(bundled, Path) or not bundled.is_dir():
+        raise RecipeError(f"the bundled recipes were not found at {bundled}; reinstall dsvlm")
+    return bundled
 
 
 def bundled_recipes() -> dict[str, str]:

@@ -7,6 +7,7 @@ both fields, so an error names the exact path.
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any, Literal
 
@@ -18,6 +19,11 @@ log = logging.getLogger(__name__)
 
 ModuleName = Literal["connector", "vision", "llm", "supervision"]
 StageName = Literal["align", "instruct"]
+
+
+@functools.cache  # once per process: a run's recipe is validated several times
+def _warn_renamed(field: str, old: str, new: str) -> None:
+    log.warning("%s: %r is now called %r; the old name still works", field, old, new)
 
 
 class Strict(BaseModel):
@@ -153,10 +159,11 @@ class SupervisionConfig(Strict):
         default_factory=lambda: {"perceptual": 1.0},
         description="Reconstruction loss(es) and their weights, e.g. {perceptual: 1.0, mae: 0.5}.",
     )
-    perceptual_network: Literal["vae_encoder", "vgg16"] = Field(
-        "vae_encoder",
-        description="Feature network of the LPIPS-style perceptual loss: the frozen VAE encoder (always "
-        "available, no download) or VGG16 (standard LPIPS features; needs `perceptual_weights`).",
+    perceptual_network: Literal["vae_features", "vgg16"] = Field(
+        "vae_features",
+        description="Feature network of the LPIPS-style perceptual loss: `vae_features`, feature matching over "
+        "the frozen VAE encoder's multi-scale features (always available, no download; not calibrated LPIPS), "
+        "or `vgg16` (standard LPIPS features; needs `perceptual_weights`). `vae_encoder` is its old name.",
     )
     perceptual_weights: str | None = Field(
         None, description="Path to VGG16 feature weights (safetensors or a torchvision state dict)."
@@ -189,6 +196,15 @@ class SupervisionConfig(Strict):
     )
     sampler_steps: PositiveInt = Field(50, description="DDIM steps of the preview sampler.")
 
+    @field_validator("perceptual_network", mode="before")
+    @classmethod
+    def _renamed_network(cls, value: Any) -> Any:
+        # Runs saved before the rename carry the old name in their recipe.yaml; they must still load.
+        if value == "vae_encoder":
+            _warn_renamed("supervision.perceptual_network", "vae_encoder", "vae_features")
+            return "vae_features"
+        return value
+
     @field_validator("vision_layers")
     @classmethod
     def _unique_layers(cls, layers: list[int]) -> list[int]:
@@ -205,10 +221,10 @@ class SupervisionConfig(Strict):
             raise ValueError("supervision.loss needs at least one loss")
         if self.enabled and not (self.connector or self.vision_layers):
             raise ValueError("supervision needs a condition: set connector: true or some vision_layers")
-        if self.enabled and self.diffusion.pixel_space and self.perceptual_network == "vae_encoder" and (
+        if self.enabled and self.diffusion.pixel_space and self.perceptual_network == "vae_features" and (
             "perceptual" in self.loss
         ):
-            raise ValueError("the `perceptual` loss over `vae_encoder` features needs a VAE (pixel_space: false)")
+            raise ValueError("the `perceptual` loss over `vae_features` needs a VAE (pixel_space: false)")
         if self.perceptual_network == "vgg16" and "perceptual" in self.loss and not self.perceptual_weights:
             raise ValueError("perceptual_network vgg16 needs perceptual_weights (a local weights file)")
         return self

@@ -150,9 +150,9 @@ def _stage_infos(final: Path) -> list[dict]:
 
 def push_to_hub(directory: Path, repo_id: str, private: bool = False) -> str:
     """Upload a stripped directory; fails at once (no retries) when the hub cannot be reached."""
-    from huggingface_hub import HfApi, constants
+    from huggingface_hub import HfApi, is_offline_mode
 
-    if constants.HF_HUB_OFFLINE:
+    if is_offline_mode():
         raise DsvlmError(f"cannot push to {repo_id}: the hub is offline (HF_HUB_OFFLINE=1); the model is in "
                          f"{directory}, upload it later with `hf upload {repo_id} {directory}`")
     try:

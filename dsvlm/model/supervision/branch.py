@@ -23,7 +23,7 @@ from dsvlm.model.supervision.losses import (
     mae_loss,
     perceptual_loss,
     ssim_loss,
-    vae_encoder_features,
+    vae_features,
 )
 from dsvlm.model.supervision.vae import encode as encode_latents
 from dsvlm.recipe.schema import SupervisionConfig
@@ -172,8 +172,8 @@ class DiffusionSupervision(nn.Module):
             latents = self.encode(images)
         latents = latents.float()
         timesteps, noise = self._draw(seeds, latents.shape[1:], latents.device)
+        noisy = self.scheduler.add_noise(latents, noise, timesteps)
         alpha = self.alphas_cumprod[timesteps].view(-1, 1, 1, 1)
-        noisy = alpha.sqrt() * latents + (1 - alpha).sqrt() * noise
         prediction = self.unet(noisy, timesteps, encoder_hidden_states=self._encoder_states(conditions)).sample
         eps, x0 = self._eps_and_x0(prediction.float(), noisy, alpha)
 
@@ -214,9 +214,9 @@ class DiffusionSupervision(nn.Module):
         if self.perceptual is not None:
             return perceptual_loss(self.perceptual, reconstruction, target, self.perceptual.tap_weights())
         if self.vae is None:  # the recipe schema refuses this combination; guard direct construction too
-            raise RecipeError("the perceptual loss over vae_encoder features needs a VAE")
+            raise RecipeError("the perceptual loss over vae_features needs a VAE")
         vae = self.vae
-        return perceptual_loss(lambda x: vae_encoder_features(vae, x.to(vae.dtype)), reconstruction, target)
+        return perceptual_loss(lambda x: vae_features(vae, x.to(vae.dtype)), reconstruction, target)
 
     def _encoder_states(self, conditions: dict[str, torch.Tensor]) -> torch.Tensor | tuple[torch.Tensor, ...]:
         adapted = self.adapters(conditions)
@@ -238,7 +238,11 @@ class DiffusionSupervision(nn.Module):
     def _eps_and_x0(
         self, prediction: torch.Tensor, noisy: torch.Tensor, alpha: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(ε̂, x̂0) from the UNet output, whatever the scheduler's prediction type."""
+        """(ε̂, x̂0) from the UNet output, whatever the scheduler's prediction type.
+
+        Written out because diffusers forms x̂0 only inside `scheduler.step`, which takes one timestep for the
+        whole batch (each sample here has its own) and also draws the previous sample.
+        """
         kind = self.scheduler.config.prediction_type
         a, s = alpha.sqrt(), (1 - alpha).sqrt()
         if kind == "epsilon":
@@ -256,8 +260,8 @@ class DiffusionSupervision(nn.Module):
         latents = self.encode(images).float()
         noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed)).to(latents.device)
         t = torch.full((latents.shape[0],), timestep, device=latents.device, dtype=torch.long)
+        noisy = self.scheduler.add_noise(latents, noise, t)
         alpha = self.alphas_cumprod[t].view(-1, 1, 1, 1)
-        noisy = alpha.sqrt() * latents + (1 - alpha).sqrt() * noise
         prediction = self.unet(noisy, t, encoder_hidden_states=self._encoder_states(conditions)).sample
         return self.decode(self._clamp(self._eps_and_x0(prediction.float(), noisy, alpha)[1])).clamp(-1, 1)
 

@@ -1,9 +1,10 @@
 """Reconstruction losses, each returning one value per sample (shape (n,)).
 
 Images are in [-1, 1]. `perceptual` is LPIPS-style: unit-normalise each feature vector over channels,
-square the difference, sum over channels, average over space, sum over layers. Its feature network is the
-frozen VAE encoder's multi-scale features (always at hand, pretrained wherever the SD VAE is, no download)
-or VGG16 (the standard LPIPS network; weights from a local file since nothing can be fetched).
+square the difference, sum over channels, average over space, sum over layers. Its feature network is
+`vae_features`, the frozen VAE encoder's multi-scale features (always at hand, pretrained wherever the SD VAE
+is, no download; feature matching, not calibrated LPIPS: no learned per-channel weights), or VGG16 (the
+standard LPIPS network and constants; weights from a local file since nothing can be fetched).
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ class VGG16Features(nn.Module):
         return [getattr(self, f"tap_weight_{k}") for k in range(len(_LPIPS_TAPS))]
 
 
-def vae_encoder_features(vae: AutoencoderKL, images: torch.Tensor) -> list[torch.Tensor]:
+def vae_features(vae: AutoencoderKL, images: torch.Tensor) -> list[torch.Tensor]:
     """The frozen VAE encoder's multi-scale features: the output of each down block and of the mid block."""
     encoder = vae.encoder
     x = encoder.conv_in(images)
