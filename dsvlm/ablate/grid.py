@@ -22,7 +22,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from dsvlm.errors import DsvlmError, RecipeError
+from dsvlm.errors import DsvlmError, RecipeError, RunFailure
 from dsvlm.io import atomic_write_json
 from dsvlm.recipe.load import apply_override, read_yaml, recipe_path, validate_recipe
 from dsvlm.recipe.schema import AblateConfig, Recipe
@@ -186,8 +186,9 @@ def run_cell(grid: Grid, arm: str, seed: int, device: str | None = None, progres
     # Always resume: a fresh run starts at step 0, a killed one from its checkpoint, finished stages are kept.
     try:
         final = train(recipe, TrainOptions(resume=True, progress=progress))
-    except DsvlmError as exc:
-        raise DsvlmError(f"cell {arm}:{seed}: {exc}") from exc
+    except DsvlmError as exc:  # naming the cell; a failure stays a failure (exit 1)
+        kind = RunFailure if isinstance(exc, RunFailure) else DsvlmError
+        raise kind(f"cell {arm}:{seed}: {exc}") from exc
     model = cell / "model"
     if not (model / "config.json").is_file():  # written atomically: present means complete
         strip(final, model, overwrite=True)

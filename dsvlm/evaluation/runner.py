@@ -25,7 +25,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from dsvlm.errors import DsvlmError
+from dsvlm.errors import DsvlmError, RunFailure
 from dsvlm.evaluation.benches import (
     Benchmark,
     ensure_available,
@@ -328,7 +328,7 @@ def _write_outputs(
     from lmms_eval.utils import handle_non_serializable
 
     if not results:
-        raise DsvlmError("lmms-eval returned no results")
+        raise RunFailure("lmms-eval returned no results")
     samples = results.pop("samples", {})
     results_file = out / "results.json"
     atomic_write_text(results_file, json.dumps(results, indent=2, default=handle_non_serializable, ensure_ascii=False))

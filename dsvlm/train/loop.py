@@ -40,7 +40,7 @@ from dsvlm.data.dataset import PreparedSplit, fixed_subset
 from dsvlm.data.geometry import SquareGeometry
 from dsvlm.data.latents import LatentCache, vae_fingerprint
 from dsvlm.data.prepared import PreparedDataset
-from dsvlm.errors import DsvlmError
+from dsvlm.errors import DsvlmError, RunFailure
 from dsvlm.io import atomic_dir, atomic_write_json, atomic_write_text
 from dsvlm.model.collate import Collator
 from dsvlm.model.dsvlm import DSVLM, build_model, save_model
@@ -319,7 +319,7 @@ def run_stage(recipe: Recipe, stage: StageConfig, run: RunDir, init: Path | None
                     if step % recipe.run.log_every == 0 and not options.progress:
                         log.info("%s step %d/%d %s", stage.name, step, total, _progress_info(record))
                 if not math.isfinite(record["loss"]):  # the same on every process: losses are all-reduced
-                    raise DsvlmError(_not_finite(stage.name, step, record["loss"], run.checkpoints_dir(stage.name)))
+                    raise RunFailure(_not_finite(stage.name, step, record["loss"], run.checkpoints_dir(stage.name)))
                 if supervise and recipe.run.preview_every and step % recipe.run.preview_every == 0:
                     _write_preview(accelerator, model, preview, recipe, stage_dir / "previews" / f"step-{step:07d}.png")
                 if step % recipe.run.checkpoint_every == 0 and step < total:
@@ -334,7 +334,7 @@ def run_stage(recipe: Recipe, stage: StageConfig, run: RunDir, init: Path | None
     full_state = accelerator.get_state_dict(model)
     checksums = _rank_checksums(accelerator, model, full_state)
     if len(set(checksums)) > 1:
-        raise DsvlmError(f"stage {stage.name}: the weights of the {world} processes diverged ({checksums})")
+        raise RunFailure(f"stage {stage.name}: the weights of the {world} processes diverged ({checksums})")
     if supervise:
         _write_preview(accelerator, model, preview, recipe, stage_dir / "reconstructions.png")
     output = run.final_dir(stage.name)
@@ -353,7 +353,7 @@ def run_stage(recipe: Recipe, stage: StageConfig, run: RunDir, init: Path | None
                 atomic_write_text(tmp / "recipe.yaml", dump_recipe(recipe))
                 atomic_write_json(tmp / STAGE_INFO, info)
         except OSError as exc:
-            raise DsvlmError(f"could not write the stage output {output}: {exc.strerror or exc}") from exc
+            raise RunFailure(f"could not write the stage output {output}: {exc.strerror or exc}") from exc
         log.info("stage %s finished in %.1f s -> %s", stage.name, wall, output)
     accelerator.wait_for_everyone()
     return output
@@ -496,7 +496,7 @@ def _append_metrics(path: Path, record: dict, checkpoints: Path) -> None:
     except OSError as exc:  # a full disk: say so, and what a later --resume will start from
         kept = checkpoint.latest_names(checkpoints)
         left = f"; --resume continues from {checkpoints / kept[0]}" if kept else ""
-        raise DsvlmError(f"could not write the metrics {path}: {exc.strerror or exc}{left}") from exc
+        raise RunFailure(f"could not write the metrics {path}: {exc.strerror or exc}{left}") from exc
 
 
 def _peak_memory_mb(accelerator: Accelerator) -> float:
