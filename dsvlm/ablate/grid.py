@@ -104,7 +104,7 @@ def build_grid(recipe: str, overrides: list[str] | tuple[str, ...] = (), arms: l
                probe: bool | None = None) -> Grid:
     """The grid of `recipe`'s `ablate:` section plus the command line's arms; seeds, baseline, output and
     probe from the command line win over the recipe's. Every arm's recipe is validated here, before any run."""
-    from dsvlm.evaluation.benches import parse_benches
+    from dsvlm.evaluation.settings import eval_settings
     from dsvlm.recipe import load_recipe
 
     base = load_recipe(recipe, overrides)
@@ -126,21 +126,18 @@ def build_grid(recipe: str, overrides: list[str] | tuple[str, ...] = (), arms: l
     baseline = baseline or config.baseline or names[0]
     if baseline not in names:
         raise DsvlmError(f"baseline {baseline!r} is not an arm (arms: {', '.join(names)})")
-    benchmarks = parse_benches(config.benchmarks or base.eval.benchmarks)
-    data_files = dict(base.eval.data_files)
-    if "synthetic" in benchmarks:  # the prepared synthetic dataset declares its own eval file
-        data_files.setdefault("synthetic", base.data.dataset)
+    settings = eval_settings(base, benchmarks=config.benchmarks)
     grid = Grid(
         recipe=recipe,
         overrides=tuple(overrides),
         arms=tuple(all_arms),
         baseline=baseline,
         seeds=tuple(seed_list),
-        benchmarks=tuple(benchmarks),
+        benchmarks=tuple(settings.benchmarks),
         out=Path(out or config.output_dir).expanduser().resolve(),
         config=config if probe is None else config.model_copy(update={"probe": probe}),
-        eval_settings={"data_files": data_files, "batch_size": base.eval.batch_size,
-                       "max_new_tokens": base.eval.max_new_tokens, "limit": base.eval.limit},
+        eval_settings={"data_files": settings.data_files, "batch_size": settings.batch_size,
+                       "max_new_tokens": settings.max_new_tokens, "limit": settings.limit},
     )
     for arm in grid.arms:
         cell_recipe(grid, arm.name, grid.seeds[0])  # a bad override fails now, naming its arm

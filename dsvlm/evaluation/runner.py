@@ -156,7 +156,8 @@ def evaluate(
         seconds = time.perf_counter() - start
     run_facts = {"device": device, "dtype": dtype} if model == "dsvlm" else {}
     summary = _write_outputs(
-        results, plan, tasks, out, model_path, model, seconds, limit, getattr(lm, "batch_size", None), run_facts
+        results, plan, tasks, out, model_path, model, seconds, limit, getattr(lm, "batch_size", None),
+        {**run_facts, "max_new_tokens": max_new_tokens},
     )
     Console(stderr=True).print(summary_table(summary))
     return summary

@@ -312,14 +312,21 @@ class RunConfig(Strict):
 
 
 class EvalConfig(Strict):
+    """Defaults of `dsvlm eval` for a run of this recipe (or with `--recipe`) and of `dsvlm ablate`; the
+    command line's flags win."""
+
     benchmarks: list[str] = Field(
-        default_factory=lambda: ["mmbench"], description="Benchmarks run by `dsvlm eval` by default."
+        default_factory=lambda: ["mmbench"], description="Benchmarks run when `--bench` is not given."
     )
     batch_size: PositiveInt = Field(8, description="Generation batch size.")
-    max_new_tokens: PositiveInt = Field(16, description="Generation length cap.")
+    max_new_tokens: PositiveInt | None = Field(
+        None, description="Cap on every task's generation length (None = each task's own setting)."
+    )
     limit: PositiveInt | None = Field(None, description="Evaluate only the first N items of each benchmark.")
     data_files: dict[str, str] = Field(
-        default_factory=dict, description="Local parquet copy per benchmark, for offline runs."
+        default_factory=dict,
+        description="Benchmark -> local copy (a parquet file, or a prepared dataset folder), for offline runs. "
+        "`synthetic` defaults to data.dataset.",
     )
 
 
