@@ -303,12 +303,20 @@ class RunConfig(Strict):
     seed: int = Field(0, description="Seed of weights init, data order and diffusion noise.")
     checkpoint_every: PositiveInt = Field(500, description="Optimizer steps between checkpoints.")
     keep_checkpoints: PositiveInt = Field(2, description="How many recent checkpoints to keep.")
-    log_every: PositiveInt = Field(10, description="Optimizer steps between metric lines.")
+    log_every: PositiveInt = Field(
+        10,
+        description="With the progress bar off (`--no-progress`), log a metrics line to stderr every this many "
+        "optimizer steps. metrics.jsonl (and TensorBoard) record every step.",
+    )
     preview_every: int = Field(
         0, ge=0, description="Optimizer steps between reconstruction-grid PNGs (0 = only at stage end)."
     )
     preview_images: PositiveInt = Field(4, description="Images in a reconstruction grid.")
-    tensorboard: bool = Field(False, description="Also log to TensorBoard (needs the tensorboard package).")
+    tensorboard: bool = Field(
+        False,
+        description="Also log every step's metrics to TensorBoard, in OUT/tensorboard/<stage>/ (needs the "
+        "tensorboard package: pip install 'dsvlm[tensorboard]').",
+    )
 
 
 class EvalConfig(Strict):

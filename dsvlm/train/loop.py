@@ -52,6 +52,7 @@ from dsvlm.recipe.schema import Recipe, StageConfig
 from dsvlm.train import checkpoint
 from dsvlm.train.plots import image_grid, plot_losses, read_metrics
 from dsvlm.train.rundir import STAGE_INFO, RunDir, environment, is_final, resolve_init
+from dsvlm.train.tracking import check_tensorboard, finish_trackers, scalars, tensorboard_dir
 
 log = logging.getLogger(__name__)
 PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
@@ -142,6 +143,7 @@ def train(recipe: Recipe, options: TrainOptions) -> Path:
     stages = [s for s in recipe.stages if s.name in names]
     for stage in stages:  # fail on missing data before any model is built
         _check_data(recipe, stage)
+    check_tensorboard(recipe)
     init = resolve_init(options.init) if options.init else None  # a bad --init fails before anything is written
     state = PartialState(cpu=_cpu_only())
     for stage in stages:  # the world size is known now: refuse a batch layout it cannot make, before any work
@@ -202,7 +204,7 @@ def _cpu_only() -> bool:
     return not torch.cuda.is_available()
 
 
-def _accelerator(stage: StageConfig) -> Accelerator:
+def _accelerator(stage: StageConfig, tensorboard: Path | None = None) -> Accelerator:
     AcceleratorState._reset_state()  # each stage may use its own precision
     cpu_fsdp = _cpu_only() and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
     accelerator = Accelerator(
@@ -213,6 +215,8 @@ def _accelerator(stage: StageConfig) -> Accelerator:
         dataloader_config=DataLoaderConfiguration(even_batches=True),
         # The last encoder layers feed only the diffusion branch; unused parameters are normal.
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+        log_with="tensorboard" if tensorboard else None,
+        project_dir=tensorboard,
     )
     if cpu_fsdp and accelerator.num_processes > 1:
         # accelerate selects FSDP on accelerators only and would silently run DDP on CPU; FSDP2 itself runs on
@@ -243,7 +247,10 @@ def noise_seeds(seed: int, step: int, sample_index: torch.Tensor) -> torch.Tenso
 
 
 def run_stage(recipe: Recipe, stage: StageConfig, run: RunDir, init: Path | None, options: TrainOptions) -> Path:
-    accelerator = _accelerator(stage)
+    tensorboard = tensorboard_dir(recipe, run.root)
+    accelerator = _accelerator(stage, tensorboard)
+    if tensorboard:
+        accelerator.init_trackers(stage.name)  # RUN/tensorboard/<stage>/, written by the main process
     world = accelerator.num_processes
     accum = stage.accumulation_steps(world)
     supervise = recipe.supervision.enabled and stage.supervision
@@ -315,6 +322,7 @@ def run_stage(recipe: Recipe, stage: StageConfig, run: RunDir, init: Path | None
                 record["tokens_per_s"] = round(record.pop("tokens") / record["step_time_s"], 1)
                 if accelerator.is_main_process:
                     _append_metrics(metrics_path, record, run.checkpoints_dir(stage.name))
+                    accelerator.log(scalars(record), step=step)  # no-op without run.tensorboard
                     progress.update(task, completed=step, info=_progress_info(record))
                     if step % recipe.run.log_every == 0 and not options.progress:
                         log.info("%s step %d/%d %s", stage.name, step, total, _progress_info(record))
@@ -330,6 +338,7 @@ def run_stage(recipe: Recipe, stage: StageConfig, run: RunDir, init: Path | None
                     break
 
     wall = time.perf_counter() - started
+    finish_trackers(accelerator)
     # Every rank takes part: under FSDP this gathers the shards into one full state dict (a collective).
     full_state = accelerator.get_state_dict(model)
     checksums = _rank_checksums(accelerator, model, full_state)
