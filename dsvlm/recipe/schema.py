@@ -80,7 +80,8 @@ class ModelConfig(Strict):
         "mlp2x_gelu", description="Projector from vision features to the LLM's embedding space."
     )
     image_size: PositiveInt | None = Field(
-        None, description="Input resolution of the encoder; defaults to the encoder config's image_size."
+        None, description="Input resolution of an inline encoder (overrides its config's image_size); a pretrained "
+        "encoder keeps its own (a different value is an error)."
     )
     image_aspect_ratio: Literal["pad", "crop"] = Field(
         "pad",
@@ -125,7 +126,10 @@ class DiffusionConfig(Strict):
         description="Diffuse in pixel space (identity autoencoder, no VAE). For tiny recipes where no "
         "pretrained VAE exists offline; image-space losses then compare pixels directly.",
     )
-    num_train_timesteps: PositiveInt = Field(1000, description="Noise schedule length (inline UNet only).")
+    num_train_timesteps: PositiveInt = Field(
+        1000, description="Length of the default DDPM noise schedule, used when `pretrained` is null (a "
+        "pretrained model brings its own scheduler/)."
+    )
 
 
 class SupervisionConfig(Strict):
