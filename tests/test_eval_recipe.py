@@ -13,8 +13,10 @@ from typer.testing import CliRunner
 from dsvlm.cli.app import app
 from dsvlm.data.synthetic import SyntheticConfig, prepare_synthetic
 from dsvlm.model.vlm import build_vlm
+from dsvlm.outputs import RUN
 from dsvlm.recipe import load_recipe
 from dsvlm.recipe.load import read_yaml, recipe_path
+from dsvlm.train.rundir import STAGE_INFO
 
 
 def recipe_file(path: Path, **eval_section: object) -> Path:
@@ -56,10 +58,19 @@ def test_a_training_runs_own_recipe_gives_the_defaults(tmp_path, given):
     """A benchmark name only the run's recipe holds shows that it was read (the name is refused before any load)."""
     run = tmp_path / "run"
     recipe_file(run / "recipe.yaml", benchmarks=["only_in_the_run_recipe"])
+    (run / RUN.marker).write_text("")
     recipe_file(run / "align" / "final" / "recipe.yaml", benchmarks=["only_in_the_run_recipe"])
+    (run / "align" / "final" / STAGE_INFO).write_text("{}")
     (run / "align" / "stripped").mkdir()
     result = CliRunner().invoke(app, ["eval", str(tmp_path / given.replace("RUN", "run"))])
     assert result.exit_code == 2 and "unknown benchmark 'only_in_the_run_recipe'" in result.stderr
+
+
+def test_a_recipe_in_a_folder_dsvlm_did_not_write_is_not_read(tmp_path):
+    """Only a training run's recipe gives defaults: a folder that merely holds a recipe.yaml is no run."""
+    recipe_file(tmp_path / "recipe.yaml", benchmarks=["only_in_the_run_recipe"])
+    result = CliRunner().invoke(app, ["eval", str(tmp_path)])
+    assert result.exit_code == 2 and "no benchmark given" in result.stderr
 
 
 def test_a_bench_flag_wins_over_the_recipe(tmp_path):

@@ -101,17 +101,28 @@ def eval_command(
 
 def _defaults_recipe(model: Path, recipe: str | None) -> Recipe | None:
     """The recipe whose `eval:` section fills the options left out: `--recipe`, else the one a training run
-    saved (RUN/recipe.yaml, RUN/STAGE/final/recipe.yaml; RUN/STAGE/stripped is the on-the-fly strip), else none."""
+    saved, else none."""
     from dsvlm.recipe.load import load_recipe, read_yaml, validate_recipe
 
     if recipe is not None:
         return load_recipe(recipe)
-    model = Path(model).expanduser()
-    saved = [model / "recipe.yaml", model / "final" / "recipe.yaml"]
+    saved = _saved_recipe(Path(model).expanduser())
+    if saved is None:
+        return None
+    log.info("eval defaults from the run's recipe %s", saved)
+    return validate_recipe(read_yaml(saved), source=str(saved))
+
+
+def _saved_recipe(model: Path) -> Path | None:
+    """The recipe.yaml of a training run (its marker), a stage output or stage directory (stage.json), or of the
+    stage that an on-the-fly strip (RUN/STAGE/stripped) came from; a folder dsvlm did not write has none."""
+    from dsvlm.outputs import RUN
+    from dsvlm.train.rundir import FINAL, STAGE_INFO
+
+    signs = [(model / RUN.marker, model), (model / STAGE_INFO, model), (model / FINAL / STAGE_INFO, model / FINAL)]
     if model.name == "stripped":
-        saved.append(model.parent / "final" / "recipe.yaml")
-    for path in saved:
-        if path.is_file():
-            log.info("eval defaults from the run's recipe %s", path)
-            return validate_recipe(read_yaml(path), source=str(path))
+        signs.append((model.parent / FINAL / STAGE_INFO, model.parent / FINAL))
+    for sign, folder in signs:
+        if sign.is_file() and (folder / "recipe.yaml").is_file():
+            return folder / "recipe.yaml"
     return None
