@@ -42,8 +42,9 @@ def test_the_recipe_gives_what_the_flags_leave_open(tmp_path):
     recipe.write_text(yaml.safe_dump(data))
     out = tmp_path / "eval"
 
-    result = CliRunner().invoke(app, ["eval", str(model), "--recipe", str(recipe), "--batch-size", "2",
-                                      "--out", str(out), "--device", "cpu"])
+    result = CliRunner().invoke(
+        app, ["eval", str(model), "--recipe", str(recipe), "--batch-size", "2", "--out", str(out), "--device", "cpu"]
+    )
 
     assert result.exit_code == 0, result.output
     summary = json.loads((out / "summary.json").read_text())

@@ -19,9 +19,16 @@ STEPS = 4
 
 def overrides(data: Path, out: Path, *extra: str) -> list[str]:
     """tiny-synthetic without the diffusion branch (no diffusion model to build): one small stage."""
-    return [f"data.dataset={data}", f"run.output_dir={out}", "supervision.enabled=false",
-            f"stages.0.max_steps={STEPS}", "stages.0.global_batch_size=4", "stages.0.per_device_batch_size=4",
-            "run.checkpoint_every=100", *extra]
+    return [
+        f"data.dataset={data}",
+        f"run.output_dir={out}",
+        "supervision.enabled=false",
+        f"stages.0.max_steps={STEPS}",
+        "stages.0.global_batch_size=4",
+        "stages.0.per_device_batch_size=4",
+        "run.checkpoint_every=100",
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +42,14 @@ def data(tmp_path_factory) -> Path:
 def run(data, tmp_path_factory) -> tuple[Path, str]:
     """A 4-step run with log_every 2, without the progress bar, with TensorBoard; its directory and stderr."""
     out = tmp_path_factory.mktemp("run") / "run"
-    args = ["train", "tiny-synthetic", *overrides(data, out, "run.log_every=2", "run.tensorboard=true"),
-            "--stage", "align", "--no-progress"]
+    args = [
+        "train",
+        "tiny-synthetic",
+        *overrides(data, out, "run.log_every=2", "run.tensorboard=true"),
+        "--stage",
+        "align",
+        "--no-progress",
+    ]
     result = CliRunner().invoke(app, args, env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     return out, result.stderr

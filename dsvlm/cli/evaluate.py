@@ -29,12 +29,17 @@ def eval_command(
         ..., help="Stripped model directory (the output of `dsvlm strip`), or a training run (stripped on the fly)."
     ),
     bench: list[str] | None = typer.Option(
-        None, "--bench", "-b", help=f"Benchmarks, comma-separated or repeated: {', '.join(BENCHMARKS)} "
-        "(default: the recipe's eval.benchmarks)."
+        None,
+        "--bench",
+        "-b",
+        help=f"Benchmarks, comma-separated or repeated: {', '.join(BENCHMARKS)} "
+        "(default: the recipe's eval.benchmarks).",
     ),
     recipe: str | None = typer.Option(
-        None, "--recipe", help="Bundled recipe name or YAML path whose `eval:` section gives the defaults of the "
-        "other options (default: the training run's own recipe when MODEL is a run)."
+        None,
+        "--recipe",
+        help="Bundled recipe name or YAML path whose `eval:` section gives the defaults of the "
+        "other options (default: the training run's own recipe when MODEL is a run).",
     ),
     data_files: list[str] = typer.Option(
         [],
@@ -52,7 +57,9 @@ def eval_command(
         None, "--limit", min=1, help="Only the first N items of each benchmark (default: eval.limit, all)."
     ),
     max_new_tokens: int | None = typer.Option(
-        None, "--max-new-tokens", min=1,
+        None,
+        "--max-new-tokens",
+        min=1,
         help="Cap every task's generation length (default: eval.max_new_tokens, else each task's own).",
     ),
     device: str = typer.Option("auto", "--device", help="Torch device: auto (a GPU when present), cpu, cuda..."),

@@ -22,8 +22,10 @@ def check_tensorboard(recipe: Recipe) -> None:
     """Refuse `run.tensorboard` without the package, before any work: accelerate would drop the tracker with
     only a debug message, and the run would log nowhere."""
     if recipe.run.tensorboard and not is_tensorboard_available():
-        raise DsvlmError("run.tensorboard is on but the tensorboard package is not installed: "
-                         "pip install tensorboard (or dsvlm[tensorboard]), or set run.tensorboard=false")
+        raise DsvlmError(
+            "run.tensorboard is on but the tensorboard package is not installed: "
+            "pip install tensorboard (or dsvlm[tensorboard]), or set run.tensorboard=false"
+        )
 
 
 def tensorboard_dir(recipe: Recipe, run_root: Path) -> Path | None:
@@ -33,8 +35,11 @@ def tensorboard_dir(recipe: Recipe, run_root: Path) -> Path | None:
 
 def scalars(record: dict[str, Any]) -> dict[str, float]:
     """The numbers of a metrics record (not the stage name, the step, or an absent loss)."""
-    return {key: value for key, value in record.items()
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step"}
+    return {
+        key: value
+        for key, value in record.items()
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step"
+    }
 
 
 def finish_trackers(accelerator: Accelerator) -> None:
