@@ -1,10 +1,14 @@
-"""Expected errors: the CLI prints their message and exits 2, without a traceback (unless --debug)."""
+"""Expected errors: the CLI prints their message without a traceback (unless --debug) and exits with the
+error's `exit_code`: 2 when the cause is the user's input, 1 when accepted work failed. Anything else (a bug)
+ends with its traceback and exit 1."""
 
 import reprlib
 
 
 class DsvlmError(Exception):
-    """An error the user can fix: bad recipe, missing file, bad data. The message says what to do."""
+    """An error in the user's input: bad command line, recipe, data or paths. The message says what to fix."""
+
+    exit_code = 2
 
 
 class RecipeError(DsvlmError):
@@ -13,6 +17,13 @@ class RecipeError(DsvlmError):
 
 class DataError(DsvlmError):
     """Input data that is missing, malformed or inconsistent."""
+
+
+class RunFailure(DsvlmError):
+    """Accepted work that failed: the loss diverged, a disk filled up mid-run, an output did not verify. The
+    message says what is left (e.g. a checkpoint to resume from) and what to try."""
+
+    exit_code = 1
 
 
 def brief(value: object, limit: int = 80) -> str:

@@ -203,7 +203,7 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(data
     args = ["train", "tiny-synthetic", *tiny_overrides(data, out, steps=6), "stages.0.lr=1e30",
             "stages.0.warmup_ratio=0.5", "stages.0.max_grad_norm=null", "--stage", "align", "--no-progress"]
     result = CliRunner().invoke(app, args)
-    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert result.exit_code == 1 and "Traceback" not in result.output  # a failure, not a user error
     assert "the loss at step 3 is nan" in result.stderr and "step-0000002" in result.stderr
     assert [p.name for p in (out / "align" / "checkpoints").iterdir()] == ["step-0000002"]
     assert not (out / "align" / "final").exists()
@@ -225,7 +225,7 @@ def test_disk_full_during_checkpoint_is_a_clear_error(data, tmp_path):
         resource.setrlimit(resource.RLIMIT_FSIZE, (2_500_000, 2_500_000))
 
     result = _run_cli_train(data, out, check=False, preexec_fn=limit)
-    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.returncode == 1, result.stderr[-2000:]  # a failure of the machine, not of the input
     assert "could not write" in result.stderr and "Traceback" not in result.stderr
     leftovers = [p.name for p in (out / "align" / "checkpoints").iterdir()] if (out / "align").exists() else []
     assert not [n for n in leftovers if n.endswith(".tmp")]

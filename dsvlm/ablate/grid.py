@@ -22,7 +22,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from dsvlm.errors import DsvlmError, RecipeError
+from dsvlm.errors import DsvlmError, RecipeError, RunFailure
 from dsvlm.io import atomic_write_json
 from dsvlm.recipe.load import apply_override, read_yaml, recipe_path, validate_recipe
 from dsvlm.recipe.schema import AblateConfig, Recipe
@@ -104,7 +104,7 @@ def build_grid(recipe: str, overrides: list[str] | tuple[str, ...] = (), arms: l
                probe: bool | None = None) -> Grid:
     """The grid of `recipe`'s `ablate:` section plus the command line's arms; seeds, baseline, output and
     probe from the command line win over the recipe's. Every arm's recipe is validated here, before any run."""
-    from dsvlm.evaluation.benches import parse_benches
+    from dsvlm.evaluation.settings import eval_settings
     from dsvlm.recipe import load_recipe
 
     base = load_recipe(recipe, overrides)
@@ -126,21 +126,18 @@ def build_grid(recipe: str, overrides: list[str] | tuple[str, ...] = (), arms: l
     baseline = baseline or config.baseline or names[0]
     if baseline not in names:
         raise DsvlmError(f"baseline {baseline!r} is not an arm (arms: {', '.join(names)})")
-    benchmarks = parse_benches(config.benchmarks or base.eval.benchmarks)
-    data_files = dict(base.eval.data_files)
-    if "synthetic" in benchmarks:  # the prepared synthetic dataset declares its own eval file
-        data_files.setdefault("synthetic", base.data.dataset)
+    settings = eval_settings(base, benchmarks=config.benchmarks)
     grid = Grid(
         recipe=recipe,
         overrides=tuple(overrides),
         arms=tuple(all_arms),
         baseline=baseline,
         seeds=tuple(seed_list),
-        benchmarks=tuple(benchmarks),
+        benchmarks=tuple(settings.benchmarks),
         out=Path(out or config.output_dir).expanduser().resolve(),
         config=config if probe is None else config.model_copy(update={"probe": probe}),
-        eval_settings={"data_files": data_files, "batch_size": base.eval.batch_size,
-                       "max_new_tokens": base.eval.max_new_tokens, "limit": base.eval.limit},
+        eval_settings={"data_files": settings.data_files, "batch_size": settings.batch_size,
+                       "max_new_tokens": settings.max_new_tokens, "limit": settings.limit},
     )
     for arm in grid.arms:
         cell_recipe(grid, arm.name, grid.seeds[0])  # a bad override fails now, naming its arm
@@ -186,8 +183,9 @@ def run_cell(grid: Grid, arm: str, seed: int, device: str | None = None, progres
     # Always resume: a fresh run starts at step 0, a killed one from its checkpoint, finished stages are kept.
     try:
         final = train(recipe, TrainOptions(resume=True, progress=progress))
-    except DsvlmError as exc:
-        raise DsvlmError(f"cell {arm}:{seed}: {exc}") from exc
+    except DsvlmError as exc:  # naming the cell; a failure stays a failure (exit 1)
+        kind = RunFailure if isinstance(exc, RunFailure) else DsvlmError
+        raise kind(f"cell {arm}:{seed}: {exc}") from exc
     model = cell / "model"
     if not (model / "config.json").is_file():  # written atomically: present means complete
         strip(final, model, overwrite=True)

@@ -1,6 +1,7 @@
 """The `dsvlm` command: a thin Typer layer over the library functions.
 
-Expected errors (DsvlmError) print one line-block message and exit 2; `--debug` shows the traceback.
+Expected errors (DsvlmError) print one line-block message and exit with their code: 2 for a user error, 1 for
+a failure (RunFailure); anything unexpected ends with its traceback and exit 1. `--debug` shows every traceback.
 Logs and progress go to stderr; stdout carries only what a pipeline consumes.
 """
 
@@ -30,8 +31,8 @@ LIFECYCLE = ("prepare", "pretrain-diffusion", "train", "strip", "eval", "ablate"
 
 
 class _Commands(TyperGroup):
-    """The root command group: an expected error ends any command with its message and exit 2, here rather
-    than in `main`, so that in-process runs (tests, typer's CliRunner) see exactly what users see."""
+    """The root command group: an expected error ends any command with its message and its exit code, here
+    rather than in `main`, so that in-process runs (tests, typer's CliRunner) see exactly what users see."""
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         names = super().list_commands(ctx)
@@ -50,7 +51,7 @@ class _Commands(TyperGroup):
             if common.STATE.debug:
                 raise
             common.console.print(f"[bold red]error:[/] {common.escape(_own_message(exc))}", soft_wrap=True)
-            raise typer.Exit(2) from exc
+            raise typer.Exit(exc.exit_code) from exc
 
 
 def _results_on_stdout(command: click.Command) -> None:

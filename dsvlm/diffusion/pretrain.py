@@ -209,11 +209,6 @@ class Pipeline:
                              return_tensors="pt").input_ids
         return self.text_encoder(ids).last_hidden_state
 
-    def to_model_space(self, images: torch.Tensor) -> torch.Tensor:
-        if self.vae is None:
-            return images
-        return self.vae.encode(images).latent_dist.mode() * self.vae.config.scaling_factor
-
     def from_model_space(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.vae is None else self.vae.decode(x / self.vae.config.scaling_factor).sample
 

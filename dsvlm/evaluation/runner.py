@@ -24,7 +24,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from dsvlm.errors import DsvlmError
+from dsvlm.errors import DsvlmError, RunFailure
 from dsvlm.evaluation.benches import (
     Benchmark,
     ensure_available,
@@ -100,7 +100,8 @@ def evaluate(
         seconds = time.perf_counter() - start
     run_facts = {"device": device, "dtype": dtype} if model == "dsvlm" else {}
     summary = _write_outputs(
-        results, plan, tasks, out, model_path, model, seconds, limit, getattr(lm, "batch_size", None), run_facts
+        results, plan, tasks, out, model_path, model, seconds, limit, getattr(lm, "batch_size", None),
+        {**run_facts, "max_new_tokens": max_new_tokens},
     )
     Console(stderr=True).print(summary_table(summary))
     return summary
@@ -223,7 +224,7 @@ def _write_outputs(
     from lmms_eval.utils import handle_non_serializable
 
     if not results:
-        raise DsvlmError("lmms-eval returned no results")
+        raise RunFailure("lmms-eval returned no results")
     samples = results.pop("samples", {})
     results_file = out / "results.json"
     atomic_write_text(results_file, json.dumps(results, indent=2, default=handle_non_serializable, ensure_ascii=False))

@@ -86,7 +86,8 @@ class ModelConfig(Strict):
         "mlp2x_gelu", description="Projector from vision features to the LLM's embedding space."
     )
     image_size: PositiveInt | None = Field(
-        None, description="Input resolution of the encoder; defaults to the encoder config's image_size."
+        None, description="Input resolution of an inline encoder (overrides its config's image_size); a pretrained "
+        "encoder keeps its own (a different value is an error)."
     )
     image_aspect_ratio: Literal["pad", "crop"] = Field(
         "pad",
@@ -131,7 +132,10 @@ class DiffusionConfig(Strict):
         description="Diffuse in pixel space (identity autoencoder, no VAE). For tiny recipes where no "
         "pretrained VAE exists offline; image-space losses then compare pixels directly.",
     )
-    num_train_timesteps: PositiveInt = Field(1000, description="Noise schedule length (inline UNet only).")
+    num_train_timesteps: PositiveInt = Field(
+        1000, description="Length of the default DDPM noise schedule, used when `pretrained` is null (a "
+        "pretrained model brings its own scheduler/)."
+    )
 
 
 class SupervisionConfig(Strict):
@@ -319,23 +323,38 @@ class RunConfig(Strict):
     seed: int = Field(0, description="Seed of weights init, data order and diffusion noise.")
     checkpoint_every: PositiveInt = Field(500, description="Optimizer steps between checkpoints.")
     keep_checkpoints: PositiveInt = Field(2, description="How many recent checkpoints to keep.")
-    log_every: PositiveInt = Field(10, description="Optimizer steps between metric lines.")
+    log_every: PositiveInt = Field(
+        10,
+        description="With the progress bar off (`--no-progress`), log a metrics line to stderr every this many "
+        "optimizer steps. metrics.jsonl (and TensorBoard) record every step.",
+    )
     preview_every: int = Field(
         0, ge=0, description="Optimizer steps between reconstruction-grid PNGs (0 = only at stage end)."
     )
     preview_images: PositiveInt = Field(4, description="Images in a reconstruction grid.")
-    tensorboard: bool = Field(False, description="Also log to TensorBoard (needs the tensorboard package).")
+    tensorboard: bool = Field(
+        False,
+        description="Also log every step's metrics to TensorBoard, in OUT/tensorboard/<stage>/ (needs the "
+        "tensorboard package: pip install 'dsvlm[tensorboard]').",
+    )
 
 
 class EvalConfig(Strict):
+    """Defaults of `dsvlm eval` for a run of this recipe (or with `--recipe`) and of `dsvlm ablate`; the
+    command line's flags win."""
+
     benchmarks: list[str] = Field(
-        default_factory=lambda: ["mmbench"], description="Benchmarks run by `dsvlm eval` by default."
+        default_factory=lambda: ["mmbench"], description="Benchmarks run when `--bench` is not given."
     )
     batch_size: PositiveInt = Field(8, description="Generation batch size.")
-    max_new_tokens: PositiveInt = Field(16, description="Generation length cap.")
+    max_new_tokens: PositiveInt | None = Field(
+        None, description="Cap on every task's generation length (None = each task's own setting)."
+    )
     limit: PositiveInt | None = Field(None, description="Evaluate only the first N items of each benchmark.")
     data_files: dict[str, str] = Field(
-        default_factory=dict, description="Local parquet copy per benchmark, for offline runs."
+        default_factory=dict,
+        description="Benchmark -> local copy (a parquet file, or a prepared dataset folder), for offline runs. "
+        "`synthetic` defaults to data.dataset.",
     )
 
 

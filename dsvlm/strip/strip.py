@@ -13,7 +13,7 @@ from PIL import Image
 from safetensors import safe_open
 from transformers import GenerationConfig, LlavaForConditionalGeneration
 
-from dsvlm.errors import DsvlmError
+from dsvlm.errors import DsvlmError, RunFailure
 from dsvlm.io import atomic_dir
 from dsvlm.model.dsvlm import DSVLM, branch_parameters, load_vlm
 from dsvlm.outputs import STRIPPED_MODEL, check_output, write_marker, writer_lock
@@ -128,16 +128,16 @@ def verify(directory: Path, batch: dict[str, torch.Tensor], expected: torch.Tens
             names = list(f.keys())  # safe_open is not a dict: `in f` does not work
         stray += [k for k in names if not k.startswith(LLAVA_PREFIXES)]
     if stray:
-        raise DsvlmError(f"strip verification failed: non-LLaVA tensors in the output: {stray[:5]}")
+        raise RunFailure(f"strip verification failed: non-LLaVA tensors in the output: {stray[:5]}")
     loaded, info = LlavaForConditionalGeneration.from_pretrained(directory, output_loading_info=True)
     problems = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
     if problems:
-        raise DsvlmError(f"strip verification failed: the output does not load cleanly: {problems}")
+        raise RunFailure(f"strip verification failed: the output does not load cleanly: {problems}")
     with torch.no_grad():
         logits = loaded.eval()(**batch).logits
     diff = float((logits - expected).abs().max())
     if not torch.allclose(logits, expected, atol=1e-5, rtol=1e-5):
-        raise DsvlmError(f"strip verification failed: logits differ from the training model (max {diff:.3g})")
+        raise RunFailure(f"strip verification failed: logits differ from the training model (max {diff:.3g})")
     return diff
 
 

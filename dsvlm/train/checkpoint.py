@@ -14,7 +14,7 @@ from typing import Any
 
 from accelerate import Accelerator
 
-from dsvlm.errors import DsvlmError
+from dsvlm.errors import DsvlmError, RunFailure
 from dsvlm.io import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ def save_checkpoint(accelerator: Accelerator, directory: Path, step: int, state:
             raise
         previous = latest_names(directory)
         kept = f"; the last complete checkpoint is {previous[0]}" if previous else ""
-        raise DsvlmError(f"could not write checkpoint {final}: {exc}{kept}") from exc
+        raise RunFailure(f"could not write checkpoint {final}: {exc}{kept}") from exc
     accelerator.wait_for_everyone()
     return final
 

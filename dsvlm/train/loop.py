@@ -41,7 +41,7 @@ from dsvlm.data.geometry import SquareGeometry
 from dsvlm.data.latents import LatentCache
 from dsvlm.data.prepared import PreparedDataset
 from dsvlm.data.synthetic import synthetic_vocabulary
-from dsvlm.errors import DsvlmError
+from dsvlm.errors import DsvlmError, RunFailure
 from dsvlm.io import atomic_dir, atomic_write_json, atomic_write_text
 from dsvlm.model.collate import Collator
 from dsvlm.model.dsvlm import DSVLM, build_model, save_model
@@ -54,6 +54,7 @@ from dsvlm.recipe.load import dump_recipe
 from dsvlm.recipe.schema import Recipe, StageConfig
 from dsvlm.rundir import STAGE_INFO, RunDir, environment, is_final, resolve_init
 from dsvlm.train import checkpoint
+from dsvlm.train.tracking import check_tensorboard, finish_trackers, scalars, tensorboard_dir
 
 log = logging.getLogger(__name__)
 PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
@@ -144,6 +145,7 @@ def train(recipe: Recipe, options: TrainOptions) -> Path:
     stages = [s for s in recipe.stages if s.name in names]
     for stage in stages:  # fail on missing data before any model is built
         _check_data(recipe, stage)
+    check_tensorboard(recipe)
     init = resolve_init(options.init) if options.init else None  # a bad --init fails before anything is written
     state = PartialState(cpu=_cpu_only())
     for stage in stages:  # the world size is known now: refuse a batch layout it cannot make, before any work
@@ -204,7 +206,7 @@ def _cpu_only() -> bool:
     return not torch.cuda.is_available()
 
 
-def _accelerator(stage: StageConfig) -> Accelerator:
+def _accelerator(stage: StageConfig, tensorboard: Path | None = None) -> Accelerator:
     AcceleratorState._reset_state()  # each stage may use its own precision
     cpu_fsdp = _cpu_only() and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
     accelerator = Accelerator(
@@ -215,6 +217,8 @@ def _accelerator(stage: StageConfig) -> Accelerator:
         dataloader_config=DataLoaderConfiguration(even_batches=True),
         # The last encoder layers feed only the diffusion branch; unused parameters are normal.
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+        log_with="tensorboard" if tensorboard else None,
+        project_dir=tensorboard,
     )
     if cpu_fsdp and accelerator.num_processes > 1:
         # accelerate selects FSDP on accelerators only and would silently run DDP on CPU; FSDP2 itself runs on
@@ -245,7 +249,10 @@ def noise_seeds(seed: int, step: int, sample_index: torch.Tensor) -> torch.Tenso
 
 
 def run_stage(recipe: Recipe, stage: StageConfig, run: RunDir, init: Path | None, options: TrainOptions) -> Path:
-    accelerator = _accelerator(stage)
+    tensorboard = tensorboard_dir(recipe, run.root)
+    accelerator = _accelerator(stage, tensorboard)
+    if tensorboard:
+        accelerator.init_trackers(stage.name)  # RUN/tensorboard/<stage>/, written by the main process
     world = accelerator.num_processes
     accum = stage.accumulation_steps(world)
     supervise = recipe.supervision.enabled and stage.supervision
@@ -317,11 +324,12 @@ def run_stage(recipe: Recipe, stage: StageConfig, run: RunDir, init: Path | None
                 record["tokens_per_s"] = round(record.pop("tokens") / record["step_time_s"], 1)
                 if accelerator.is_main_process:
                     _append_metrics(metrics_path, record, run.checkpoints_dir(stage.name))
+                    accelerator.log(scalars(record), step=step)  # no-op without run.tensorboard
                     progress.update(task, completed=step, info=_progress_info(record))
                     if step % recipe.run.log_every == 0 and not options.progress:
                         log.info("%s step %d/%d %s", stage.name, step, total, _progress_info(record))
                 if not math.isfinite(record["loss"]):  # the same on every process: losses are all-reduced
-                    raise DsvlmError(_not_finite(stage.name, step, record["loss"], run.checkpoints_dir(stage.name)))
+                    raise RunFailure(_not_finite(stage.name, step, record["loss"], run.checkpoints_dir(stage.name)))
                 if supervise and recipe.run.preview_every and step % recipe.run.preview_every == 0:
                     _write_preview(accelerator, model, preview, recipe, stage_dir / "previews" / f"step-{step:07d}.png")
                 if step % recipe.run.checkpoint_every == 0 and step < total:
@@ -332,11 +340,12 @@ def run_stage(recipe: Recipe, stage: StageConfig, run: RunDir, init: Path | None
                     break
 
     wall = time.perf_counter() - started
+    finish_trackers(accelerator)
     # Every rank takes part: under FSDP this gathers the shards into one full state dict (a collective).
     full_state = accelerator.get_state_dict(model)
     checksums = _rank_checksums(accelerator, model, full_state)
     if len(set(checksums)) > 1:
-        raise DsvlmError(f"stage {stage.name}: the weights of the {world} processes diverged ({checksums})")
+        raise RunFailure(f"stage {stage.name}: the weights of the {world} processes diverged ({checksums})")
     if supervise:
         _write_preview(accelerator, model, preview, recipe, stage_dir / "reconstructions.png")
     output = run.final_dir(stage.name)
@@ -355,7 +364,7 @@ def run_stage(recipe: Recipe, stage: StageConfig, run: RunDir, init: Path | None
                 atomic_write_text(tmp / "recipe.yaml", dump_recipe(recipe))
                 atomic_write_json(tmp / STAGE_INFO, info)
         except OSError as exc:
-            raise DsvlmError(f"could not write the stage output {output}: {exc.strerror or exc}") from exc
+            raise RunFailure(f"could not write the stage output {output}: {exc.strerror or exc}") from exc
         log.info("stage %s finished in %.1f s -> %s", stage.name, wall, output)
     accelerator.wait_for_everyone()
     return output
@@ -498,7 +507,7 @@ def _append_metrics(path: Path, record: dict, checkpoints: Path) -> None:
     except OSError as exc:  # a full disk: say so, and what a later --resume will start from
         kept = checkpoint.latest_names(checkpoints)
         left = f"; --resume continues from {checkpoints / kept[0]}" if kept else ""
-        raise DsvlmError(f"could not write the metrics {path}: {exc.strerror or exc}{left}") from exc
+        raise RunFailure(f"could not write the metrics {path}: {exc.strerror or exc}{left}") from exc
 
 
 def _peak_memory_mb(accelerator: Accelerator) -> float:
