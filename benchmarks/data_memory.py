@@ -9,7 +9,8 @@ Each (size, workers) runs in a fresh process that builds what training builds: t
 `PreparedSplit`, the epoch sampler and the DataLoader (persistent workers), then iterates `--batches` batches
 in a random order. Sampled every 10 ms: the main process's RSS and its anonymous part (RSS less file-backed
 pages: the mapped file's pages count in RSS once touched, but they are the kernel's page cache, shared by every
-process and reclaimable) and every worker's RSS and USS (its own pages). Increases are
+process and reclaimable) and every worker's RSS, anonymous RSS and USS (its own pages; file pages only it has
+touched count here too). Increases are
 over the RSS once the collator is built. The "Python records" row is the reader this replaced (all records
 as dicts in the main process; forked workers copy the pages their refcounts touch).
 
@@ -84,22 +85,25 @@ class TreeMemory:
     def __init__(self, interval_s: float = 0.01) -> None:
         self.interval_s = interval_s
         self.me = psutil.Process()
-        self.peak = {"rss": 0.0, "anon": 0.0, "worker_rss": 0.0, "worker_uss": 0.0, "workers_uss_sum": 0.0}
+        self.peak = {"rss": 0.0, "anon": 0.0, "worker_rss": 0.0, "worker_anon": 0.0, "worker_uss": 0.0,
+                     "workers_anon_sum": 0.0}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def sample(self) -> dict[str, float]:
         info = self.me.memory_info()
         now = {"rss": info.rss / 2**20, "anon": (info.rss - info.shared) / 2**20,
-               "worker_rss": 0.0, "worker_uss": 0.0, "workers_uss_sum": 0.0}
+               "worker_rss": 0.0, "worker_anon": 0.0, "worker_uss": 0.0, "workers_anon_sum": 0.0}
         for child in self.me.children():
             try:
                 full = child.memory_full_info()
             except psutil.Error:  # ended between listing and reading
                 continue
             now["worker_rss"] = max(now["worker_rss"], full.rss / 2**20)
+            anon = (full.rss - full.shared) / 2**20
+            now["worker_anon"] = max(now["worker_anon"], anon)
             now["worker_uss"] = max(now["worker_uss"], full.uss / 2**20)
-            now["workers_uss_sum"] += full.uss / 2**20
+            now["workers_anon_sum"] += anon
         return now
 
     def _run(self) -> None:
@@ -181,8 +185,9 @@ def memory_child(job: dict[str, Any]) -> None:
         "rss_increase_mb": round(memory.peak["rss"] - begin["rss"], 1),
         "anon_increase_mb": round(memory.peak["anon"] - begin["anon"], 1),
         "worker_rss_peak_mb": round(memory.peak["worker_rss"], 1),
+        "worker_anon_peak_mb": round(memory.peak["worker_anon"], 1),
         "worker_uss_peak_mb": round(memory.peak["worker_uss"], 1),
-        "workers_uss_sum_peak_mb": round(memory.peak["workers_uss_sum"], 1),
+        "workers_anon_sum_peak_mb": round(memory.peak["workers_anon_sum"], 1),
         "batches": batches,
         "open_s": None if job["python_records"] else round(opened, 3),
         "samples_per_s": None if job["python_records"] else round(batches * job["batch_size"] / seconds, 1),
@@ -277,13 +282,13 @@ def main() -> None:
     from rich.table import Table
 
     table = Table(title="data side memory (MiB; increase over the process with the collator built)")
-    for column in ("records", "reader", "workers", "main RSS +", "main anon +", "worker RSS", "worker USS",
-                   "workers USS sum", "samples/s"):
+    for column in ("records", "reader", "workers", "main RSS +", "main anon +", "worker RSS", "worker anon",
+                   "worker USS", "workers anon sum", "samples/s"):
         table.add_column(column, justify="right")
     for row in report["memory"]:
         table.add_row(str(row["records"]), row["reader"], str(row["workers"]), str(row["rss_increase_mb"]),
-                      str(row["anon_increase_mb"]), str(row["worker_rss_peak_mb"]), str(row["worker_uss_peak_mb"]),
-                      str(row["workers_uss_sum_peak_mb"]), str(row["samples_per_s"]))
+                      str(row["anon_increase_mb"]), str(row["worker_rss_peak_mb"]), str(row["worker_anon_peak_mb"]),
+                      str(row["worker_uss_peak_mb"]), str(row["workers_anon_sum_peak_mb"]), str(row["samples_per_s"]))
     console.print(table)
     if "speed" in report:
         speed = Table(title=f"samples/s, batch {report['speed']['batch_size']} (medians)")
