@@ -95,7 +95,7 @@ def test_an_image_cut_short_after_prepare_is_a_clean_error_naming_it(synthetic: 
     data = tmp_path / "data"
     shutil.copytree(synthetic, data)
     split = PreparedSplit(data, "align")
-    image = split.dataset.image_path(split.records[0])
+    image = split.dataset.image_path(split.record(0))
     image.write_bytes(image.read_bytes()[:60])
     with pytest.raises(DataError, match=rf"{image}: image of record .* cannot be read"):
         split[0]
@@ -150,12 +150,12 @@ def test_grayscale_image_loads_as_rgb(tmp_path: Path) -> None:
 def test_prepared_split_items(synthetic: Path) -> None:
     split = PreparedSplit(synthetic, "instruct")
     assert len(split) == 200
-    assert split.lengths == [r["length"] for r in PreparedDataset(synthetic).records("instruct")]
+    assert split.lengths.tolist() == [r["length"] for r in PreparedDataset(synthetic).records("instruct")]
     item = split[3]
     assert set(item) == {"index", "id", "image", "conversations", "latent"}
     assert item["index"] == 3 and item["latent"] is None
     assert isinstance(item["image"], Image.Image) and item["image"].mode == "RGB"
-    text_only = [i for i, r in enumerate(split.records) if r["image"] is None]
+    text_only = [i for i in range(len(split)) if split.record(i)["image"] is None]
     assert text_only, "the synthetic instruct set has text-only records"
     assert split[text_only[0]]["image"] is None
     # DataLoader workers receive the dataset pickled

@@ -40,6 +40,7 @@ from dsvlm.data.common import (
     word_length,
 )
 from dsvlm.data.images import ImageCheck, check_images
+from dsvlm.data.prepared import write_arrow_copy
 from dsvlm.errors import DataError, brief, shorten
 from dsvlm.io import atomic_write_json, atomic_write_text
 
@@ -381,6 +382,7 @@ def _write_split(path: Path, records: list[Record], checks: dict[str, ImageCheck
         schema=PARQUET_SCHEMA,
     )
     pq.write_table(table, path)
+    write_arrow_copy(path)  # what training memory-maps
 
 
 def _shown(path: Path, dest: Path) -> str:

@@ -3,15 +3,53 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageFile
 
-from dsvlm.data.common import FORMAT_VERSION, MANIFEST, SKIPPED, prepare_hint
+from dsvlm.data.common import FORMAT_VERSION, MANIFEST, SKIPPED, prepare_hint, sha256_file
 from dsvlm.data.manifest import validate_manifest
 from dsvlm.errors import DataError
+
+log = logging.getLogger(__name__)
+# Schema metadata of a split's Arrow copy: the sha256 of the parquet file it was made from.
+SOURCE_KEY = b"dsvlm.parquet_sha256"
+COPY_BATCH = 65_536  # rows per record batch: bounds the memory a conversion needs
+
+
+def write_arrow_copy(parquet: Path, digest: str | None = None) -> Path:
+    """An uncompressed Arrow IPC copy of a split's parquet file, next to it (`NAME.arrow`), written batch by batch
+    and atomically. Training memory-maps it and reads one record at a time: random access into parquet would
+    decompress a whole row group per record. `digest`: the parquet's sha256, if already known."""
+    target = parquet.with_suffix(".arrow")
+    source = pq.ParquetFile(parquet)
+    schema = source.schema_arrow.with_metadata({SOURCE_KEY: digest or sha256_file(parquet)})
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    try:
+        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
+            for batch in source.iter_batches(batch_size=COPY_BATCH):
+                writer.write_batch(batch)
+        tmp.replace(target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
+
+
+def mapped_table(path: Path) -> pa.Table:
+    """The records of an Arrow IPC file, memory-mapped: pages are read on access and shared by every process
+    that maps the file, so the table costs no memory of its own."""
+    return pa.ipc.open_file(pa.memory_map(str(path))).read_all()
+
+
+def parse_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A stored row as a record: `conversations` parsed back to a list of turns."""
+    row["conversations"] = json.loads(row["conversations"])
+    return row
 
 
 class PreparedDataset:
@@ -59,11 +97,28 @@ class PreparedDataset:
         return path
 
     def records(self, split: str) -> list[dict[str, Any]]:
-        """All records of a split, in input order; `conversations` parsed back to a list of turns."""
-        rows = pq.read_table(self.split_file(split)).to_pylist()
-        for row in rows:
-            row["conversations"] = json.loads(row["conversations"])
-        return rows
+        """All records of a split as Python objects, in input order (for small splits; training reads
+        `split_source` per record instead)."""
+        return [parse_row(row) for row in pq.read_table(self.split_file(split)).to_pylist()]
+
+    def split_source(self, split: str) -> Path:
+        """The file to read a split from record by record: its memory-mappable Arrow copy, made (again) from the
+        parquet file when missing or made from another version of it. Where the dataset directory is read-only,
+        the parquet file itself (then every process holds the decompressed table)."""
+        parquet = self.split_file(split)
+        digest = sha256_file(parquet)
+        copy = parquet.with_suffix(".arrow")
+        try:
+            if (pa.ipc.open_file(pa.memory_map(str(copy))).schema.metadata or {}).get(SOURCE_KEY) == digest.encode():
+                return copy
+        except (OSError, pa.ArrowInvalid):  # missing, or cut short
+            pass
+        try:
+            return write_arrow_copy(parquet, digest)
+        except OSError as exc:
+            log.warning("%s: cannot write the Arrow copy of split %r (%s); every process reads the whole split "
+                        "into memory instead", self.path, split, exc)
+            return parquet
 
     def image_path(self, record: dict[str, Any]) -> Path:
         """The resolved image file of a record; DataError if it has none or it would leave the image root."""

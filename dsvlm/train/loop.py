@@ -118,8 +118,9 @@ def epoch_sampler(split: PreparedSplit | Subset, seed: int, group_by_length: boo
     if not group_by_length:
         return EpochPermutation(len(split), seed)
     base, indices = (split.dataset, split.indices) if isinstance(split, Subset) else (split, range(len(split)))
-    return LengthGroupedPermutation([base.lengths[i] for i in indices],
-                                    [base.records[i]["image"] is not None for i in indices], seed, group_size)
+    selected = list(indices)
+    return LengthGroupedPermutation(base.lengths[selected].tolist(), base.has_image[selected].tolist(), seed,
+                                    group_size)
 
 
 def epoch_batches(accelerator: Accelerator, loader: DataLoader, sampler: EpochPermutation, epoch: int,
@@ -276,8 +277,11 @@ def run_stage(recipe: Recipe, stage: StageConfig, run: RunDir, init: Path | None
     if stage.max_records is not None:
         split = fixed_subset(split, stage.max_records)  # the same records for every run seed
     sampler = epoch_sampler(split, recipe.run.seed, recipe.data.group_by_length, stage.global_batch_size)
+    workers = recipe.data.num_workers
+    # Persistent workers: started once per stage, not once per epoch; pinned batches copy to the GPU faster.
     loader = DataLoader(split, batch_size=stage.per_device_batch_size, sampler=sampler, collate_fn=collator,
-                        drop_last=True, num_workers=recipe.data.num_workers)
+                        drop_last=True, num_workers=workers, persistent_workers=workers > 0,
+                        pin_memory=torch.cuda.is_available())
     steps_per_epoch = len(split) // stage.global_batch_size
     if steps_per_epoch == 0:
         raise DsvlmError(f"stage {stage.name}: split {stage.split_name!r} has {len(split)} records, fewer than "
