@@ -64,6 +64,7 @@ from dsvlm.model.dsvlm import build_model
 from dsvlm.model.freeze import freeze_for_stage
 from dsvlm.model.supervision.components import load_vae
 from dsvlm.model.supervision.vae import vae_fingerprint
+from dsvlm.model.vlm import image_geometry
 from dsvlm.recipe import Recipe, load_recipe
 from dsvlm.recipe.load import validate_recipe
 from dsvlm.train.loop import noise_seeds
@@ -185,7 +186,8 @@ class ArmRun:
             vae = self.model.supervision.vae if self.model.supervision is not None else None
             if vae is None:
                 raise ValueError(f"arm {arm.name!r} reads cached latents but its recipe has no VAE")
-            latents = LatentCache.open(dataset, vae_fingerprint(vae), recipe.supervision.resolution)
+            latents = LatentCache.open(dataset, vae_fingerprint(vae), recipe.supervision.resolution,
+                                       image_geometry(recipe.model))
         split = PreparedSplit(dataset, stage.split_name, latents=latents)
         collator = Collator(self.model.processor, stage.template_name, recipe.data.max_length,
                             rec_resolution=recipe.supervision.resolution if supervise else None)
@@ -258,7 +260,8 @@ def ensure_latent_cache(setup: Setup, dataset: Path) -> float:
     recipe = load_recipe(RECIPE, list(setup.overrides))
     vae = load_vae(recipe.supervision.diffusion, recipe.run.seed)  # the branch's VAE: same config, same seed
     start = time.perf_counter()
-    build_latent_cache(dataset, vae, recipe.supervision.resolution, vae_fingerprint(vae), progress=False)
+    build_latent_cache(dataset, vae, recipe.supervision.resolution, vae_fingerprint(vae), image_geometry(recipe.model),
+                       progress=False)
     return time.perf_counter() - start
 
 
