@@ -250,7 +250,7 @@ def run_stage(recipe: Recipe, stage: StageConfig, run: RunDir, init: Path | None
     torch.manual_seed(recipe.run.seed)
 
     try:
-        model = build_model(recipe, init=init)
+        model = build_model(recipe, init=init, llm_lora=stage.llm_lora)
     except (OSError, ValueError, KeyError) as exc:  # a missing, truncated or mismatched stage output
         raise DsvlmError(f"stage {stage.name}: {init or 'the base model'} does not load: {exc}") from exc
     freeze_for_stage(model, stage.train)
