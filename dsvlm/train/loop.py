@@ -267,8 +267,11 @@ def run_stage(recipe: Recipe, stage: StageConfig, run: RunDir, init: Path | None
     if stage.max_records is not None:
         split = fixed_subset(split, stage.max_records)  # the same records for every run seed
     sampler = epoch_sampler(split, recipe.run.seed, recipe.data.group_by_length, stage.global_batch_size)
+    # Its own generator: each iter() draws the workers' base seed, which from the global RNG would shift the
+    # dropout masks (LoRA's) of a resumed run against an uninterrupted one.
     loader = DataLoader(split, batch_size=stage.per_device_batch_size, sampler=sampler, collate_fn=collator,
-                        drop_last=True, num_workers=recipe.data.num_workers)
+                        drop_last=True, num_workers=recipe.data.num_workers,
+                        generator=torch.Generator().manual_seed(recipe.run.seed))
     steps_per_epoch = len(split) // stage.global_batch_size
     if steps_per_epoch == 0:
         raise DsvlmError(f"stage {stage.name}: split {stage.split_name!r} has {len(split)} records, fewer than "
