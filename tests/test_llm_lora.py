@@ -18,12 +18,12 @@ from transformers import LlavaForConditionalGeneration
 from dsvlm.errors import RecipeError
 from dsvlm.model.dsvlm import DSVLM, build_model, load_vlm, save_model
 from dsvlm.model.freeze import freeze_for_stage
-from dsvlm.model.lora import has_llm_lora
+from dsvlm.model.lora import has_llm_lora, lora_parameters
 from dsvlm.recipe import load_recipe
 from dsvlm.recipe.load import validate_recipe
-from dsvlm.recipe.schema import LLMLoraConfig
+from dsvlm.recipe.schema import LLMLoraConfig, StageConfig
 from dsvlm.strip.strip import LLAVA_PREFIXES, load_trained, probe_batch, strip
-from dsvlm.train.loop import TrainOptions, train
+from dsvlm.train.loop import TrainOptions, _param_groups, train
 
 LORA = LLMLoraConfig(rank=4, alpha=8, dropout=0.0)
 
@@ -63,6 +63,16 @@ def test_llm_lora_starts_as_the_base_model_and_trains_only_its_adapters() -> Non
     assert all(torch.equal(value, after[name]) for name, value in before.items()
                if not name.startswith("model.multi_modal_projector."))  # the LLM's base weights did not move
     assert not torch.allclose(logits(model, batch), logits(plain, batch), atol=1e-4)
+
+
+def test_the_adapters_take_their_own_learning_rate() -> None:
+    model = build_model(tiny_recipe(), llm_lora=LORA)
+    freeze_for_stage(model, ["connector", "llm"])
+    stage = StageConfig(name="instruct", train=["connector", "llm"], lr=2e-5, global_batch_size=4,
+                        per_device_batch_size=4, llm_lora={"rank": 4, "lr": 2e-4})
+    groups = {g.get("lr"): {id(p) for p in g["params"]} for g in _param_groups(model, stage)}
+    assert groups == {None: {id(p) for p in model.vlm.model.multi_modal_projector.parameters()},  # the stage lr
+                      2e-4: {id(p) for p in lora_parameters(model.vlm)}}
 
 
 def test_the_saved_adapter_reloads_merges_and_loads_in_peft_alike(tmp_path) -> None:

@@ -235,6 +235,10 @@ class LLMLoraConfig(Strict):
     rank: PositiveInt = Field(128, description="LoRA rank r (LLaVA-1.5 -lora: 128).")
     alpha: PositiveFloat = Field(256.0, description="LoRA alpha: updates are scaled by alpha / rank (LLaVA-1.5: 256).")
     dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA branch's input (LLaVA-1.5: 0.05).")
+    lr: PositiveFloat | None = Field(
+        None, description="Learning rate of the adapters (LLaVA-1.5 -lora: 2e-4 while its projector takes 2e-5); "
+        "default the stage's lr.",
+    )
     target_modules: list[str] = Field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
         min_length=1,

@@ -45,6 +45,7 @@ from dsvlm.io import atomic_dir, atomic_write_json, atomic_write_text
 from dsvlm.model.collate import Collator
 from dsvlm.model.dsvlm import DSVLM, build_model, save_model
 from dsvlm.model.freeze import freeze_for_stage
+from dsvlm.model.lora import lora_parameters
 from dsvlm.model.supervision.branch import TIMESTEP_BUCKETS, timestep_buckets
 from dsvlm.outputs import writer_lock
 from dsvlm.recipe.load import dump_recipe
@@ -372,13 +373,14 @@ def _not_finite(stage: str, step: int, loss: float, checkpoints: Path) -> str:
 
 
 def _param_groups(model: DSVLM, stage: StageConfig) -> list[dict[str, Any]]:
-    """New modules (adapters, new K/V, routers) may get their own learning rate."""
+    """New modules (adapters, new K/V, routers) and the LLM's LoRA adapters may get their own learning rate."""
     new = {id(p) for p in model.supervision.new_parameters()} if model.supervision is not None else set()
+    lora = {id(p) for p in lora_parameters(model.vlm)}
     trainable = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in trainable if id(p) not in new]}]
-    new_trainable = [p for p in trainable if id(p) in new]
-    if new_trainable:
-        groups.append({"params": new_trainable, "lr": stage.new_module_lr or stage.lr})
+    groups = [{"params": [p for p in trainable if id(p) not in new | lora]},
+              {"params": [p for p in trainable if id(p) in new], "lr": stage.new_module_lr or stage.lr},
+              {"params": [p for p in trainable if id(p) in lora],
+               "lr": (stage.llm_lora.lr if stage.llm_lora else None) or stage.lr}]
     return [g for g in groups if g["params"]]
 
 
