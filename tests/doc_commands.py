@@ -43,7 +43,7 @@ LMMS_EVAL_LIMIT = ["--limit", "4"]
 # `error:` line matching the pattern. (what the command matches, the error line's pattern, why).
 EXPECTED_FAILURES: list[tuple[str, str, str]] = [
     (r"^dsvlm prepare hub ", r"offline", "downloads a hub dataset (the test runs offline)"),
-    (r"^dsvlm (train|ablate) (llava15-vicuna7b-ds|siglip-qwen2-ds)\b", r"no prepared dataset|offline",
+    (r"^dsvlm (train|ablate) (llava15-vicuna7b-ds(-lora)?|siglip-qwen2-ds)\b", r"no prepared dataset|offline",
      "paper recipe: LLaVA-1.5's data prepared on a cluster, 7B models and SD 1.5 from the hub"),
     (r"--latents (llava15-vicuna7b-ds|siglip-qwen2-ds)\b", r"cannot load|offline",
      "caches the latents of SD 1.5's VAE, which comes from the hub"),

@@ -67,9 +67,9 @@ def tiny_vlm(cfg, seed: int = 0):
     return build_vlm(cfg, seed=seed, words=synthetic_vocabulary())
 
 
-def tiny_model(recipe, init: Path | None = None):
+def tiny_model(recipe, init: Path | None = None, **options):
     """`build_model` with the synthetic set's words, as `dsvlm train` passes them."""
     from dsvlm.data.synthetic import synthetic_vocabulary
     from dsvlm.model.dsvlm import build_model
 
-    return build_model(recipe, init=init, words=synthetic_vocabulary())
+    return build_model(recipe, init=init, words=synthetic_vocabulary(), **options)

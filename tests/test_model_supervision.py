@@ -187,15 +187,41 @@ def test_components_from_a_pretrained_diffusers_directory(tmp_path) -> None:
         load_scheduler(DiffusionConfig(pretrained=str(tmp_path / "missing")))
 
 
-def test_lora_starts_as_the_identity_and_trains_only_itself() -> None:
-    plain, lora = branch(seed=5), branch(seed=5, lora_rank=2)
-    cond, x, seeds = conditions(plain, 2), images(2), torch.arange(2)
-    assert torch.allclose(plain(cond, x, None, seeds)["loss"], lora(cond, x, None, seeds)["loss"], atol=1e-6)
-    assert lora.lora and {id(p) for d in lora.lora for p in d.parameters()} <= {id(p) for p in lora.new_parameters()}
-    lora(cond, x, None, seeds)["loss"].sum().backward()
-    assert all(d.lora_down.grad is not None for d in lora.lora)
-    frozen = [p for n, p in lora.unet.named_parameters() if n.endswith(".original")]
-    assert frozen and all(not p.requires_grad for p in frozen)
+def unet_output(model: DiffusionSupervision, cond: dict[str, torch.Tensor]) -> torch.Tensor:
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    return model.unet(x, torch.tensor([20, 40]), encoder_hidden_states=model._encoder_states(cond)).sample
+
+
+def test_unet_lora_starts_as_the_base_unet_and_a_step_moves_only_the_adapters() -> None:
+    model = branch(seed=5, lora_rank=2)  # frozen UNet (the paper's setting) with MoE cross-attention
+    cond = conditions(model, 2)
+    base_weights = {n: p.detach().clone() for n, p in model.unet.named_parameters() if "lora_" not in n}
+    with torch.no_grad():
+        at_init = unet_output(model, cond)
+        model.unet.disable_adapters()
+        base = unet_output(model, cond)
+        model.unet.enable_adapters()
+    torch.testing.assert_close(at_init, base, rtol=0, atol=0)  # B = 0
+
+    # The targets are every attention layer's own q/k/v/out (self and cross), not the MoE processors' copies.
+    lora = {n for n, _ in model.unet.named_parameters() if "lora_" in n}
+    n_attention = sum(isinstance(m, Attention) for m in model.unet.modules())
+    assert len(lora) == n_attention * 4 * 2 and not any(".processor." in n for n in lora)
+    trainable = {n for n, p in model.unet.named_parameters() if p.requires_grad}
+    assert trainable == lora | {n for n in trainable if ".processor." in n}  # adapters + the new K/V, routers
+    new = {id(p) for p in model.new_parameters()}
+    assert all(id(p) in new for n, p in model.unet.named_parameters() if n in lora)
+
+    optimizer = torch.optim.SGD([p for n, p in model.unet.named_parameters() if n in lora], lr=1.0)
+    unet_output(model, cond).square().mean().backward()
+    optimizer.step()
+    with torch.no_grad():
+        assert not torch.allclose(unet_output(model, cond), at_init, atol=1e-4)
+        model.unet.disable_adapters()
+        torch.testing.assert_close(unet_output(model, cond), base, rtol=0, atol=0)  # the base UNet is untouched
+    for name, weight in base_weights.items():
+        if ".processor." not in name:
+            assert torch.equal(weight, dict(model.unet.named_parameters())[name]), name
 
 
 def test_ddim_preview_samples_are_images() -> None:

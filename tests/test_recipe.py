@@ -45,7 +45,7 @@ def test_every_bundled_recipe_validates(name):
     assert recipe.description
 
 
-@pytest.mark.parametrize("name", ["llava15-vicuna7b-ds", "siglip-qwen2-ds"])
+@pytest.mark.parametrize("name", ["llava15-vicuna7b-ds", "llava15-vicuna7b-ds-lora", "siglip-qwen2-ds"])
 def test_paper_recipes_have_a_baseline_by_one_override(name):
     recipe = load_recipe(name, ["supervision.enabled=false", "stages.0.train=[connector]",
                                 "stages.1.train=[connector,vision,llm]"])
@@ -70,6 +70,25 @@ def test_paper_recipe_matches_the_paper():
     assert recipe.supervision.cross_attention == "moe"
     assert recipe.supervision.loss == {"perceptual": 1.0}
     assert recipe.supervision.weight == 1.0
+
+
+def test_lora_recipe_is_the_paper_recipe_with_llava_lora_in_stage_two():
+    paper, lora = load_recipe("llava15-vicuna7b-ds"), load_recipe("llava15-vicuna7b-ds-lora")
+    adapter = lora.stages[1].llm_lora
+    assert (adapter.rank, adapter.alpha, adapter.dropout, adapter.lr) == (128, 256, 0.05, 2e-4)  # finetune_lora.sh
+    assert lora.stages[1].lr == 2e-5  # LLaVA's mm_projector_lr
+    flat_paper, flat_lora = _flat(paper.model_dump()), _flat(lora.model_dump())
+    differs = {k for k in flat_paper.keys() | flat_lora.keys() if flat_paper.get(k) != flat_lora.get(k)}
+    assert {"stages.1.llm_lora" if k.startswith("stages.1.llm_lora") else k for k in differs} == {
+        "description", "run.output_dir", "stages.1.llm_lora"}
+
+
+def _flat(data: object, prefix: str = "") -> dict[str, object]:
+    if isinstance(data, dict):
+        return {k: v for key, value in data.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
+    if isinstance(data, list) and data and isinstance(data[0], dict):
+        return {k: v for i, value in enumerate(data) for k, v in _flat(value, f"{prefix}{i}.").items()}
+    return {prefix.rstrip("."): data}
 
 
 def test_overrides_are_typed_and_applied():

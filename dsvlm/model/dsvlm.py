@@ -23,6 +23,7 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration, LlavaProc
 
 from dsvlm.errors import DsvlmError, RecipeError
 from dsvlm.model.collate import IGNORE_INDEX
+from dsvlm.model.lora import add_llm_lora, has_llm_lora, load_llm_lora, merge_llm_lora, save_llm_lora, save_plain_vlm
 from dsvlm.model.supervision.branch import (
     CONNECTOR,
     TIMESTEP_BUCKETS,
@@ -31,11 +32,12 @@ from dsvlm.model.supervision.branch import (
     vision_condition,
 )
 from dsvlm.model.vlm import build_vlm
-from dsvlm.recipe.schema import Recipe
+from dsvlm.recipe.schema import LLMLoraConfig, Recipe
 
 log = logging.getLogger(__name__)
 
 VLM_DIR = "vlm"
+LLM_LORA_DIR = "llm_lora"  # a LoRA stage's adapter (peft format), beside the base weights in VLM_DIR
 SUPERVISION_DIR = "supervision"
 SUPERVISION_WEIGHTS = "weights.safetensors"
 SUPERVISION_INFO = "supervision.json"
@@ -211,25 +213,37 @@ def _branch(recipe: Recipe, vlm: LlavaForConditionalGeneration) -> DiffusionSupe
     )
 
 
-def build_model(recipe: Recipe, init: Path | None = None, words: Iterable[str] | None = None) -> DSVLM:
-    """A fresh DS-VLM from the recipe, or the one `save_model` wrote to `init`. `words`: the vocabulary of an
-    inline LLM's word-level tokenizer (see `build_vlm`)."""
+def build_model(recipe: Recipe, init: Path | None = None, words: Iterable[str] | None = None,
+                llm_lora: LLMLoraConfig | None = None) -> DSVLM:
+    """A fresh DS-VLM from the recipe, or the one `save_model` wrote to `init` (an earlier LoRA stage's adapter
+    merged); with `llm_lora`, fresh LoRA adapters in its LLM. `words`: the vocabulary of an inline LLM's
+    word-level tokenizer (see `build_vlm`)."""
     if init is not None:
         try:
-            return load_model(init, recipe)
+            model = load_model(init, recipe)
         except (OSError, ValueError) as exc:
             raise DsvlmError(f"{init} does not load as a DS-VLM stage output: {exc}") from exc
-    vlm, processor = build_vlm(recipe.model, seed=recipe.run.seed, words=words)
-    return DSVLM(vlm, processor, _branch(recipe, vlm))
+    else:
+        vlm, processor = build_vlm(recipe.model, seed=recipe.run.seed, words=words)
+        model = DSVLM(vlm, processor, _branch(recipe, vlm))
+    if llm_lora is not None:
+        add_llm_lora(model.vlm, llm_lora, seed=recipe.run.seed + 4)
+    return model
 
 
 def save_model(model: DSVLM, out_dir: Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
-    """`out_dir/vlm/`: a standard transformers LLaVA directory (safetensors) with its processor.
+    """`out_dir/vlm/`: a standard transformers LLaVA directory (safetensors) with its processor; with LoRA in the
+    LLM, the base weights there and the adapter in `out_dir/llm_lora/` (a peft adapter folder).
     `out_dir/supervision/`: the branch's weights except frozen pretrained parts (reloaded from their source).
     `state_dict`: the model's full state dict when `model` holds only shards (FSDP gathers it on every rank)."""
     out_dir = Path(out_dir)
     vlm_state = _sub_state(state_dict, "vlm.") if state_dict is not None else None
-    model.vlm.save_pretrained(out_dir / VLM_DIR, safe_serialization=True, state_dict=vlm_state)
+    if has_llm_lora(model.vlm):  # the base weights as a plain LLaVA, the adapter beside them
+        vlm_state = vlm_state if vlm_state is not None else model.vlm.state_dict()
+        save_plain_vlm(model.vlm, out_dir / VLM_DIR, vlm_state)
+        save_llm_lora(model.vlm, out_dir / LLM_LORA_DIR, vlm_state)
+    else:
+        model.vlm.save_pretrained(out_dir / VLM_DIR, safe_serialization=True, state_dict=vlm_state)
     model.processor.save_pretrained(out_dir / VLM_DIR)
     branch = model.supervision
     if branch is None:
@@ -260,8 +274,9 @@ def _sub_state(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.T
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
-def load_vlm(directory: Path, recipe: Recipe) -> DSVLM:
-    """Only the VLM of what `save_model` wrote (no branch: nothing of the diffusion model is read or fetched)."""
+def load_vlm(directory: Path, recipe: Recipe, merge_lora: bool = True) -> DSVLM:
+    """Only the VLM of what `save_model` wrote (no branch: nothing of the diffusion model is read or fetched).
+    A LoRA stage's adapter is merged into the LLM, or with `merge_lora=False` left in it unmerged."""
     directory = Path(directory)
     vlm_dir = directory / VLM_DIR
     if not (vlm_dir / "config.json").is_file():
@@ -273,6 +288,10 @@ def load_vlm(directory: Path, recipe: Recipe) -> DSVLM:
         vlm_dir, dtype=torch.float32, attn_implementation=recipe.model.attn_implementation
     )
     vlm.config.image_aspect_ratio = recipe.model.image_aspect_ratio  # what evaluation will apply
+    if (directory / LLM_LORA_DIR).is_dir():
+        load_llm_lora(vlm, directory / LLM_LORA_DIR)
+        if merge_lora:
+            merge_llm_lora(vlm)
     return DSVLM(vlm, AutoProcessor.from_pretrained(vlm_dir), None)
 
 

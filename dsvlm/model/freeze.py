@@ -9,6 +9,7 @@ from torch import nn
 
 from dsvlm.console import console
 from dsvlm.model.dsvlm import DSVLM
+from dsvlm.model.lora import has_llm_lora, lora_parameters
 from dsvlm.model.vlm import is_linear_connector
 
 GROUPS = ("vision", "connector", "llm", "supervision")
@@ -25,6 +26,8 @@ def _group_parameters(model: DSVLM, group: str) -> list[nn.Parameter]:
             return list(projector.linear_1.parameters())
         return list(projector.parameters())
     if group == "llm":
+        if has_llm_lora(vlm):  # LoRA stage: the adapters only; base weights, embeddings and lm_head stay frozen
+            return lora_parameters(vlm.model.language_model)
         return [*vlm.model.language_model.parameters(), *vlm.lm_head.parameters()]
     if group == "supervision":
         branch = model.supervision

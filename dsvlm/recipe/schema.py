@@ -249,6 +249,25 @@ class DataConfig(Strict):
     max_length: PositiveInt = Field(2048, description="Truncate tokenised conversations to this length.")
 
 
+class LLMLoraConfig(Strict):
+    """LoRA on the LLM's linear layers (peft); the defaults are LLaVA-1.5's `-lora` scripts."""
+
+    rank: PositiveInt = Field(128, description="LoRA rank r (LLaVA-1.5 -lora: 128).")
+    alpha: PositiveFloat = Field(256.0, description="LoRA alpha: updates are scaled by alpha / rank (LLaVA-1.5: 256).")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA branch's input (LLaVA-1.5: 0.05).")
+    lr: PositiveFloat | None = Field(
+        None, description="Learning rate of the adapters (LLaVA-1.5 -lora: 2e-4 while its projector takes 2e-5); "
+        "default the stage's lr.",
+    )
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        min_length=1,
+        description="Names of the linear layers inside the LLM that get LoRA (default: the attention and MLP "
+        "projections, as LLaVA-1.5's find_all_linear_names gives for Llama/Qwen2). The vision tower, the "
+        "connector and lm_head never do.",
+    )
+
+
 class StageConfig(Strict):
     name: StageName = Field(..., description="`align` (stage 1, captions) or `instruct` (stage 2, chat).")
     split: str | None = Field(None, description="Split of the prepared dataset to train on (default: name).")
@@ -280,6 +299,12 @@ class StageConfig(Strict):
     max_grad_norm: float | None = Field(1.0, gt=0.0, description="Gradient clipping norm (None = off).")
     precision: Literal["fp32", "bf16", "fp16"] = Field("bf16", description="Mixed precision.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations of the LLM and encoder.")
+    llm_lora: LLMLoraConfig | None = Field(
+        None,
+        description="Train the LLM through LoRA adapters instead of all its weights (needs `llm` in train): only "
+        "the adapters of the LLM learn (embeddings and lm_head stay frozen). The stage output keeps them beside "
+        "the base weights (final/llm_lora); `dsvlm strip` merges them into a plain LLaVA.",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> StageConfig:
@@ -288,6 +313,8 @@ class StageConfig(Strict):
                 f"global_batch_size {self.global_batch_size} is not divisible by "
                 f"per_device_batch_size {self.per_device_batch_size}"
             )
+        if self.llm_lora is not None and "llm" not in self.train:
+            raise ValueError(f"llm_lora (LoRA on the LLM) needs `llm` in train, got train {self.train}")
         if self.max_records is not None and self.max_records < self.global_batch_size:
             raise ValueError(
                 f"max_records {self.max_records} is smaller than one global batch ({self.global_batch_size})"

@@ -46,6 +46,7 @@ from dsvlm.io import atomic_dir, atomic_write_json, atomic_write_text
 from dsvlm.model.collate import Collator
 from dsvlm.model.dsvlm import DSVLM, build_model, save_model
 from dsvlm.model.freeze import freeze_for_stage
+from dsvlm.model.lora import lora_parameters
 from dsvlm.model.supervision.branch import TIMESTEP_BUCKETS, timestep_buckets
 from dsvlm.model.supervision.vae import vae_fingerprint
 from dsvlm.outputs import writer_lock
@@ -260,7 +261,7 @@ def run_stage(recipe: Recipe, stage: StageConfig, run: RunDir, init: Path | None
     torch.manual_seed(recipe.run.seed)
 
     try:
-        model = build_model(recipe, init=init, words=synthetic_vocabulary())
+        model = build_model(recipe, init=init, words=synthetic_vocabulary(), llm_lora=stage.llm_lora)
     except (OSError, ValueError, KeyError) as exc:  # a missing, truncated or mismatched stage output
         raise DsvlmError(f"stage {stage.name}: {init or 'the base model'} does not load: {exc}") from exc
     freeze_for_stage(model, stage.train)
@@ -279,9 +280,11 @@ def run_stage(recipe: Recipe, stage: StageConfig, run: RunDir, init: Path | None
     sampler = epoch_sampler(split, recipe.run.seed, recipe.data.group_by_length, stage.global_batch_size)
     workers = recipe.data.num_workers
     # Persistent workers: started once per stage, not once per epoch; pinned batches copy to the GPU faster.
+    # Its own generator: each iter() draws the workers' base seed, which from the global RNG would shift the
+    # dropout masks (LoRA's) of a resumed run against an uninterrupted one.
     loader = DataLoader(split, batch_size=stage.per_device_batch_size, sampler=sampler, collate_fn=collator,
                         drop_last=True, num_workers=workers, persistent_workers=workers > 0,
-                        pin_memory=torch.cuda.is_available())
+                        pin_memory=torch.cuda.is_available(), generator=torch.Generator().manual_seed(recipe.run.seed))
     steps_per_epoch = len(split) // stage.global_batch_size
     if steps_per_epoch == 0:
         raise DsvlmError(f"stage {stage.name}: split {stage.split_name!r} has {len(split)} records, fewer than "
@@ -384,13 +387,14 @@ def _not_finite(stage: str, step: int, loss: float, checkpoints: Path) -> str:
 
 
 def _param_groups(model: DSVLM, stage: StageConfig) -> list[dict[str, Any]]:
-    """New modules (adapters, new K/V, routers) may get their own learning rate."""
+    """New modules (adapters, new K/V, routers) and the LLM's LoRA adapters may get their own learning rate."""
     new = {id(p) for p in model.supervision.new_parameters()} if model.supervision is not None else set()
+    lora = {id(p) for p in lora_parameters(model.vlm)}
     trainable = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in trainable if id(p) not in new]}]
-    new_trainable = [p for p in trainable if id(p) in new]
-    if new_trainable:
-        groups.append({"params": new_trainable, "lr": stage.new_module_lr or stage.lr})
+    groups = [{"params": [p for p in trainable if id(p) not in new | lora]},
+              {"params": [p for p in trainable if id(p) in new], "lr": stage.new_module_lr or stage.lr},
+              {"params": [p for p in trainable if id(p) in lora],
+               "lr": (stage.llm_lora.lr if stage.llm_lora else None) or stage.lr}]
     return [g for g in groups if g["params"]]
 
 

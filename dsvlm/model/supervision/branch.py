@@ -13,10 +13,10 @@ from diffusers import DDIMScheduler
 from torch import nn
 
 from dsvlm.errors import RecipeError
+from dsvlm.model.lora import add_unet_lora, lora_parameters
 from dsvlm.model.supervision.adapters import ConditionAdapters
 from dsvlm.model.supervision.attention import MoECrossAttnProcessor, install_moe
 from dsvlm.model.supervision.components import load_scheduler, load_unet, load_vae
-from dsvlm.model.supervision.lora import install_lora
 from dsvlm.model.supervision.losses import (
     VGG16Features,
     eps_mse_loss,
@@ -86,7 +86,8 @@ class DiffusionSupervision(nn.Module):
             install_moe(self.unet, len(widths), routed=config.cross_attention == "moe")
             if config.cross_attention in ("moe", "shared_matched") else []
         )
-        self.lora = install_lora(self.unet, config.lora_rank, seed + 3) if config.lora_rank else []
+        if config.lora_rank:
+            add_unet_lora(self.unet, config.lora_rank, seed + 3)
 
         self.perceptual = None
         if "perceptual" in config.loss and config.perceptual_network == "vgg16":
@@ -121,8 +122,8 @@ class DiffusionSupervision(nn.Module):
 
     def new_parameters(self) -> list[nn.Parameter]:
         """Parameters of the modules DS-VLM adds (adapters, new K/V, routers, LoRA), for their own lr."""
-        modules: list[nn.Module] = [self.adapters, *self.moe, *self.lora]
-        return [p for module in modules for p in module.parameters()]
+        modules: list[nn.Module] = [self.adapters, *self.moe]
+        return [p for module in modules for p in module.parameters()] + lora_parameters(self.unet)
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """What a checkpoint must hold: everything except the frozen pretrained UNet/VAE/VGG weights."""
