@@ -1,11 +1,12 @@
 """FSDP (accelerate, FSDP2) on 2 CPU processes: previews, checkpoints and the final save with every rank taking
-part, and the result equal to one process at the same global batch. (--resume under FSDP on CPU hangs in
-accelerate's load_state: not covered yet.)"""
+part, the result equal to one process at the same global batch, and `--resume` from a sharded checkpoint equal to
+the uninterrupted sharded run."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -33,7 +34,7 @@ fsdp_config:
 """
 
 
-def test_fsdp_on_two_processes_matches_one_process(tmp_path):
+def test_fsdp_on_two_processes_matches_one_process_and_resumes(tmp_path):
     data = prepare_small_synthetic(tmp_path / "data", n=32)
     # Every image reconstructed: a per-device sub-batch limit would differ between the two layouts.
     common = ["supervision.reconstruct_per_batch=null", "run.preview_every=2", "--stage", "align", "--no-progress"]
@@ -56,4 +57,15 @@ def test_fsdp_on_two_processes_matches_one_process(tmp_path):
     assert (sharded / "align" / "reconstructions.png").is_file()
     assert (sharded / "align" / "checkpoints" / "step-0000002" / "trainer_state.json").is_file()
     assert_same_weights(single / "align" / "final", final, atol=2e-5)
+
+    # A crash after the step-2 checkpoint: the stage output is gone, --resume loads the sharded checkpoint (model,
+    # optimizer, scheduler, RNG on both ranks) and redoes step 3.
+    uninterrupted = tmp_path / "uninterrupted"
+    shutil.move(final, uninterrupted)
+    resumed = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stderr and "step-0000002" in resumed.stderr
+    assert_same_weights(uninterrupted, final, atol=1e-6)
+    steps = [json.loads(line)["step"] for line in (sharded / "align" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]
 
