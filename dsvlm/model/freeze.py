@@ -18,7 +18,7 @@ def _group_parameters(model: DSVLM, group: str) -> list[nn.Parameter]:
     """The parameters a stage that trains `group` updates."""
     vlm = model.vlm
     if group == "vision":
-        return _reached_vision_parameters(model)
+        return reached_vision_parameters(model)
     if group == "connector":
         projector = vlm.model.multi_modal_projector
         if is_linear_connector(vlm):  # linear_2 is the fixed identity of the single linear map
@@ -35,7 +35,7 @@ def _group_parameters(model: DSVLM, group: str) -> list[nn.Parameter]:
     raise ValueError(f"unknown module group {group!r}; choose from {', '.join(GROUPS)}")
 
 
-def _reached_vision_parameters(model: DSVLM) -> list[nn.Parameter]:
+def reached_vision_parameters(model: DSVLM) -> list[nn.Parameter]:
     """The vision tower's parameters that some loss reaches: the encoder up to the deepest hidden state that the
     connector or the branch reads. The deeper layers and the pooling tail (CLIP's post_layernorm, SigLIP's head)
     never get a gradient; left trainable, they would have no optimizer state, which an FSDP resume refuses."""

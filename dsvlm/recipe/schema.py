@@ -309,6 +309,10 @@ class RunConfig(Strict):
     )
     preview_images: PositiveInt = Field(4, description="Images in a reconstruction grid.")
     tensorboard: bool = Field(False, description="Also log to TensorBoard (needs the tensorboard package).")
+    peak_tflops: PositiveFloat | None = Field(
+        None, description="Peak TFLOP/s of one device for the `mfu` metric (default: known GPUs' dense bf16 peak; "
+        "none on CPU)."
+    )
 
 
 class EvalConfig(Strict):

@@ -52,6 +52,7 @@ from dsvlm.recipe.schema import Recipe, StageConfig
 from dsvlm.train import checkpoint
 from dsvlm.train.plots import image_grid, plot_losses, read_metrics
 from dsvlm.train.rundir import STAGE_INFO, RunDir, environment, is_final, resolve_init
+from dsvlm.train.throughput import BranchFlops, ModelFlops, peak_tflops, throughput_fields
 
 log = logging.getLogger(__name__)
 PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
@@ -256,6 +257,7 @@ def run_stage(recipe: Recipe, stage: StageConfig, run: RunDir, init: Path | None
     freeze_for_stage(model, stage.train)
     if stage.gradient_checkpointing:
         model.vlm.activation_checkpointing_enable()
+    model_flops, branch_flops = ModelFlops.of(model), BranchFlops(model)
     dataset_dir = Path(stage.dataset or recipe.data.dataset)
     collator = Collator(
         model.processor, stage.template_name, recipe.data.max_length,
@@ -281,6 +283,7 @@ def run_stage(recipe: Recipe, stage: StageConfig, run: RunDir, init: Path | None
                               num_training_steps=total)
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
     trainable = [p for p in model.parameters() if p.requires_grad]
+    peak = peak_tflops(recipe.run.peak_tflops, stage.precision, accelerator.device)
 
     stage_dir = run.stage_dir(stage.name)
     metrics_path = run.metrics_path(stage.name)
@@ -306,13 +309,14 @@ def run_stage(recipe: Recipe, stage: StageConfig, run: RunDir, init: Path | None
                 micro = [next(batches) for _ in range(accum)]
                 tick = time.perf_counter()
                 record = _optimizer_step(accelerator, model, optimizer, scheduler, trainable, micro, stage,
-                                         supervise, recipe.run.seed, step)
+                                         supervise, recipe.run.seed, step, branch_flops)
                 step += 1
                 record.update(stage=stage.name, step=step, epoch=round(step / steps_per_epoch, 4),
                               step_time_s=round(time.perf_counter() - tick, 4),
                               elapsed_s=round(time.perf_counter() - started, 2))
                 record["samples_per_s"] = round(stage.global_batch_size / record["step_time_s"], 2)
-                record["tokens_per_s"] = round(record.pop("tokens") / record["step_time_s"], 1)
+                record.update(throughput_fields(record.pop("tokens"), record.pop("images"), record.pop("reconstructed"),
+                                                record["step_time_s"], world, model_flops, branch_flops, peak))
                 if accelerator.is_main_process:
                     _append_metrics(metrics_path, record, run.checkpoints_dir(stage.name))
                     progress.update(task, completed=step, info=_progress_info(record))
@@ -380,12 +384,14 @@ def _param_groups(model: DSVLM, stage: StageConfig) -> list[dict[str, Any]]:
 
 
 def _optimizer_step(accelerator: Accelerator, model: torch.nn.Module, optimizer, scheduler, trainable: list,
-                    micro: list[dict], stage: StageConfig, supervise: bool, seed: int, step: int) -> dict:
+                    micro: list[dict], stage: StageConfig, supervise: bool, seed: int, step: int,
+                    branch_flops: BranchFlops) -> dict:
     """One optimizer step over `micro` (this process's micro-batches), normalised over all processes."""
     world = accelerator.num_processes
     counts = torch.tensor([[float((b["labels"][:, 1:] != -100).sum()), float(_reconstructed(b, model, supervise)),
-                            float(b["attention_mask"].sum())] for b in micro], device=accelerator.device).sum(0)
-    text_tokens, rec_images, tokens = accelerator.reduce(counts, reduction="sum").tolist()
+                            float(b["attention_mask"].sum()), float(b["image_mask"].sum())] for b in micro],
+                          device=accelerator.device).sum(0)
+    text_tokens, rec_images, tokens, images = accelerator.reduce(counts, reduction="sum").tolist()
     text_loss = torch.zeros((), device=accelerator.device)
     rec_loss = torch.zeros((), device=accelerator.device)
     rec_buckets = torch.zeros(TIMESTEP_BUCKETS, 2, device=accelerator.device)
@@ -393,7 +399,7 @@ def _optimizer_step(accelerator: Accelerator, model: torch.nn.Module, optimizer,
         batch["noise_seeds"] = noise_seeds(seed, step, batch["sample_index"])
         sync = contextlib.nullcontext() if i == len(micro) - 1 else accelerator.no_sync(model)
         with sync:
-            with accelerator.autocast():
+            with accelerator.autocast(), branch_flops.measuring(_reconstructed(batch, model, supervise)):
                 # DDP averages gradients over processes: scale by world size to get the global sum / count.
                 out = model(batch, supervise=supervise, text_normalizer=max(text_tokens, 1.0) / world,
                             rec_normalizer=max(rec_images, 1.0) / world)
@@ -415,7 +421,7 @@ def _optimizer_step(accelerator: Accelerator, model: torch.nn.Module, optimizer,
     text, rec = reduced[0] / world, reduced[1] / world
     record = {"loss": text + (rec * _weight(model) if supervise else 0.0), "text_loss": text,
               "rec_loss": rec if supervise else None, "lr": scheduler.get_last_lr()[0],
-              "grad_norm": float(grad_norm), "tokens": tokens}
+              "grad_norm": float(grad_norm), "tokens": tokens, "images": images, "reconstructed": rec_images}
     if supervise:
         # Mean per-image reconstruction loss by noise level, for the buckets this step drew.
         n_timesteps = len(_unwrapped(model).supervision.alphas_cumprod)
