@@ -30,7 +30,7 @@ from accelerate import (
     PartialState,
 )
 from accelerate.state import AcceleratorState
-from accelerate.utils import DistributedType
+from accelerate.utils import DeepSpeedPlugin, DistributedType
 from torch.distributed.fsdp import FSDPModule
 from torch.utils.data import DataLoader, Sampler, Subset
 from transformers import get_scheduler
@@ -164,12 +164,17 @@ def train(recipe: Recipe, options: TrainOptions) -> Path:
     return output
 
 
+def _launched_with_deepspeed() -> bool:
+    """`accelerate launch` with a DeepSpeed config sets ACCELERATE_USE_DEEPSPEED in every process."""
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
 def _check_batch_layout(stage: StageConfig, world: int) -> None:
-    """Refuse what the launch cannot run, before any model loads. `accelerate launch` with a DeepSpeed config
-    sets ACCELERATE_USE_DEEPSPEED in every process: dsvlm accumulates gradients itself (no_sync), which DeepSpeed's
-    engine does not honour, so it needs accumulation 1 there (DeepSpeed is untested in dsvlm)."""
+    """Refuse what the launch cannot run, before any model loads. Under DeepSpeed the engine steps the optimizer
+    inside `backward` at its own accumulation boundary and divides the loss by its accumulation count again, while
+    dsvlm accumulates explicitly (no_sync, a loss normalised over the whole step): accumulation must be 1 there."""
     accumulation = stage.accumulation_steps(world)
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true" and accumulation > 1:
+    if _launched_with_deepspeed() and accumulation > 1:
         raise DsvlmError(f"stage {stage.name}: under DeepSpeed dsvlm needs gradient accumulation 1 (it would be "
                          f"{accumulation}); set per_device_batch_size = global_batch_size / {world}")
 
@@ -206,6 +211,7 @@ def _cpu_only() -> bool:
 def _accelerator(stage: StageConfig) -> Accelerator:
     AcceleratorState._reset_state()  # each stage may use its own precision
     cpu_fsdp = _cpu_only() and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    cpu_deepspeed = _cpu_only() and _launched_with_deepspeed()
     accelerator = Accelerator(
         cpu=_cpu_only(),
         mixed_precision=PRECISION[stage.precision],
@@ -221,6 +227,18 @@ def _accelerator(stage: StageConfig) -> Accelerator:
         accelerator.state.distributed_type = DistributedType.FSDP
         PartialState._shared_state["distributed_type"] = DistributedType.FSDP  # as accelerate does on GPUs
         accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin()  # read from the launch's FSDP_* env
+    if cpu_deepspeed and accelerator.num_processes > 1:
+        # Likewise for DeepSpeed (its CPU accelerator communicates over gloo without oneCCL): as accelerate
+        # sets it up on GPUs, from the launch's ACCELERATE_DEEPSPEED_* env.
+        plugin = DeepSpeedPlugin()
+        plugin.set_mixed_precision(PRECISION[stage.precision])
+        plugin.select(_from_accelerator_state=True)
+        accelerator.state.distributed_type = DistributedType.DEEPSPEED
+        PartialState._shared_state["distributed_type"] = DistributedType.DEEPSPEED
+        accelerator.state.deepspeed_plugins = plugin
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        # DeepSpeed's engine clips inside its step and ignores clip_grad_norm_: the recipe's norm goes to it.
+        accelerator.state.deepspeed_plugin.deepspeed_config["gradient_clipping"] = stage.max_grad_norm or 0.0
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if accelerator.num_processes != launched:
         raise DsvlmError(f"launched {launched} processes but accelerate set up {accelerator.num_processes}; "
