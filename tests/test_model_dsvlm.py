@@ -13,7 +13,7 @@ from transformers import CLIPConfig, CLIPModel, LlamaConfig, LlamaForCausalLM, L
 
 from dsvlm.data.synthetic import synthetic_vocabulary
 from dsvlm.model.collate import Collator
-from dsvlm.model.dsvlm import DSVLM, load_model, save_model
+from dsvlm.model.dsvlm import DSVLM, encoder_layers, load_model, save_model
 from dsvlm.model.freeze import freeze_for_stage
 from dsvlm.model.templates import CHAT_TEMPLATES
 from dsvlm.model.tokenizer import build_word_tokenizer
@@ -133,6 +133,11 @@ def test_one_step_preview_at_the_lowest_noise_is_the_image_in_pixel_space() -> N
     assert float((nearly_clean - originals).abs().max()) < 0.1 < float((sampled - originals).abs().max())
 
 
+def unread_vision_modules(tower: torch.nn.Module) -> set[str]:
+    return {name.rsplit(".", 1)[0].split(".self_attn")[0].split(".mlp")[0].split(".layer_norm")[0]
+            for name, p in tower.named_parameters() if not p.requires_grad}
+
+
 def test_freeze_for_stage_trains_exactly_the_named_groups() -> None:
     recipe = Recipe.model_validate({**recipe_dict(freeze_unet=True), "model": {**recipe_dict()["model"],
                                                                                 "connector": "linear"}})
@@ -144,7 +149,16 @@ def test_freeze_for_stage_trains_exactly_the_named_groups() -> None:
     assert rows["unet"]["trainable"] == 0 and rows["vae"]["trainable"] == 0
     assert rows["supervision (adapters, new K/V, routers, LoRA)"]["frozen"] == 0
     rows = {r["module"]: r for r in freeze_for_stage(model, ["vision", "llm"])}
-    assert rows["vision"]["frozen"] == 0 and rows["llm"]["frozen"] == 0 and rows["connector"]["trainable"] == 0
+    assert rows["llm"]["frozen"] == 0 and rows["connector"]["trainable"] == 0
+    # The parameters no loss reaches stay frozen (an FSDP resume refuses trainable parameters without optimizer
+    # state): the pooling tail always; the last layer once neither the connector (-2 of 3 layers) nor the branch
+    # reads its output.
+    tower = model.vlm.model.vision_tower
+    assert len(encoder_layers(tower)) == 3 and model.supervision.config.vision_layers == [1, 3]
+    assert unread_vision_modules(tower) == {"post_layernorm"}
+    model.supervision.config.vision_layers = [1, 2]
+    freeze_for_stage(model, ["vision", "llm"])
+    assert unread_vision_modules(tower) == {"post_layernorm", "encoder.layers.2"}
     assert not any(p.requires_grad for p in model.supervision.parameters())
     trainable_unet = tiny_model(tiny_recipe(freeze_unet=False))
     rows = {r["module"]: r for r in freeze_for_stage(trainable_unet, ["supervision"])}

@@ -141,3 +141,20 @@ def test_checking_a_hostile_checkpoint_runs_no_code(prepared, tmp_path):
     with pytest.raises(DsvlmError, match="step-0000001: "):
         checkpoint.load_latest(accelerator, tmp_path / "ckpt")
     assert not marker.exists()
+
+
+def test_deepspeed_engine_files_are_checked_whole_without_unpickling(tmp_path):
+    """DeepSpeed pickles its own objects (no weights-only load): its files are checked by their archive CRCs."""
+    import argparse
+    import zipfile
+
+    engine = tmp_path / "step-0000001" / "pytorch_model"
+    engine.mkdir(parents=True)
+    (engine.parent / "latest").write_text("pytorch_model")
+    states = engine / "mp_rank_00_model_states.pt"
+    torch.save({"module": {"w": torch.ones(64)}, "ds_config": argparse.Namespace(zero_stage=2)}, states)
+    checkpoint._check_readable(engine.parent)
+    whole = states.read_bytes()
+    states.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(zipfile.BadZipFile):
+        checkpoint._check_readable(engine.parent)

@@ -25,7 +25,7 @@ from dsvlm.outputs import lock_path
 from dsvlm.recipe import load_recipe
 from dsvlm.train.loop import TrainOptions, train
 
-TIMING_KEYS = {"step_time_s", "elapsed_s", "samples_per_s", "tokens_per_s"}
+TIMING_KEYS = {"step_time_s", "elapsed_s", "samples_per_s", "tokens_per_s", "tokens_per_s_per_device", "mfu"}
 
 
 @pytest.fixture(scope="module")

@@ -71,13 +71,13 @@ class DSVLM(nn.Module):
         self.processor = processor
         self._captured: dict[str, torch.Tensor] | None = None
         # What FSDP's transformer auto-wrap shards as units (accelerate reads this attribute).
-        self._no_split_modules = sorted({type(_encoder_layers(vlm.model.vision_tower)[0]).__name__,
+        self._no_split_modules = sorted({type(encoder_layers(vlm.model.vision_tower)[0]).__name__,
                                          type(vlm.model.language_model.layers[0]).__name__})
         if supervision is not None:
             self._install_hooks(supervision)
 
     def _install_hooks(self, supervision: DiffusionSupervision) -> None:
-        layers = _encoder_layers(self.vlm.model.vision_tower)
+        layers = encoder_layers(self.vlm.model.vision_tower)
         too_deep = [layer for layer in supervision.config.vision_layers if layer > len(layers)]
         if too_deep:
             raise RecipeError(
@@ -194,7 +194,7 @@ def _bucket_sums(per_image: torch.Tensor, timesteps: torch.Tensor, n_timesteps: 
     return sums
 
 
-def _encoder_layers(vision_tower: nn.Module) -> nn.ModuleList:
+def encoder_layers(vision_tower: nn.Module) -> nn.ModuleList:
     """The transformer layers of a CLIP / SigLIP vision tower (flat in transformers 5, nested before)."""
     for path in ("encoder.layers", "vision_model.encoder.layers"):
         with contextlib.suppress(AttributeError):

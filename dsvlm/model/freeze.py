@@ -8,7 +8,7 @@ from rich.table import Table
 from torch import nn
 
 from dsvlm.console import console
-from dsvlm.model.dsvlm import DSVLM
+from dsvlm.model.dsvlm import DSVLM, encoder_layers
 from dsvlm.model.lora import has_llm_lora, lora_parameters
 from dsvlm.model.vlm import is_linear_connector
 
@@ -19,7 +19,7 @@ def _group_parameters(model: DSVLM, group: str) -> list[nn.Parameter]:
     """The parameters a stage that trains `group` updates."""
     vlm = model.vlm
     if group == "vision":
-        return list(vlm.model.vision_tower.parameters())
+        return reached_vision_parameters(model)
     if group == "connector":
         projector = vlm.model.multi_modal_projector
         if is_linear_connector(vlm):  # linear_2 is the fixed identity of the single linear map
@@ -36,6 +36,24 @@ def _group_parameters(model: DSVLM, group: str) -> list[nn.Parameter]:
         unet = [] if branch.config.freeze_unet else list(branch.unet.parameters())
         return [*branch.new_parameters(), *unet]
     raise ValueError(f"unknown module group {group!r}; choose from {', '.join(GROUPS)}")
+
+
+def reached_vision_parameters(model: DSVLM) -> list[nn.Parameter]:
+    """The vision tower's parameters that some loss reaches: the encoder up to the deepest hidden state that the
+    connector or the branch reads. The deeper layers and the pooling tail (CLIP's post_layernorm, SigLIP's head)
+    never get a gradient; left trainable, they would have no optimizer state, which an FSDP resume refuses."""
+    tower = model.vlm.model.vision_tower
+    layers = encoder_layers(tower)
+    feature = model.vlm.config.vision_feature_layer
+    # hidden_states[k] (len(layers) + 1 of them, the embeddings first) is the output of encoder layer k.
+    read = [k % (len(layers) + 1) for k in (feature if isinstance(feature, list) else [feature])]
+    if model.supervision is not None:
+        read += model.supervision.config.vision_layers
+    kept = {id(p) for p in tower.parameters()} - {id(p) for layer in layers for p in layer.parameters()}
+    kept -= {id(p) for name, module in tower.named_modules() if name.split(".")[-1] in ("post_layernorm", "head")
+             for p in module.parameters()}
+    kept |= {id(p) for layer in layers[: max(read)] for p in layer.parameters()}
+    return [p for p in tower.parameters() if id(p) in kept]
 
 
 def _count(params: Iterable[nn.Parameter]) -> tuple[int, int]:

@@ -364,6 +364,10 @@ class RunConfig(Strict):
         description="Also log every step's metrics to TensorBoard, in OUT/tensorboard/<stage>/ (needs the "
         "tensorboard package: pip install 'dsvlm[tensorboard]').",
     )
+    peak_tflops: PositiveFloat | None = Field(
+        None, description="Peak TFLOP/s of one device for the `mfu` metric (default: known GPUs' dense bf16 peak; "
+        "none on CPU)."
+    )
 
 
 class EvalConfig(Strict):

@@ -30,7 +30,7 @@ from accelerate import (
     PartialState,
 )
 from accelerate.state import AcceleratorState
-from accelerate.utils import DistributedType
+from accelerate.utils import DeepSpeedPlugin, DistributedType
 from torch.distributed.fsdp import FSDPModule
 from torch.utils.data import DataLoader, Sampler, Subset
 from transformers import get_scheduler
@@ -55,6 +55,7 @@ from dsvlm.recipe.load import dump_recipe
 from dsvlm.recipe.schema import Recipe, StageConfig
 from dsvlm.rundir import STAGE_INFO, RunDir, environment, is_final, resolve_init
 from dsvlm.train import checkpoint
+from dsvlm.train.throughput import BranchFlops, ModelFlops, peak_tflops, throughput_fields
 from dsvlm.train.tracking import check_tensorboard, finish_trackers, scalars, tensorboard_dir
 
 log = logging.getLogger(__name__)
@@ -169,12 +170,17 @@ def train(recipe: Recipe, options: TrainOptions) -> Path:
     return output
 
 
+def _launched_with_deepspeed() -> bool:
+    """`accelerate launch` with a DeepSpeed config sets ACCELERATE_USE_DEEPSPEED in every process."""
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
 def _check_batch_layout(stage: StageConfig, world: int) -> None:
-    """Refuse what the launch cannot run, before any model loads. `accelerate launch` with a DeepSpeed config
-    sets ACCELERATE_USE_DEEPSPEED in every process: dsvlm accumulates gradients itself (no_sync), which DeepSpeed's
-    engine does not honour, so it needs accumulation 1 there (DeepSpeed is untested in dsvlm)."""
+    """Refuse what the launch cannot run, before any model loads. Under DeepSpeed the engine steps the optimizer
+    inside `backward` at its own accumulation boundary and divides the loss by its accumulation count again, while
+    dsvlm accumulates explicitly (no_sync, a loss normalised over the whole step): accumulation must be 1 there."""
     accumulation = stage.accumulation_steps(world)
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true" and accumulation > 1:
+    if _launched_with_deepspeed() and accumulation > 1:
         raise DsvlmError(f"stage {stage.name}: under DeepSpeed dsvlm needs gradient accumulation 1 (it would be "
                          f"{accumulation}); set per_device_batch_size = global_batch_size / {world}")
 
@@ -211,6 +217,7 @@ def _cpu_only() -> bool:
 def _accelerator(stage: StageConfig, tensorboard: Path | None = None) -> Accelerator:
     AcceleratorState._reset_state()  # each stage may use its own precision
     cpu_fsdp = _cpu_only() and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    cpu_deepspeed = _cpu_only() and _launched_with_deepspeed()
     accelerator = Accelerator(
         cpu=_cpu_only(),
         mixed_precision=PRECISION[stage.precision],
@@ -228,6 +235,18 @@ def _accelerator(stage: StageConfig, tensorboard: Path | None = None) -> Acceler
         accelerator.state.distributed_type = DistributedType.FSDP
         PartialState._shared_state["distributed_type"] = DistributedType.FSDP  # as accelerate does on GPUs
         accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin()  # read from the launch's FSDP_* env
+    if cpu_deepspeed and accelerator.num_processes > 1:
+        # Likewise for DeepSpeed (its CPU accelerator communicates over gloo without oneCCL): as accelerate
+        # sets it up on GPUs, from the launch's ACCELERATE_DEEPSPEED_* env.
+        plugin = DeepSpeedPlugin()
+        plugin.set_mixed_precision(PRECISION[stage.precision])
+        plugin.select(_from_accelerator_state=True)
+        accelerator.state.distributed_type = DistributedType.DEEPSPEED
+        PartialState._shared_state["distributed_type"] = DistributedType.DEEPSPEED
+        accelerator.state.deepspeed_plugins = plugin
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        # DeepSpeed's engine clips inside its step and ignores clip_grad_norm_: the recipe's norm goes to it.
+        accelerator.state.deepspeed_plugin.deepspeed_config["gradient_clipping"] = stage.max_grad_norm or 0.0
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if accelerator.num_processes != launched:
         raise DsvlmError(f"launched {launched} processes but accelerate set up {accelerator.num_processes}; "
@@ -267,6 +286,7 @@ def run_stage(recipe: Recipe, stage: StageConfig, run: RunDir, init: Path | None
     freeze_for_stage(model, stage.train)
     if stage.gradient_checkpointing:
         model.vlm.activation_checkpointing_enable()
+    model_flops, branch_flops = ModelFlops.of(model), BranchFlops(model)
     dataset_dir = Path(stage.dataset or recipe.data.dataset)
     collator = Collator(
         model.processor, stage.template_name, recipe.data.max_length,
@@ -297,6 +317,7 @@ def run_stage(recipe: Recipe, stage: StageConfig, run: RunDir, init: Path | None
                               num_training_steps=total)
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
     trainable = [p for p in model.parameters() if p.requires_grad]
+    peak = peak_tflops(recipe.run.peak_tflops, stage.precision, accelerator.device)
 
     stage_dir = run.stage_dir(stage.name)
     metrics_path = run.metrics_path(stage.name)
@@ -322,13 +343,14 @@ def run_stage(recipe: Recipe, stage: StageConfig, run: RunDir, init: Path | None
                 micro = [next(batches) for _ in range(accum)]
                 tick = time.perf_counter()
                 record = _optimizer_step(accelerator, model, optimizer, scheduler, trainable, micro, stage,
-                                         supervise, recipe.run.seed, step)
+                                         supervise, recipe.run.seed, step, branch_flops)
                 step += 1
                 record.update(stage=stage.name, step=step, epoch=round(step / steps_per_epoch, 4),
                               step_time_s=round(time.perf_counter() - tick, 4),
                               elapsed_s=round(time.perf_counter() - started, 2))
                 record["samples_per_s"] = round(stage.global_batch_size / record["step_time_s"], 2)
-                record["tokens_per_s"] = round(record.pop("tokens") / record["step_time_s"], 1)
+                record.update(throughput_fields(record.pop("tokens"), record.pop("images"), record.pop("reconstructed"),
+                                                record["step_time_s"], world, model_flops, branch_flops, peak))
                 if accelerator.is_main_process:
                     _append_metrics(metrics_path, record, run.checkpoints_dir(stage.name))
                     accelerator.log(scalars(record), step=step)  # no-op without run.tensorboard
@@ -399,12 +421,14 @@ def _param_groups(model: DSVLM, stage: StageConfig) -> list[dict[str, Any]]:
 
 
 def _optimizer_step(accelerator: Accelerator, model: torch.nn.Module, optimizer, scheduler, trainable: list,
-                    micro: list[dict], stage: StageConfig, supervise: bool, seed: int, step: int) -> dict:
+                    micro: list[dict], stage: StageConfig, supervise: bool, seed: int, step: int,
+                    branch_flops: BranchFlops) -> dict:
     """One optimizer step over `micro` (this process's micro-batches), normalised over all processes."""
     world = accelerator.num_processes
     counts = torch.tensor([[float((b["labels"][:, 1:] != -100).sum()), float(_reconstructed(b, model, supervise)),
-                            float(b["attention_mask"].sum())] for b in micro], device=accelerator.device).sum(0)
-    text_tokens, rec_images, tokens = accelerator.reduce(counts, reduction="sum").tolist()
+                            float(b["attention_mask"].sum()), float(b["image_mask"].sum())] for b in micro],
+                          device=accelerator.device).sum(0)
+    text_tokens, rec_images, tokens, images = accelerator.reduce(counts, reduction="sum").tolist()
     text_loss = torch.zeros((), device=accelerator.device)
     rec_loss = torch.zeros((), device=accelerator.device)
     rec_buckets = torch.zeros(TIMESTEP_BUCKETS, 2, device=accelerator.device)
@@ -412,7 +436,7 @@ def _optimizer_step(accelerator: Accelerator, model: torch.nn.Module, optimizer,
         batch["noise_seeds"] = noise_seeds(seed, step, batch["sample_index"])
         sync = contextlib.nullcontext() if i == len(micro) - 1 else accelerator.no_sync(model)
         with sync:
-            with accelerator.autocast():
+            with accelerator.autocast(), branch_flops.measuring(_reconstructed(batch, model, supervise)):
                 # DDP averages gradients over processes: scale by world size to get the global sum / count.
                 out = model(batch, supervise=supervise, text_normalizer=max(text_tokens, 1.0) / world,
                             rec_normalizer=max(rec_images, 1.0) / world)
@@ -434,7 +458,7 @@ def _optimizer_step(accelerator: Accelerator, model: torch.nn.Module, optimizer,
     text, rec = reduced[0] / world, reduced[1] / world
     record = {"loss": text + (rec * _weight(model) if supervise else 0.0), "text_loss": text,
               "rec_loss": rec if supervise else None, "lr": scheduler.get_last_lr()[0],
-              "grad_norm": float(grad_norm), "tokens": tokens}
+              "grad_norm": float(grad_norm), "tokens": tokens, "images": images, "reconstructed": rec_images}
     if supervise:
         # Mean per-image reconstruction loss by noise level, for the buckets this step drew.
         n_timesteps = len(_unwrapped(model).supervision.alphas_cumprod)
