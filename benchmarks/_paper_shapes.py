@@ -128,10 +128,11 @@ def qwen2_tokenizer(out: Path, texts: Iterable[str], vocab_size: int = 2000) -> 
     return out
 
 
-def _seeded(seed: int, build: Callable[[], Any]) -> Any:
+def _seeded(seed: int, build: Callable[[], Any], device: str) -> Any:
+    """`build()` under a fixed seed, its tensors created on `device` (a GPU builds 7B in seconds)."""
     import torch  # lazily: `_common` sets the thread environment before torch loads
 
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), torch.device(device):
         torch.manual_seed(seed)
         return build()
 
@@ -142,7 +143,7 @@ def _save(model: Any, out: Path, dtype: str) -> None:
     model.to(getattr(torch, dtype)).save_pretrained(out, safe_serialization=True)
 
 
-def vision_encoder(out: Path, family: str, dtype: str = "float32", **cut: Any) -> Path:
+def vision_encoder(out: Path, family: str, dtype: str = "float32", device: str = "cpu", **cut: Any) -> Path:
     """CLIP ViT-L/14-336 (`clip`) or SigLIP-SO400M/14-384 (`siglip`), random weights, with its preprocessor;
     `cut` replaces config fields (the smoke sizes)."""
     from transformers import CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig, SiglipVisionModel
@@ -151,7 +152,7 @@ def vision_encoder(out: Path, family: str, dtype: str = "float32", **cut: Any) -
     options = {**shape, **cut}
     config_cls, model_cls = (CLIPVisionConfig, CLIPVisionModel) if family == "clip" else (
         SiglipVisionConfig, SiglipVisionModel)
-    model = _seeded(0, lambda: model_cls(config_cls(**options)))
+    model = _seeded(0, lambda: model_cls(config_cls(**options)), device)
     _save(model, out, dtype)
     del model
     size = options["image_size"]
@@ -161,7 +162,7 @@ def vision_encoder(out: Path, family: str, dtype: str = "float32", **cut: Any) -
     return out
 
 
-def llm(out: Path, family: str, tokenizer_dir: Path, dtype: str = "float32", **cut: Any) -> Path:
+def llm(out: Path, family: str, tokenizer_dir: Path, dtype: str = "float32", device: str = "cpu", **cut: Any) -> Path:
     """Vicuna-7B (`llama`) or Qwen2-7B (`qwen2`) shapes, random weights, `cut` replacing config fields (e.g.
     num_hidden_layers), plus the tokenizer files copied in (the directory `model.llm.pretrained` expects)."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
@@ -169,22 +170,22 @@ def llm(out: Path, family: str, tokenizer_dir: Path, dtype: str = "float32", **c
     shape = VICUNA_7B if family == "llama" else QWEN2_7B
     options = {**shape, **cut}
     config_cls, model_cls = (LlamaConfig, LlamaForCausalLM) if family == "llama" else (Qwen2Config, Qwen2ForCausalLM)
-    model = _seeded(1, lambda: model_cls(config_cls(**options)))
+    model = _seeded(1, lambda: model_cls(config_cls(**options)), device)
     _save(model, out, dtype)
     del model
     AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out)
     return out
 
 
-def stable_diffusion(out: Path, dtype: str = "float32", unet_cut: dict[str, Any] | None = None,
+def stable_diffusion(out: Path, dtype: str = "float32", device: str = "cpu", unet_cut: dict[str, Any] | None = None,
                      vae_cut: dict[str, Any] | None = None) -> Path:
     """SD 1.5's UNet, VAE and scheduler config as a diffusers directory (unet/, vae/, scheduler/)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    unet = _seeded(2, lambda: UNet2DConditionModel(**{**SD15_UNET, **(unet_cut or {})}))
+    unet = _seeded(2, lambda: UNet2DConditionModel(**{**SD15_UNET, **(unet_cut or {})}), device)
     _save(unet, out / "unet", dtype)
     del unet
-    vae = _seeded(3, lambda: AutoencoderKL(**{**SD15_VAE, **(vae_cut or {})}))
+    vae = _seeded(3, lambda: AutoencoderKL(**{**SD15_VAE, **(vae_cut or {})}), device)
     _save(vae, out / "vae", dtype)
     del vae
     (out / "scheduler").mkdir(parents=True, exist_ok=True)
