@@ -196,8 +196,11 @@ def run_recipe(name: str, args: argparse.Namespace, work: Path, data: Path, eval
             if outcome["rc"]:
                 break
         result["arms"][arm] = {"run": str(run_dir), "stages": stages}
-        if arm == "ds" and all(s.get("rc") == 0 for s in stages.values()) and len(stages) == len(STAGES):
-            result["strip"], result["eval"] = strip_and_eval(run_dir, work, name, eval_file, args)
+        finished = [stage for stage, got in stages.items() if got["rc"] == 0]
+        if arm == "ds" and finished:  # the last stage that finished (stage 2 may not fit in memory)
+            result["stripped_stage"] = finished[-1]
+            result["strip"], result["eval"] = strip_and_eval(run_dir / finished[-1] / "final", work, name,
+                                                             eval_file, args)
     return result
 
 
@@ -206,10 +209,10 @@ def write_partial(args: argparse.Namespace, name: str, arm: str, stages: dict[st
     print(json.dumps({"partial": {"recipe": name, "arm": arm, "stages": stages}}), file=sys.stderr, flush=True)
 
 
-def strip_and_eval(run_dir: Path, work: Path, name: str, eval_file: Path,
+def strip_and_eval(source: Path, work: Path, name: str, eval_file: Path,
                    args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
     model = work / "models" / name
-    strip = dsvlm_command(["strip", str(run_dir), "--out", str(model), "--overwrite", "--json"],
+    strip = dsvlm_command(["strip", str(source), "--out", str(model), "--overwrite", "--json"],
                           work / "logs" / f"{name}-strip.log", args.threads, args.min_free_gib, keep_stdout=True)
     if strip["rc"]:
         return strip, {"skipped": "strip failed"}
