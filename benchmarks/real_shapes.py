@@ -216,15 +216,25 @@ def strip_and_eval(source: Path, work: Path, name: str, eval_file: Path,
                           work / "logs" / f"{name}-strip.log", args.threads, args.min_free_gib, keep_stdout=True)
     if strip["rc"]:
         return strip, {"skipped": "strip failed"}
-    strip["report"] = json.loads(strip.pop("stdout"))
+    strip["report"] = json_stdout(strip)
     evaluation = dsvlm_command(["eval", str(model), "--bench", "mmbench", "--data-files", f"mmbench={eval_file}",
                                 "--out", str(work / "eval" / name), "--batch-size", "2", "--max-new-tokens", "4",
                                 "--json"], work / "logs" / f"{name}-eval.log", args.threads, args.min_free_gib,
                                keep_stdout=True)
     if not evaluation["rc"]:
-        summary = json.loads(evaluation.pop("stdout"))
+        summary = json_stdout(evaluation)
         evaluation["summary"] = {k: v for k, v in summary.items() if k != "compare"}
     return strip, evaluation
+
+
+def json_stdout(outcome: dict[str, Any]) -> Any:
+    """The JSON a `--json` command printed; lines before it (a library printing on stdout) are kept as
+    `stdout_noise`, since a pipeline reading that stdout would break on them."""
+    text = outcome.pop("stdout")
+    start = text.find("\n{") + 1 if not text.startswith("{") else 0
+    if start:
+        outcome["stdout_noise"] = text[:start].strip().splitlines()
+    return json.loads(text[start:])
 
 
 def dsvlm_command(cmd: list[str], log: Path, threads: int, min_free_gib: float = 3.0,
