@@ -26,11 +26,17 @@ demo: install
 replicate: install
 	PATH=$(abspath $(VENV))/bin:$$PATH bash scripts/replicate.sh
 
+# Lint, format check, then the whole suite on TEST_WORKERS xdist workers (one torch thread each); each test module
+# stays on one worker (tests/conftest.py). `pytest -m "not slow"` skips the long end-to-end tests.
+TEST_WORKERS ?= 2
 test: install
-	OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest -q
+	$(VENV)/bin/ruff check dsvlm tests benchmarks
+	$(VENV)/bin/ruff format --check dsvlm tests benchmarks
+	OMP_WAIT_POLICY=PASSIVE OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
 
 lint: install
 	$(VENV)/bin/ruff check dsvlm tests benchmarks
+	$(VENV)/bin/ruff format --check dsvlm tests benchmarks
 
 clean:
 	rm -rf $(VENV) runs data

@@ -16,6 +16,16 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import pytest
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
+def pytest_collection_modifyitems(config, items):
+    """`make test` runs two xdist workers with `--dist loadgroup`: each module's tests stay on one worker, so a
+    module-scoped fixture (a trained run, a prepared dataset) is built once. The documented-commands snippets,
+    the longest module, spread over both workers; their workspace is built once and shared (see that module)."""
+    for item in items:
+        if item.module.__name__ != "test_documented_commands":
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+
+
 @pytest.fixture(scope="session")
 def trained_tiny_model(tmp_path_factory):
     """A tiny LLaVA trained a little (tests/tiny_llava.py), shared by the evaluation tests."""

@@ -12,6 +12,7 @@ tests/doc_commands.py and shown below as test ids.
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 from pathlib import Path
@@ -62,12 +63,23 @@ def shims(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory, shims) -> Path:
-    cwd = tmp_path_factory.mktemp("workspace")
-    result = run_script(FIXTURE_SCRIPT, cwd, shims, {})
-    commands = [c for c in parse_script(FIXTURE_SCRIPT) if c.status == "run"]
-    assert not (found := problems(commands, result)), "\n\n".join(found)
-    assert "output_dir: runs/my" in (cwd / "my.yaml").read_text()
-    (cwd / ".doc-commands.jsonl").unlink()
+    """Built once per test session: under xdist the first worker builds it in the session's shared temp folder
+    while the other waits on the lock; snippets only read it (each runs in its own copy)."""
+    from filelock import FileLock
+
+    shared = os.environ.get("PYTEST_XDIST_WORKER") is not None
+    root = tmp_path_factory.getbasetemp().parent if shared else tmp_path_factory.mktemp("doc")
+    cwd = root / "doc-workspace"
+    with FileLock(str(root / "doc-workspace.lock")):
+        if not (root / "doc-workspace.ready").is_file():
+            shutil.rmtree(cwd, ignore_errors=True)  # a worker that failed half-way
+            cwd.mkdir()
+            result = run_script(FIXTURE_SCRIPT, cwd, shims, {})
+            commands = [c for c in parse_script(FIXTURE_SCRIPT) if c.status == "run"]
+            assert not (found := problems(commands, result)), "\n\n".join(found)
+            assert "output_dir: runs/my" in (cwd / "my.yaml").read_text()
+            (cwd / ".doc-commands.jsonl").unlink()
+            (root / "doc-workspace.ready").touch()
     return cwd
 
 
