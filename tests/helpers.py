@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import atexit
-import os
 import shutil
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -15,18 +12,10 @@ from click.testing import Result
 REPO = Path(__file__).resolve().parents[1]
 
 
-def dsvlm(*args: str, check: bool = True, env: dict | None = None, **kwargs) -> subprocess.CompletedProcess:
-    """Run the real CLI in a subprocess (exit codes, stdout/stderr split as users see them)."""
-    result = subprocess.run([sys.executable, "-m", "dsvlm", *args], capture_output=True, text=True,
-                            env={**os.environ, **(env or {})}, **kwargs)
-    if check and result.returncode != 0:
-        raise AssertionError(f"dsvlm {' '.join(args)} failed ({result.returncode}):\n{result.stderr[-3000:]}")
-    return result
-
-
 def cli(*args: object, check: bool = False, env: dict | None = None) -> Result:
     """Run the CLI in process (typer's CliRunner): exit code, stdout and stderr apart, as users see them, without
-    the seconds a fresh interpreter spends importing torch. `dsvlm` above is for tests about the process."""
+    the seconds a fresh interpreter spends importing torch. Tests about the process itself (a kill, a launch of
+    several processes, the console entry point) run `python -m dsvlm` instead."""
     from typer.testing import CliRunner
 
     from dsvlm.cli.app import app
