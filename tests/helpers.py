@@ -2,28 +2,52 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
+import atexit
+import shutil
 import tempfile
 from pathlib import Path
+
+from click.testing import Result
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def dsvlm(*args: str, check: bool = True, env: dict | None = None, **kwargs) -> subprocess.CompletedProcess:
-    """Run the real CLI in a subprocess (exit codes, stdout/stderr split as users see them)."""
-    result = subprocess.run([sys.executable, "-m", "dsvlm", *args], capture_output=True, text=True,
-                            env={**os.environ, **(env or {})}, **kwargs)
-    if check and result.returncode != 0:
-        raise AssertionError(f"dsvlm {' '.join(args)} failed ({result.returncode}):\n{result.stderr[-3000:]}")
+def cli(*args: object, check: bool = False, env: dict | None = None) -> Result:
+    """Run the CLI in process (typer's CliRunner): exit code, stdout and stderr apart, as users see them, without
+    the seconds a fresh interpreter spends importing torch. Tests about the process itself (a kill, a launch of
+    several processes, the console entry point) run `python -m dsvlm` instead."""
+    from typer.testing import CliRunner
+
+    from dsvlm.cli.app import app
+
+    result = CliRunner().invoke(app, [str(a) for a in args], env=env)
+    if check and result.exit_code != 0:
+        raise AssertionError(f"dsvlm {' '.join(map(str, args))} failed ({result.exit_code}):\n"
+                             f"{result.stderr[-3000:]}") from result.exception
     return result
 
 
+def scratch_dir(prefix: str) -> Path:
+    """A folder for what a test process builds once and shares, removed when the process exits."""
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
+
+
+_SYNTHETIC: dict[int, Path] = {}
+
+
 def prepare_small_synthetic(out: Path, n: int = 64) -> Path:
-    result = dsvlm("prepare", "synthetic", str(out), "--n-align", str(n), "--n-instruct", str(n),
-                   "--n-eval", "16", "--seed", "1")
-    return Path(result.stdout.strip())
+    """`dsvlm prepare synthetic OUT --n-align N --n-instruct N --n-eval 16 --seed 1`, generated once per test
+    process and copied (tests may add latents or edit it)."""
+    if n not in _SYNTHETIC:
+        from dsvlm.data.synthetic import SyntheticConfig, prepare_synthetic
+
+        cached = scratch_dir("dsvlm-test-synthetic-") / "synthetic"
+        prepare_synthetic(cached, SyntheticConfig(n_align=n, n_instruct=n, n_eval=16, seed=1), progress=False)
+        _SYNTHETIC[n] = cached
+    shutil.copytree(_SYNTHETIC[n], out)
+    return out
 
 
 _TINY_DIFFUSION: dict[str, Path] = {}
@@ -36,7 +60,7 @@ def tiny_diffusion(prediction_type: str = "sample") -> Path:
         from dsvlm.data.synthetic import SyntheticConfig, prepare_synthetic
         from dsvlm.diffusion.pretrain import PretrainOptions, pretrain_diffusion
 
-        root = Path(tempfile.mkdtemp(prefix="dsvlm-test-diffusion-"))
+        root = scratch_dir("dsvlm-test-diffusion-")
         data = root / "data"
         prepare_synthetic(data, SyntheticConfig(n_align=8, n_instruct=4, n_eval=2), progress=False)
         options = PretrainOptions(steps=2, batch_size=4, eval_captions=2, sample_steps=2,

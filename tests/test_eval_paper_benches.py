@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import yaml
 from bench_fixtures import ROWS, write_fixture
-from helpers import dsvlm
+from helpers import cli
 
 from dsvlm.errors import DsvlmError
 from dsvlm.evaluation import BENCHMARKS, evaluate
@@ -45,9 +45,9 @@ def summary(trained_tiny_model, fixtures, tmp_path_factory) -> dict[str, Any]:
     """One `dsvlm eval` of the nine judge-free benchmarks, as a user runs it."""
     out = tmp_path_factory.mktemp("eval-benches")
     data = [arg for name in OFFLINE for arg in ("--data-files", f"{name}={fixtures[name]}")]
-    result = dsvlm(
-        "eval", str(trained_tiny_model), "--bench", ",".join(OFFLINE), *data, "--out", str(out),
-        "--max-new-tokens", "8", "--json",
+    result = cli(
+        "eval", trained_tiny_model, "--bench", ",".join(OFFLINE), *data, "--out", out, "--max-new-tokens", "8",
+        "--json", check=True,
     )
     return json.loads(result.stdout)
 
@@ -129,11 +129,11 @@ def test_a_task_package_that_is_missing_fails_fast_with_the_pip_command(fixtures
 
 
 def test_judge_error_is_one_clean_line_from_the_cli(fixtures, model_shaped_dir):
-    result = dsvlm(
-        "eval", str(model_shaped_dir), "--bench", "llava_bench", "--data-files",
-        f"llava_bench={fixtures['llava_bench']}", check=False, env={"OPENAI_API_KEY": ""},
+    result = cli(
+        "eval", model_shaped_dir, "--bench", "llava_bench", "--data-files", f"llava_bench={fixtures['llava_bench']}",
+        env={"OPENAI_API_KEY": ""},
     )
-    assert result.returncode == 2 and "Traceback" not in result.stderr and not result.stdout
+    assert result.exit_code == 2 and "Traceback" not in result.output and not result.stdout
     assert "needs an LLM judge" in " ".join(result.stderr.split())
 
 

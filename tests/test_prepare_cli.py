@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,7 +19,6 @@ from dsvlm.recipe import load_recipe
 
 TINY_GEOMETRY = image_geometry(load_recipe("tiny-synthetic").model)
 SMALL = ["--n-align", "8", "--n-instruct", "12", "--n-eval", "4"]
-DSVLM = Path(sys.executable).with_name("dsvlm")
 
 
 def run(*args: str):
@@ -129,15 +125,12 @@ def test_strict_exits_2_without_traceback(tmp_path: Path) -> None:
     source = tmp_path / "bad.jsonl"
     source.write_text('{"id": "x", "conversations": []}\n')
     out = tmp_path / "out"
-    env = {**os.environ, "COLUMNS": "300"}
-    proc = subprocess.run(
-        [str(DSVLM), "prepare", "llava", str(out), "--align", str(source), "--image-root", str(tmp_path), "--strict"],
-        capture_output=True, text=True, env=env, timeout=120,
-    )
-    assert proc.returncode == 2
-    assert proc.stdout == ""
-    assert "error:" in proc.stderr and "line 1 (id x): empty_conversations" in proc.stderr
-    assert "Traceback" not in proc.stderr
+    result = CliRunner().invoke(app, ["prepare", "llava", str(out), "--align", str(source), "--image-root",
+                                      str(tmp_path), "--strict"], env={"COLUMNS": "300"})
+    assert result.exit_code == 2
+    assert result.stdout == ""
+    assert "error:" in result.stderr and "line 1 (id x): empty_conversations" in result.stderr
+    assert "Traceback" not in result.output
     assert not out.exists()
 
 

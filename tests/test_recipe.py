@@ -26,7 +26,7 @@ runner = CliRunner()
 
 
 def run_cli(*args: str):
-    """Run the real console entry point so exit codes and messages are what users see."""
+    """Run the real console entry point: exit codes, streams and tracebacks as the interpreter leaves them."""
     return subprocess.run([sys.executable, "-m", "dsvlm", *args], capture_output=True, text=True)
 
 
@@ -131,24 +131,24 @@ def test_bad_recipes_exit_2_with_the_field_path(tmp_path, mutate, expected):
     with pytest.raises(RecipeError) as err:
         load_recipe(str(path))
     assert expected in str(err.value)
-    result = run_cli("recipe", "validate", str(path))
-    assert result.returncode == 2
-    assert "Traceback" not in result.stderr
-    assert "error:" in result.stderr
+    result = runner.invoke(app, ["recipe", "validate", str(path)])
+    assert result.exit_code == 2
+    assert "Traceback" not in result.output
+    assert "error:" in result.stderr and expected in " ".join(result.stderr.split())
 
 
 def test_malformed_yaml_names_line_and_column(tmp_path):
     path = tmp_path / "broken.yaml"
     path.write_text("model:\n  connector: linear\n stages: [\n")
-    result = run_cli("recipe", "validate", str(path))
-    assert result.returncode == 2
+    result = runner.invoke(app, ["recipe", "validate", str(path)])
+    assert result.exit_code == 2
     assert "line 3, column 2" in result.stderr
-    assert "Traceback" not in result.stderr
+    assert "Traceback" not in result.output
 
 
 def test_missing_recipe_path(tmp_path):
-    result = run_cli("recipe", "validate", str(tmp_path / "nope.yaml"))
-    assert result.returncode == 2
+    result = runner.invoke(app, ["recipe", "validate", str(tmp_path / "nope.yaml")])
+    assert result.exit_code == 2
     assert "neither a file nor a bundled recipe" in result.stderr
 
 
@@ -167,16 +167,29 @@ def test_misspelt_bundled_name_gets_a_hint():
     ],
 )
 def test_bad_overrides(override, expected):
-    result = run_cli("recipe", "validate", "tiny-synthetic", override)
-    assert result.returncode == 2
+    result = runner.invoke(app, ["recipe", "validate", "tiny-synthetic", override])
+    assert result.exit_code == 2
     assert expected in result.stderr.replace("\n", " ")
-    assert "Traceback" not in result.stderr
+    assert "Traceback" not in result.output
 
 
-def test_debug_shows_the_traceback(tmp_path):
-    result = run_cli("--debug", "recipe", "validate", str(tmp_path / "nope.yaml"))
-    assert result.returncode != 0
-    assert "Traceback" in result.stderr
+def test_debug_lets_the_error_through_with_its_traceback(tmp_path):
+    result = runner.invoke(app, ["--debug", "recipe", "validate", str(tmp_path / "nope.yaml")])
+    assert result.exit_code == 1 and isinstance(result.exception, RecipeError)
+    assert "error:" not in result.stderr  # not caught into the one-line message
+
+
+def test_the_console_entry_point_as_a_process(tmp_path):
+    """The one end-to-end check of `python -m dsvlm` itself (every other CLI test runs in process): a result
+    alone on stdout with exit 0, a user error as one line on stderr with exit 2, and `--debug`'s traceback."""
+    dest = tmp_path / "mine.yaml"
+    copied = run_cli("recipe", "cp", "tiny-synthetic", str(dest))
+    assert copied.returncode == 0 and copied.stdout == f"{dest}\n"
+    refused = run_cli("recipe", "cp", "tiny-synthetic", str(dest))
+    assert refused.returncode == 2 and not refused.stdout
+    assert refused.stderr.startswith("error:") and "--overwrite" in refused.stderr and "Traceback" not in refused.stderr
+    debug = run_cli("--debug", "recipe", "validate", str(tmp_path / "nope.yaml"))
+    assert debug.returncode == 1 and "Traceback" in debug.stderr and "neither a file nor" in debug.stderr
 
 
 def test_recipe_list_show_cp_schema(tmp_path):
@@ -192,8 +205,8 @@ def test_recipe_list_show_cp_schema(tmp_path):
     copied = runner.invoke(app, ["recipe", "cp", "tiny-synthetic", str(dest)])
     assert copied.exit_code == 0 and copied.stdout.strip() == str(dest)
     assert load_recipe(str(dest)) == load_recipe("tiny-synthetic")
-    again = run_cli("recipe", "cp", "tiny-synthetic", str(dest))
-    assert again.returncode == 2 and "--overwrite" in again.stderr
+    again = runner.invoke(app, ["recipe", "cp", "tiny-synthetic", str(dest)])
+    assert again.exit_code == 2 and "--overwrite" in again.stderr and not again.stdout
 
     schema = json.loads(runner.invoke(app, ["recipe", "schema"]).stdout)
     lr = schema["$defs"]["StageConfig"]["properties"]["lr"]
@@ -201,8 +214,8 @@ def test_recipe_list_show_cp_schema(tmp_path):
 
 
 def test_version():
-    result = run_cli("--version")
-    assert result.returncode == 0 and result.stdout.startswith("dsvlm ")
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.stdout == f"dsvlm {dsvlm.__version__}\n"
 
 
 def _plain(kind: object) -> object:

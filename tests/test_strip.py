@@ -11,43 +11,39 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import dsvlm, prepare_small_synthetic, tiny_overrides
+from fixtures_runs import TinyRun, shared_run
+from helpers import cli
 from safetensors import safe_open
 from transformers import AutoProcessor, LlavaForConditionalGeneration
-from typer.testing import CliRunner
 
-from dsvlm.cli.app import app
 from dsvlm.errors import DsvlmError
 from dsvlm.outputs import lock_path
 from dsvlm.strip.strip import LLAVA_PREFIXES, load_trained, probe_batch, strip
 
 
-def cli(*args: str):
-    """The CLI in process: exit code and stderr as users see them."""
-    return CliRunner().invoke(app, list(args))
-
-
 @pytest.fixture(scope="module")
-def run(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("strip")
-    data = prepare_small_synthetic(root / "data", n=32)
-    out = root / "run"
-    dsvlm("train", "tiny-synthetic", *tiny_overrides(data, out, steps=2), "--stage", "align", "--no-progress")
-    return out
+def tiny_run(tmp_path_factory) -> TinyRun:
+    return shared_run(tmp_path_factory)
 
 
-def test_eval_of_a_run_strips_it_on_the_fly(run, tmp_path):
-    data = run.parent / "data"
-    result = dsvlm("eval", str(run), "--bench", "synthetic", "--data-files", f"synthetic={data}", "--limit", "4",
-                   "--out", str(tmp_path / "eval"), "--json")
+@pytest.fixture
+def run(tiny_run) -> Path:
+    """The shared run, read only: strip writes elsewhere (a test that wrote into it would fail the others)."""
+    return tiny_run.root
+
+
+def test_eval_of_a_run_strips_it_on_the_fly(tiny_run, tmp_path):
+    run = tiny_run.copy(tmp_path / "run").root  # eval writes the stripped model into the run
+    result = cli("eval", run, "--bench", "synthetic", "--data-files", f"synthetic={tiny_run.data}", "--limit", "4",
+                 "--out", tmp_path / "eval", "--json", check=True)
     summary = json.loads(result.stdout)
-    assert "synthetic" in json.dumps(summary)
+    assert summary["benchmarks"]["synthetic"]["score"] >= 0
     assert (run / "align" / "stripped" / "config.json").is_file()
 
 
 def test_strip_writes_a_plain_llava_that_matches_the_training_model(run, tmp_path):
     out = tmp_path / "model"
-    result = dsvlm("strip", str(run), "--out", str(out), "--json")
+    result = cli("strip", run, "--out", out, "--json", check=True)
     report = json.loads(result.stdout)
     assert report["output"] == str(out)
     assert report["params_removed"] > 0 and report["params_after"] < report["params_before"]
@@ -76,15 +72,15 @@ def test_strip_replaces_only_an_earlier_stripped_model(run, tmp_path):
     out = tmp_path / "model"
     out.mkdir()
     (out / "keep.txt").write_text("precious")
-    refused = cli("strip", str(run), "--out", str(out))
+    refused = cli("strip", run, "--out", out)
     assert refused.exit_code == 2 and "--overwrite" in refused.stderr
-    refused = cli("strip", str(run), "--out", str(out), "--overwrite")
+    refused = cli("strip", run, "--out", out, "--overwrite")
     assert refused.exit_code == 2 and "not a stripped model written by dsvlm" in refused.stderr
     assert (out / "keep.txt").read_text() == "precious"
 
     (out / "keep.txt").unlink()
-    assert cli("strip", str(run), "--out", str(out)).exit_code == 0  # an empty folder is fine
-    deprecated = cli("strip", str(run), "--out", str(out), "--force")
+    assert cli("strip", run, "--out", out).exit_code == 0  # an empty folder is fine
+    deprecated = cli("strip", run, "--out", out, "--force")
     assert deprecated.exit_code == 0 and "--force is deprecated" in deprecated.stderr
     assert (out / "config.json").is_file()
 
@@ -93,7 +89,7 @@ def test_strip_replaces_only_an_earlier_stripped_model(run, tmp_path):
 def test_strip_refuses_an_out_that_is_holds_or_lies_inside_its_source(run, where):
     out = {"run": run, "stage": run / "align", "inside": run / "model", "parent": run.parent}[where]
     before = sorted(p.relative_to(run.parent) for p in run.parent.rglob("*"))
-    result = cli("strip", str(run), "--out", str(out), "--overwrite")
+    result = cli("strip", run, "--out", out, "--overwrite")
     assert result.exit_code == 2 and "lies inside the input" in result.stderr
     assert "Traceback" not in result.output
     assert sorted(p.relative_to(run.parent) for p in run.parent.rglob("*")) == before
@@ -102,7 +98,7 @@ def test_strip_refuses_an_out_that_is_holds_or_lies_inside_its_source(run, where
 def test_a_second_writer_of_the_same_out_stops_at_once(run, tmp_path):
     out = tmp_path / "model"
     lock_path(out).write_text(f"{os.getppid()} {socket.gethostname()}\n")  # a live process writes it
-    result = cli("strip", str(run), "--out", str(out))
+    result = cli("strip", run, "--out", out)
     assert result.exit_code == 2 and f"(pid {os.getppid()}" in result.stderr
     assert not out.exists()
 
@@ -116,15 +112,14 @@ def test_strip_of_an_incomplete_run_is_a_clear_error(run, tmp_path):
     for item in final.iterdir():
         if item.is_file():
             (broken / item.name).write_bytes(item.read_bytes())
-    result = dsvlm("strip", str(broken), "--out", str(tmp_path / "out"), check=False)
-    assert result.returncode == 2 and "Traceback" not in result.stderr
+    result = cli("strip", broken, "--out", tmp_path / "out")
+    assert result.exit_code == 2 and "Traceback" not in result.output
     assert not (tmp_path / "out").exists()
 
 
 def test_push_to_hub_offline_fails_fast(run, tmp_path):
-    result = dsvlm("strip", str(run), "--out", str(tmp_path / "m"), "--push-to-hub", "me/tiny", check=False,
-                   env={"HF_HUB_OFFLINE": "1"})
-    assert result.returncode == 2 and "offline" in result.stderr
+    result = cli("strip", run, "--out", tmp_path / "m", "--push-to-hub", "me/tiny", env={"HF_HUB_OFFLINE": "1"})
+    assert result.exit_code == 2 and "offline" in result.stderr
     assert (tmp_path / "m" / "config.json").is_file()  # the stripped model is kept
 
 

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import REPO, dsvlm, prepare_small_synthetic, tiny_overrides
+from helpers import REPO, cli, prepare_small_synthetic, tiny_overrides
 from test_train import assert_same_weights
 
 pytestmark = pytest.mark.slow
@@ -60,7 +60,7 @@ def single(tmp_path_factory) -> tuple[Path, Path]:
     """(dataset, final output of one process with global batch 8 in one micro-batch)."""
     root = tmp_path_factory.mktemp("single")
     data = prepare_small_synthetic(root / "data", n=32)
-    dsvlm("train", "tiny-synthetic", *tiny_overrides(data, root / "run", steps=3), *COMMON)
+    cli("train", "tiny-synthetic", *tiny_overrides(data, root / "run", steps=3), *COMMON, check=True)  # in process
     return data, root / "run" / "align" / "final"
 
 

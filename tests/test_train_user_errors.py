@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import REPO, dsvlm, prepare_small_synthetic, tiny_overrides, tiny_vlm
+from helpers import REPO, cli, prepare_small_synthetic, tiny_overrides, tiny_vlm
 from test_model_fixtures import CLIP
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
@@ -23,6 +23,7 @@ def data(tmp_path_factory) -> Path:
     return prepare_small_synthetic(tmp_path_factory.mktemp("data") / "synthetic", n=16)
 
 
+@pytest.mark.slow  # two launched processes: both must stop with the line, neither may wait for the other
 def test_a_global_batch_the_launched_processes_cannot_split_is_one_line(data, tmp_path):
     """global 8 = 8 per device fits one process; two launched processes cannot make it."""
     args = [sys.executable, "-m", "dsvlm", "train", "tiny-synthetic", *tiny_overrides(data, tmp_path / "run"),
@@ -40,9 +41,9 @@ def test_a_global_batch_the_launched_processes_cannot_split_is_one_line(data, tm
 
 
 def test_a_missing_init_directory_is_one_line_and_creates_no_run(data, tmp_path):
-    result = dsvlm("train", "tiny-synthetic", *tiny_overrides(data, tmp_path / "run"), "--stage", "instruct",
-                   "--init", str(tmp_path / "nowhere"), check=False)
-    assert result.returncode == 2 and "nowhere" in result.stderr and "Traceback" not in result.stderr
+    result = cli("train", "tiny-synthetic", *tiny_overrides(data, tmp_path / "run"), "--stage", "instruct",
+                 "--init", tmp_path / "nowhere")
+    assert result.exit_code == 2 and "nowhere" in result.stderr and "Traceback" not in result.output
     assert not (tmp_path / "run").exists()
 
 
