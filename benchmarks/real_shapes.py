@@ -36,9 +36,13 @@ import psutil
 from _common import command_line, loadavg, machine, stderr_console, write_report
 from rich.table import Table
 
-RECIPES = {
+RECIPES: dict[str, dict[str, Any]] = {
     "llava15-vicuna7b-ds": {"vision": "clip", "llm": "llama", "tokenizer": shapes.llama_tokenizer},
     "siglip-qwen2-ds": {"vision": "siglip", "llm": "qwen2", "tokenizer": shapes.qwen2_tokenizer},
+    # Differs from the paper recipe in stage 2 only (LoRA on the LLM): its components and its stage 1 output
+    # are the paper recipe's, so it runs stage 2 from that run's align/final (run the paper recipe first).
+    "llava15-vicuna7b-ds-lora": {"vision": "clip", "llm": "llama", "tokenizer": shapes.llama_tokenizer,
+                                 "stage1_of": "llava15-vicuna7b-ds"},
 }
 STAGES = ("align", "instruct")
 ARMS = {"ds": [], "plain": ["supervision.enabled=false"]}
@@ -57,6 +61,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--qwen2-vocab", type=int, default=None,
                         help="Cut Qwen2's 152,064-row vocabulary (default: the real size).")
     parser.add_argument("--arms", default="ds,plain", help="ds (supervision on) and/or plain (off).")
+    parser.add_argument("--stages", default=",".join(STAGES),
+                        help="align and/or instruct; instruct alone starts from an earlier run's align/final.")
     parser.add_argument("--steps", type=int, default=2, help="Optimizer steps per stage.")
     parser.add_argument("--n-records", type=int, default=24, help="Records per split.")
     parser.add_argument("--eval-items", type=int, default=4, help="MMBench-format items evaluated.")
@@ -164,7 +170,8 @@ def mmbench_parquet(path: Path, n: int) -> Path:
 def run_recipe(name: str, args: argparse.Namespace, work: Path, data: Path, eval_file: Path, diffusion: Path,
                console: Any) -> dict[str, Any]:
     spec = RECIPES[name]
-    components = work / "components" / name
+    stage1_of = spec.get("stage1_of", name)
+    components = work / "components" / stage1_of
     tokenizer = built(components / "tokenizer", spec["tokenizer"], shapes.corpus())
     vision = built(components / "vision", shapes.vision_encoder, spec["vision"])
     cut: dict[str, Any] = {"num_hidden_layers": args.llm_layers}
@@ -183,8 +190,11 @@ def run_recipe(name: str, args: argparse.Namespace, work: Path, data: Path, eval
             common += [f"stages.{i}.max_steps={args.steps}", f"stages.{i}.global_batch_size=1",
                        f"stages.{i}.per_device_batch_size=1", f"stages.{i}.precision={args.precision}"]
         stages: dict[str, Any] = {}
-        for stage in STAGES:
-            extra = ["--init", str(run_dir / "align" / "final")] if stage == "instruct" else []
+        selected = [stage for stage in STAGES if stage in args.stages.split(",")
+                    and not (stage == "align" and stage1_of != name)]
+        for stage in selected:
+            align_dir = run_dir if "align" in selected else work / "runs" / f"{stage1_of}-{arm}"
+            extra = ["--init", str(align_dir / "align" / "final")] if stage == "instruct" else []
             log = work / "logs" / f"{name}-{arm}-{stage}.log"
             console.print(f"[bold]{name} {arm} {stage}[/]: running (log {log})")
             outcome = dsvlm_command(["train", name, *common, "--stage", stage, "--no-progress", "--overwrite",
