@@ -64,6 +64,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--stages", default=",".join(STAGES),
                         help="align and/or instruct; instruct alone starts from an earlier run's align/final.")
     parser.add_argument("--steps", type=int, default=2, help="Optimizer steps per stage.")
+    parser.add_argument("--no-strip-eval", action="store_true", help="Train only: no strip and eval of the ds run.")
     parser.add_argument("--n-records", type=int, default=24, help="Records per split.")
     parser.add_argument("--eval-items", type=int, default=4, help="MMBench-format items evaluated.")
     parser.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS of the children.")
@@ -207,7 +208,8 @@ def run_recipe(name: str, args: argparse.Namespace, work: Path, data: Path, eval
                 break
         result["arms"][arm] = {"run": str(run_dir), "stages": stages}
         finished = [stage for stage, got in stages.items() if got["rc"] == 0]
-        if arm == "ds" and finished:  # the last stage that finished (stage 2 may not fit in memory)
+        # the last stage that finished (stage 2 may not fit in memory)
+        if arm == "ds" and finished and not args.no_strip_eval:
             result["stripped_stage"] = finished[-1]
             result["strip"], result["eval"] = strip_and_eval(run_dir / finished[-1] / "final", work, name,
                                                              eval_file, args)
