@@ -265,6 +265,7 @@ def dsvlm_command(cmd: list[str], log: Path, threads: int, min_free_gib: float =
         watch.stop()
     outcome: dict[str, Any] = {"rc": child.returncode, "wall_s": round(time.perf_counter() - started, 1),
                                "peak_rss_gib": round(watch.peak_kib / 2**20, 2),
+                               "peak_anon_gib": round(watch.peak_anon_kib / 2**20, 2),
                                "min_available_gib": round(watch.min_available / 2**30, 2)}
     if watch.killed:
         outcome["killed"] = f"available memory under {min_free_gib} GiB"
@@ -276,13 +277,14 @@ def dsvlm_command(cmd: list[str], log: Path, threads: int, min_free_gib: float =
 
 
 class Watch(threading.Thread):
-    """Samples the child's VmHWM (peak RSS, monotone in the kernel) and the machine's available memory;
-    kills the child if the latter falls under the floor (other jobs share this machine)."""
+    """Samples the child's VmHWM (peak RSS, monotone in the kernel; it counts the memory-mapped safetensors
+    pages too, which the kernel can drop), its RssAnon (the memory it really holds; peak of the samples) and the
+    machine's available memory; kills the child if the latter falls under the floor (other jobs share it)."""
 
     def __init__(self, pid: int, min_free_gib: float) -> None:
         super().__init__(daemon=True)
         self.pid, self.floor = pid, min_free_gib * 2**30
-        self.peak_kib, self.min_available, self.killed = 0, float("inf"), False
+        self.peak_kib, self.peak_anon_kib, self.min_available, self.killed = 0, 0, float("inf"), False
         self._stop_event = threading.Event()
 
     def run(self) -> None:
@@ -291,6 +293,8 @@ class Watch(threading.Thread):
                 for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
                     if line.startswith("VmHWM:"):
                         self.peak_kib = max(self.peak_kib, int(line.split()[1]))
+                    elif line.startswith("RssAnon:"):
+                        self.peak_anon_kib = max(self.peak_anon_kib, int(line.split()[1]))
             except (OSError, ValueError):
                 return
             available = psutil.virtual_memory().available
