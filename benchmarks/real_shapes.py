@@ -5,7 +5,9 @@ real architectures (`_paper_shapes.py`: CLIP ViT-L/14-336 or SigLIP-SO400M/384, 
 the LLM's layer count cut to `--llm-layers`, SD 1.5 UNet + VAE + scheduler config, an offline tokenizer with the
 real special tokens), prepares a few dozen LLaVA-format records with real-size images (640x480 JPEG), and runs
 `dsvlm train RECIPE` stage by stage with supervision (`ds`) and without (`plain`, `supervision.enabled=false`),
-then `dsvlm strip` and `dsvlm eval` (a local MMBench-format parquet) on the `ds` run.
+then `dsvlm strip` and `dsvlm eval` (a local MMBench-format parquet) on the `ds` run. `llava15-vicuna7b-ds-lora`
+differs in stage 2 only: it runs that stage from the paper recipe's stage-1 output (run that recipe first).
+`--stages instruct` reruns stage 2 alone from an earlier run's stage 1.
 
 Only these recipe fields are overridden: the `pretrained:` paths, `data.dataset`, `run.output_dir`, the step
 counts (`max_steps`, `run.log_every=1`), the batch sizes (1 per step) and the end-of-stage preview's size
