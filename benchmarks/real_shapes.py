@@ -5,7 +5,9 @@ real architectures (`_paper_shapes.py`: CLIP ViT-L/14-336 or SigLIP-SO400M/384, 
 the LLM's layer count cut to `--llm-layers`, SD 1.5 UNet + VAE + scheduler config, an offline tokenizer with the
 real special tokens), prepares a few dozen LLaVA-format records with real-size images (640x480 JPEG), and runs
 `dsvlm train RECIPE` stage by stage with supervision (`ds`) and without (`plain`, `supervision.enabled=false`),
-then `dsvlm strip` and `dsvlm eval` (a local MMBench-format parquet) on the `ds` run.
+then `dsvlm strip` and `dsvlm eval` (a local MMBench-format parquet) on the `ds` run. `llava15-vicuna7b-ds-lora`
+differs in stage 2 only: it runs that stage from the paper recipe's stage-1 output (run that recipe first).
+`--stages instruct` reruns stage 2 alone from an earlier run's stage 1.
 
 Only these recipe fields are overridden: the `pretrained:` paths, `data.dataset`, `run.output_dir`, the step
 counts (`max_steps`, `run.log_every=1`), the batch sizes (1 per step) and the end-of-stage preview's size
@@ -36,9 +38,13 @@ import psutil
 from _common import command_line, loadavg, machine, stderr_console, write_report
 from rich.table import Table
 
-RECIPES = {
+RECIPES: dict[str, dict[str, Any]] = {
     "llava15-vicuna7b-ds": {"vision": "clip", "llm": "llama", "tokenizer": shapes.llama_tokenizer},
     "siglip-qwen2-ds": {"vision": "siglip", "llm": "qwen2", "tokenizer": shapes.qwen2_tokenizer},
+    # Differs from the paper recipe in stage 2 only (LoRA on the LLM): its components and its stage 1 output
+    # are the paper recipe's, so it runs stage 2 from that run's align/final (run the paper recipe first).
+    "llava15-vicuna7b-ds-lora": {"vision": "clip", "llm": "llama", "tokenizer": shapes.llama_tokenizer,
+                                 "stage1_of": "llava15-vicuna7b-ds"},
 }
 STAGES = ("align", "instruct")
 ARMS = {"ds": [], "plain": ["supervision.enabled=false"]}
@@ -57,7 +63,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--qwen2-vocab", type=int, default=None,
                         help="Cut Qwen2's 152,064-row vocabulary (default: the real size).")
     parser.add_argument("--arms", default="ds,plain", help="ds (supervision on) and/or plain (off).")
+    parser.add_argument("--stages", default=",".join(STAGES),
+                        help="align and/or instruct; instruct alone starts from an earlier run's align/final.")
     parser.add_argument("--steps", type=int, default=2, help="Optimizer steps per stage.")
+    parser.add_argument("--no-strip-eval", action="store_true", help="Train only: no strip and eval of the ds run.")
     parser.add_argument("--n-records", type=int, default=24, help="Records per split.")
     parser.add_argument("--eval-items", type=int, default=4, help="MMBench-format items evaluated.")
     parser.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS of the children.")
@@ -164,7 +173,8 @@ def mmbench_parquet(path: Path, n: int) -> Path:
 def run_recipe(name: str, args: argparse.Namespace, work: Path, data: Path, eval_file: Path, diffusion: Path,
                console: Any) -> dict[str, Any]:
     spec = RECIPES[name]
-    components = work / "components" / name
+    stage1_of = spec.get("stage1_of", name)
+    components = work / "components" / stage1_of
     tokenizer = built(components / "tokenizer", spec["tokenizer"], shapes.corpus())
     vision = built(components / "vision", shapes.vision_encoder, spec["vision"])
     cut: dict[str, Any] = {"num_hidden_layers": args.llm_layers}
@@ -183,8 +193,11 @@ def run_recipe(name: str, args: argparse.Namespace, work: Path, data: Path, eval
             common += [f"stages.{i}.max_steps={args.steps}", f"stages.{i}.global_batch_size=1",
                        f"stages.{i}.per_device_batch_size=1", f"stages.{i}.precision={args.precision}"]
         stages: dict[str, Any] = {}
-        for stage in STAGES:
-            extra = ["--init", str(run_dir / "align" / "final")] if stage == "instruct" else []
+        selected = [stage for stage in STAGES if stage in args.stages.split(",")
+                    and not (stage == "align" and stage1_of != name)]
+        for stage in selected:
+            align_dir = run_dir if "align" in selected else work / "runs" / f"{stage1_of}-{arm}"
+            extra = ["--init", str(align_dir / "align" / "final")] if stage == "instruct" else []
             log = work / "logs" / f"{name}-{arm}-{stage}.log"
             console.print(f"[bold]{name} {arm} {stage}[/]: running (log {log})")
             outcome = dsvlm_command(["train", name, *common, "--stage", stage, "--no-progress", "--overwrite",
@@ -197,7 +210,8 @@ def run_recipe(name: str, args: argparse.Namespace, work: Path, data: Path, eval
                 break
         result["arms"][arm] = {"run": str(run_dir), "stages": stages}
         finished = [stage for stage, got in stages.items() if got["rc"] == 0]
-        if arm == "ds" and finished:  # the last stage that finished (stage 2 may not fit in memory)
+        # the last stage that finished (stage 2 may not fit in memory)
+        if arm == "ds" and finished and not args.no_strip_eval:
             result["stripped_stage"] = finished[-1]
             result["strip"], result["eval"] = strip_and_eval(run_dir / finished[-1] / "final", work, name,
                                                              eval_file, args)
@@ -253,6 +267,7 @@ def dsvlm_command(cmd: list[str], log: Path, threads: int, min_free_gib: float =
         watch.stop()
     outcome: dict[str, Any] = {"rc": child.returncode, "wall_s": round(time.perf_counter() - started, 1),
                                "peak_rss_gib": round(watch.peak_kib / 2**20, 2),
+                               "peak_anon_gib": round(watch.peak_anon_kib / 2**20, 2),
                                "min_available_gib": round(watch.min_available / 2**30, 2)}
     if watch.killed:
         outcome["killed"] = f"available memory under {min_free_gib} GiB"
@@ -264,13 +279,14 @@ def dsvlm_command(cmd: list[str], log: Path, threads: int, min_free_gib: float =
 
 
 class Watch(threading.Thread):
-    """Samples the child's VmHWM (peak RSS, monotone in the kernel) and the machine's available memory;
-    kills the child if the latter falls under the floor (other jobs share this machine)."""
+    """Samples the child's VmHWM (peak RSS, monotone in the kernel; it counts the memory-mapped safetensors
+    pages too, which the kernel can drop), its RssAnon (the memory it really holds; peak of the samples) and the
+    machine's available memory; kills the child if the latter falls under the floor (other jobs share it)."""
 
     def __init__(self, pid: int, min_free_gib: float) -> None:
         super().__init__(daemon=True)
         self.pid, self.floor = pid, min_free_gib * 2**30
-        self.peak_kib, self.min_available, self.killed = 0, float("inf"), False
+        self.peak_kib, self.peak_anon_kib, self.min_available, self.killed = 0, 0, float("inf"), False
         self._stop_event = threading.Event()
 
     def run(self) -> None:
@@ -279,6 +295,8 @@ class Watch(threading.Thread):
                 for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
                     if line.startswith("VmHWM:"):
                         self.peak_kib = max(self.peak_kib, int(line.split()[1]))
+                    elif line.startswith("RssAnon:"):
+                        self.peak_anon_kib = max(self.peak_anon_kib, int(line.split()[1]))
             except (OSError, ValueError):
                 return
             available = psutil.virtual_memory().available

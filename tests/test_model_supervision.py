@@ -351,3 +351,33 @@ def test_ssim_loss_matches_a_reference_implementation() -> None:
         # by 6e-4 or more on these pairs
         assert torch.allclose(ours, expected, atol=2e-5), (ours, expected)
     assert torch.allclose(1 - ssim_loss(structured * 2 - 1, structured * 2 - 1), torch.ones(4, dtype=torch.float64))
+
+
+def test_frozen_pretrained_weights_held_in_bf16_give_the_same_loss_and_gradients_under_autocast(tmp_path) -> None:
+    UNet2DConditionModel(**UNET).save_pretrained(tmp_path / "unet")
+    AutoencoderKL(**VAE).save_pretrained(tmp_path / "vae")
+    DDPMScheduler(num_train_timesteps=50).save_pretrained(tmp_path / "scheduler")
+    config = tiny_recipe(diffusion={"pretrained": str(tmp_path)}, loss={"perceptual": 1.0, "mae": 1.0}).supervision
+    full, held = (DiffusionSupervision(config, VISION, LLM, seed=3) for _ in range(2))
+    assert held.hold_frozen_in(torch.bfloat16) > 0
+    dtypes = {n: p.dtype for n, p in held.named_parameters()}
+    assert dtypes["unet.conv_in.weight"] == dtypes["vae.encoder.conv_in.weight"] == torch.bfloat16
+    assert dtypes["vae.encoder.conv_norm_out.weight"] == torch.float32  # autocast keeps norms in fp32
+    # the new K/V and routers inside the UNet, and the adapters, train in fp32
+    assert all(dtypes[n] == torch.float32 for n, p in held.named_parameters() if p.requires_grad)
+    assert any(".processor." in n for n, p in held.named_parameters() if p.requires_grad)
+    cond, x, seeds = conditions(full, 2), images(2), torch.arange(2)
+    losses = []
+    for model in (full, held):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(cond, x, None, seeds)["loss"]
+        loss.sum().backward()
+        losses.append(loss)
+    assert torch.equal(losses[0], losses[1])
+    for (name, a), b in zip(full.named_parameters(), held.parameters(), strict=True):
+        if a.requires_grad:
+            assert torch.equal(a.grad, b.grad), name
+    # inline-config UNet and VAE weights are saved with the checkpoint: never cast
+    inline = branch()
+    assert inline.hold_frozen_in(torch.bfloat16) == 0
+    assert all(p.dtype == torch.float32 for p in inline.parameters())

@@ -288,3 +288,15 @@ def test_stage_two_alone_starts_from_init(tiny_run, tmp_path):
 def test_unknown_stage_is_an_error(data, tmp_path):
     with pytest.raises(DsvlmError, match="not in the recipe"):
         train(load_recipe("tiny-synthetic", tiny_overrides(data, tmp_path)), TrainOptions(stages=["pretrain"]))
+
+
+def test_a_bf16_stage_holds_the_frozen_unet_in_bf16_and_still_writes_its_preview(data, tmp_path, caplog):
+    out = tmp_path / "run"
+    recipe = load_recipe("tiny-synthetic", tiny_overrides(data, out, steps=2, batch=4,
+                                                          **{"stages.0.precision": "bf16"}))
+    with caplog.at_level("INFO", logger="dsvlm.train.loop"):
+        train(recipe, TrainOptions(stages=["align"], progress=False))
+    assert "frozen pretrained UNet/VAE weights held in bf16" in caplog.text
+    # the preview samples with the bf16 UNet outside the training forward: under the stage's autocast too
+    assert (out / "align" / "reconstructions.png").is_file()
+    assert all(record["loss"] == record["loss"] for record in metrics(out, "align"))  # not NaN

@@ -254,6 +254,19 @@ def _accelerator(stage: StageConfig, tensorboard: Path | None = None) -> Acceler
     return accelerator
 
 
+def _hold_frozen_diffusion_in_stage_precision(model: DSVLM, stage: StageConfig, accelerator: Accelerator) -> None:
+    """Under bf16/fp16, the frozen pretrained UNet/VAE Linear/Conv weights are held in that precision: autocast
+    computes them in it anyway, so results are unchanged and the branch's frozen part takes half the memory. Not
+    under FSDP (its mixed-precision policy owns parameter dtypes) nor DeepSpeed (which casts the whole model)."""
+    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    if model.supervision is None or stage.precision == "fp32" or sharded:
+        return
+    dtype = torch.bfloat16 if stage.precision == "bf16" else torch.float16
+    cast = model.supervision.hold_frozen_in(dtype)
+    log.info("frozen pretrained UNet/VAE weights held in %s: %.1f M parameters, %.2f GB saved", stage.precision,
+             cast / 1e6, cast * 2 / 1e9)
+
+
 def _latent_cache(recipe: Recipe, model: DSVLM, dataset_dir: Path, geometry: SquareGeometry) -> LatentCache | None:
     branch = model.supervision
     if branch is None or branch.vae is None or not recipe.data.use_latent_cache:
@@ -294,6 +307,7 @@ def run_stage(recipe: Recipe, stage: StageConfig, run: RunDir, init: Path | None
         image_aspect_ratio=recipe.model.image_aspect_ratio,
     )
     latents = _latent_cache(recipe, model, dataset_dir, collator.geometry)
+    _hold_frozen_diffusion_in_stage_precision(model, stage, accelerator)  # after the cache's VAE fingerprint
     split = PreparedSplit(dataset_dir, stage.split_name, latents=latents)
     if stage.max_records is not None:
         split = fixed_subset(split, stage.max_records)  # the same records for every run seed
@@ -505,7 +519,7 @@ def _write_preview(accelerator: Accelerator, model: torch.nn.Module, batch: dict
     sharded = isinstance(model, FSDPModule)
     if sharded:
         model.unshard()
-    with torch.no_grad():
+    with torch.no_grad(), accelerator.autocast():  # the stage's precision, as in training
         rows = accelerator.unwrap_model(model).reconstruct(batch, recipe.run.preview_images,
                                                            recipe.supervision.sampler_steps)
     if sharded:
