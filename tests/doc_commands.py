@@ -64,7 +64,7 @@ EXEMPT: list[tuple[str, str]] = [
      "the miniature replication: 15 full cells, about 45 minutes, on demand (docs/replication.md has its results); "
      "its `dsvlm ablate --cell` / `--report-only` lines are the README's ablate block, which this test runs"),
     (r"^make install TORCH=torch$", "builds a virtual environment, downloading torch (network, minutes)"),
-    (r"^OMP_WAIT_POLICY=PASSIVE \.venv/bin/python benchmarks/\w+\.py( --[\w-]+( \S+)?)*$",
+    (r"^(OMP_NUM_THREADS=\d+ )?OMP_WAIT_POLICY=PASSIVE \.venv/bin/python benchmarks/\w+\.py( --[\w-]+( \S+)?)*$",
      "an on-demand benchmark (minutes); test_benchmark_commands_name_real_flags checks its script and flags"),
 ]
 
