@@ -105,9 +105,7 @@ class RssPeak:
         self._thread.start()
         return self
 
-    def __exit__(
-        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         self._stop.set()
         self._thread.join()
         self.peak_mb = max(self.peak_mb, self._rss_mb())
@@ -150,8 +148,17 @@ def dsvlm(*args: str) -> str:
 
 def prepare_synthetic(out: Path, n_align: int, n_instruct: int, n_eval: int) -> Path:
     """`dsvlm prepare synthetic OUT --n-align .. --n-instruct .. --n-eval ..`; returns OUT."""
-    dsvlm("prepare", "synthetic", str(out), "--n-align", str(n_align), "--n-instruct", str(n_instruct),
-          "--n-eval", str(n_eval))
+    dsvlm(
+        "prepare",
+        "synthetic",
+        str(out),
+        "--n-align",
+        str(n_align),
+        "--n-instruct",
+        str(n_instruct),
+        "--n-eval",
+        str(n_eval),
+    )
     return out
 
 

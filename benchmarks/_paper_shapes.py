@@ -15,57 +15,128 @@ from pathlib import Path
 from typing import Any
 
 CLIP_L14_336 = {
-    "hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16,
-    "image_size": 336, "patch_size": 14, "projection_dim": 768, "hidden_act": "quick_gelu",
-    "layer_norm_eps": 1e-5, "num_channels": 3,
+    "hidden_size": 1024,
+    "intermediate_size": 4096,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 16,
+    "image_size": 336,
+    "patch_size": 14,
+    "projection_dim": 768,
+    "hidden_act": "quick_gelu",
+    "layer_norm_eps": 1e-5,
+    "num_channels": 3,
 }
 CLIP_PREPROCESSOR = {
-    "image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": 336},
-    "do_center_crop": True, "crop_size": {"height": 336, "width": 336}, "do_rescale": True,
-    "rescale_factor": 1 / 255, "do_normalize": True, "do_convert_rgb": True, "resample": 3,
-    "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
+    "image_processor_type": "CLIPImageProcessor",
+    "do_resize": True,
+    "size": {"shortest_edge": 336},
+    "do_center_crop": True,
+    "crop_size": {"height": 336, "width": 336},
+    "do_rescale": True,
+    "rescale_factor": 1 / 255,
+    "do_normalize": True,
+    "do_convert_rgb": True,
+    "resample": 3,
+    "image_mean": [0.48145466, 0.4578275, 0.40821073],
+    "image_std": [0.26862954, 0.26130258, 0.27577711],
 }
 SIGLIP_SO400M_384 = {
-    "hidden_size": 1152, "intermediate_size": 4304, "num_hidden_layers": 27, "num_attention_heads": 16,
-    "image_size": 384, "patch_size": 14, "hidden_act": "gelu_pytorch_tanh", "layer_norm_eps": 1e-6,
+    "hidden_size": 1152,
+    "intermediate_size": 4304,
+    "num_hidden_layers": 27,
+    "num_attention_heads": 16,
+    "image_size": 384,
+    "patch_size": 14,
+    "hidden_act": "gelu_pytorch_tanh",
+    "layer_norm_eps": 1e-6,
     "num_channels": 3,
 }
 SIGLIP_PREPROCESSOR = {
-    "image_processor_type": "SiglipImageProcessor", "do_resize": True, "size": {"height": 384, "width": 384},
-    "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "resample": 3,
-    "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
+    "image_processor_type": "SiglipImageProcessor",
+    "do_resize": True,
+    "size": {"height": 384, "width": 384},
+    "do_rescale": True,
+    "rescale_factor": 1 / 255,
+    "do_normalize": True,
+    "resample": 3,
+    "image_mean": [0.5, 0.5, 0.5],
+    "image_std": [0.5, 0.5, 0.5],
 }
 VICUNA_7B = {
-    "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32,
-    "num_key_value_heads": 32, "vocab_size": 32000, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5,
-    "rope_theta": 10000.0, "hidden_act": "silu", "tie_word_embeddings": False,
-    "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0,
+    "hidden_size": 4096,
+    "intermediate_size": 11008,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 32,
+    "vocab_size": 32000,
+    "max_position_embeddings": 4096,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 10000.0,
+    "hidden_act": "silu",
+    "tie_word_embeddings": False,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "pad_token_id": 0,
 }
 QWEN2_7B = {
-    "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28,
-    "num_key_value_heads": 4, "vocab_size": 152064, "max_position_embeddings": 32768, "rms_norm_eps": 1e-6,
-    "rope_theta": 1000000.0, "hidden_act": "silu", "tie_word_embeddings": False, "use_sliding_window": False,
-    "bos_token_id": 151643, "eos_token_id": 151645,
+    "hidden_size": 3584,
+    "intermediate_size": 18944,
+    "num_hidden_layers": 28,
+    "num_attention_heads": 28,
+    "num_key_value_heads": 4,
+    "vocab_size": 152064,
+    "max_position_embeddings": 32768,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 1000000.0,
+    "hidden_act": "silu",
+    "tie_word_embeddings": False,
+    "use_sliding_window": False,
+    "bos_token_id": 151643,
+    "eos_token_id": 151645,
 }
 SD15_UNET = {
-    "sample_size": 64, "in_channels": 4, "out_channels": 4, "layers_per_block": 2,
+    "sample_size": 64,
+    "in_channels": 4,
+    "out_channels": 4,
+    "layers_per_block": 2,
     "block_out_channels": [320, 640, 1280, 1280],
     "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
     "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-    "cross_attention_dim": 768, "attention_head_dim": 8, "norm_num_groups": 32, "norm_eps": 1e-5,
-    "act_fn": "silu", "center_input_sample": False, "downsample_padding": 1, "flip_sin_to_cos": True,
-    "freq_shift": 0, "mid_block_scale_factor": 1,
+    "cross_attention_dim": 768,
+    "attention_head_dim": 8,
+    "norm_num_groups": 32,
+    "norm_eps": 1e-5,
+    "act_fn": "silu",
+    "center_input_sample": False,
+    "downsample_padding": 1,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "mid_block_scale_factor": 1,
 }
 SD15_VAE = {
-    "in_channels": 3, "out_channels": 3, "latent_channels": 4, "layers_per_block": 2,
+    "in_channels": 3,
+    "out_channels": 3,
+    "latent_channels": 4,
+    "layers_per_block": 2,
     "block_out_channels": [128, 256, 512, 512],
-    "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
-    "act_fn": "silu", "norm_num_groups": 32, "sample_size": 512, "scaling_factor": 0.18215,
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "act_fn": "silu",
+    "norm_num_groups": 32,
+    "sample_size": 512,
+    "scaling_factor": 0.18215,
 }
 SD15_SCHEDULER = {
-    "_class_name": "PNDMScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
-    "beta_schedule": "scaled_linear", "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
-    "trained_betas": None, "clip_sample": False,
+    "_class_name": "PNDMScheduler",
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "trained_betas": None,
+    "clip_sample": False,
 }
 
 CORPUS = [
@@ -98,11 +169,17 @@ def llama_tokenizer(out: Path, texts: Iterable[str], vocab_size: int = 2000) -> 
     backend = Tokenizer(models.BPE(unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
     backend.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"],
-                                  show_progress=False)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
     backend.train_from_iterator(list(texts), trainer)
-    tokenizer = LlamaTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>",
-                                   eos_token="</s>", add_bos_token=True, add_eos_token=False, legacy=False)
+    tokenizer = LlamaTokenizerFast(
+        tokenizer_object=backend,
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        add_bos_token=True,
+        add_eos_token=False,
+        legacy=False,
+    )
     tokenizer.save_pretrained(out)
     return out
 
@@ -117,13 +194,22 @@ def qwen2_tokenizer(out: Path, texts: Iterable[str], vocab_size: int = 2000) -> 
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     backend.train_from_iterator(list(texts), trainer)
     backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
-    tokenizer = Qwen2TokenizerFast(tokenizer_object=backend, unk_token=None, bos_token=None,
-                                   eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                   additional_special_tokens=specials[1:])
+    tokenizer = Qwen2TokenizerFast(
+        tokenizer_object=backend,
+        unk_token=None,
+        bos_token=None,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=specials[1:],
+    )
     tokenizer.save_pretrained(out)
     return out
 
@@ -150,14 +236,21 @@ def vision_encoder(out: Path, family: str, dtype: str = "float32", device: str =
 
     shape, pre = (CLIP_L14_336, CLIP_PREPROCESSOR) if family == "clip" else (SIGLIP_SO400M_384, SIGLIP_PREPROCESSOR)
     options = {**shape, **cut}
-    config_cls, model_cls = (CLIPVisionConfig, CLIPVisionModel) if family == "clip" else (
-        SiglipVisionConfig, SiglipVisionModel)
+    config_cls, model_cls = (
+        (CLIPVisionConfig, CLIPVisionModel) if family == "clip" else (SiglipVisionConfig, SiglipVisionModel)
+    )
     model = _seeded(0, lambda: model_cls(config_cls(**options)), device)
     _save(model, out, dtype)
     del model
     size = options["image_size"]
-    pre = {**pre, **({"size": {"shortest_edge": size}, "crop_size": {"height": size, "width": size}}
-                     if family == "clip" else {"size": {"height": size, "width": size}})}
+    pre = {
+        **pre,
+        **(
+            {"size": {"shortest_edge": size}, "crop_size": {"height": size, "width": size}}
+            if family == "clip"
+            else {"size": {"height": size, "width": size}}
+        ),
+    }
     (out / "preprocessor_config.json").write_text(json.dumps(pre, indent=2))
     return out
 
@@ -177,8 +270,13 @@ def llm(out: Path, family: str, tokenizer_dir: Path, dtype: str = "float32", dev
     return out
 
 
-def stable_diffusion(out: Path, dtype: str = "float32", device: str = "cpu", unet_cut: dict[str, Any] | None = None,
-                     vae_cut: dict[str, Any] | None = None) -> Path:
+def stable_diffusion(
+    out: Path,
+    dtype: str = "float32",
+    device: str = "cpu",
+    unet_cut: dict[str, Any] | None = None,
+    vae_cut: dict[str, Any] | None = None,
+) -> Path:
     """SD 1.5's UNet, VAE and scheduler config as a diffusers directory (unet/, vae/, scheduler/)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
@@ -192,4 +290,3 @@ def stable_diffusion(out: Path, dtype: str = "float32", device: str = "cpu", une
     (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(SD15_SCHEDULER, indent=2))
     (out / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}, indent=2))
     return out
-

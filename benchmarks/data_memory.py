@@ -37,9 +37,38 @@ import psutil
 from _common import command_line, loadavg, machine, median, prepare_synthetic, stderr_console, write_report
 
 SPLIT = "instruct"
-WORDS = ["the", "a", "image", "shows", "person", "car", "dog", "table", "red", "blue", "left", "right", "what",
-         "where", "is", "are", "of", "on", "in", "with", "describe", "detail", "scene", "background", "color",
-         "number", "people", "looking", "sitting", "standing"]
+WORDS = [
+    "the",
+    "a",
+    "image",
+    "shows",
+    "person",
+    "car",
+    "dog",
+    "table",
+    "red",
+    "blue",
+    "left",
+    "right",
+    "what",
+    "where",
+    "is",
+    "are",
+    "of",
+    "on",
+    "in",
+    "with",
+    "describe",
+    "detail",
+    "scene",
+    "background",
+    "color",
+    "number",
+    "people",
+    "looking",
+    "sitting",
+    "standing",
+]
 
 
 def write_text_only_set(out: Path, records: int, chunk: int = 50_000) -> Path:
@@ -63,18 +92,38 @@ def write_text_only_set(out: Path, records: int, chunk: int = 50_000) -> Path:
                 # 1-4 rounds of a ~12-word question and a ~60-word answer: about LLaVA-665K's mean length
                 rounds = []
                 for _ in range(rng.randint(1, 4)):
-                    rounds += [{"from": "human", "value": " ".join(rng.choices(WORDS, k=rng.randint(4, 20)))},
-                               {"from": "gpt", "value": " ".join(rng.choices(WORDS, k=rng.randint(10, 110)))}]
+                    rounds += [
+                        {"from": "human", "value": " ".join(rng.choices(WORDS, k=rng.randint(4, 20)))},
+                        {"from": "gpt", "value": " ".join(rng.choices(WORDS, k=rng.randint(10, 110)))},
+                    ]
                 ids.append(f"r{i}")
                 turns.append(json.dumps(rounds))
                 lengths.append(sum(len(t["value"].split()) for t in rounds))
             n = len(ids)
-            writer.write_table(pa.table({"id": ids, "image": [None] * n, "conversations": turns,
-                                         "width": [None] * n, "height": [None] * n, "length": lengths},
-                                        schema=PARQUET_SCHEMA))
+            writer.write_table(
+                pa.table(
+                    {
+                        "id": ids,
+                        "image": [None] * n,
+                        "conversations": turns,
+                        "width": [None] * n,
+                        "height": [None] * n,
+                        "length": lengths,
+                    },
+                    schema=PARQUET_SCHEMA,
+                )
+            )
     write_arrow_copy(parquet)
-    manifest.write_text(json.dumps({"format_version": 1, "kind": "llava", "image_root": "images",
-                                    "splits": {SPLIT: {"file": parquet.name, "records": records, "skipped": {}}}}))
+    manifest.write_text(
+        json.dumps(
+            {
+                "format_version": 1,
+                "kind": "llava",
+                "image_root": "images",
+                "splits": {SPLIT: {"file": parquet.name, "records": records, "skipped": {}}},
+            }
+        )
+    )
     return out
 
 
@@ -85,15 +134,27 @@ class TreeMemory:
     def __init__(self, interval_s: float = 0.01) -> None:
         self.interval_s = interval_s
         self.me = psutil.Process()
-        self.peak = {"rss": 0.0, "anon": 0.0, "worker_rss": 0.0, "worker_anon": 0.0, "worker_uss": 0.0,
-                     "workers_anon_sum": 0.0}
+        self.peak = {
+            "rss": 0.0,
+            "anon": 0.0,
+            "worker_rss": 0.0,
+            "worker_anon": 0.0,
+            "worker_uss": 0.0,
+            "workers_anon_sum": 0.0,
+        }
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def sample(self) -> dict[str, float]:
         info = self.me.memory_info()
-        now = {"rss": info.rss / 2**20, "anon": (info.rss - info.shared) / 2**20,
-               "worker_rss": 0.0, "worker_anon": 0.0, "worker_uss": 0.0, "workers_anon_sum": 0.0}
+        now = {
+            "rss": info.rss / 2**20,
+            "anon": (info.rss - info.shared) / 2**20,
+            "worker_rss": 0.0,
+            "worker_anon": 0.0,
+            "worker_uss": 0.0,
+            "workers_anon_sum": 0.0,
+        }
         for child in self.me.children():
             try:
                 full = child.memory_full_info()
@@ -135,8 +196,12 @@ def tiny_collator(supervise: bool) -> Any:
     recipe = load_recipe(RECIPE, list(TINY))
     model = build_model(recipe)
     stage = recipe.stage(SPLIT)
-    collator = Collator(model.processor, stage.template_name, recipe.data.max_length,
-                        rec_resolution=recipe.supervision.resolution if supervise else None)
+    collator = Collator(
+        model.processor,
+        stage.template_name,
+        recipe.data.max_length,
+        rec_resolution=recipe.supervision.resolution if supervise else None,
+    )
     del model
     gc.collect()
     return collator
@@ -148,8 +213,15 @@ def make_loader(split: Any, collator: Any, batch_size: int, workers: int) -> Any
 
     from dsvlm.train.loop import epoch_sampler
 
-    return DataLoader(split, batch_size=batch_size, sampler=epoch_sampler(split, 0, False, batch_size),
-                      collate_fn=collator, drop_last=True, num_workers=workers, persistent_workers=workers > 0)
+    return DataLoader(
+        split,
+        batch_size=batch_size,
+        sampler=epoch_sampler(split, 0, False, batch_size),
+        collate_fn=collator,
+        drop_last=True,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+    )
 
 
 def memory_child(job: dict[str, Any]) -> None:
@@ -179,32 +251,43 @@ def memory_child(job: dict[str, Any]) -> None:
                     break
         seconds = time.perf_counter() - start
     begin = memory.start
-    print(json.dumps({
-        "rss_before_mb": round(begin["rss"], 1),
-        "rss_peak_mb": round(memory.peak["rss"], 1),
-        "rss_increase_mb": round(memory.peak["rss"] - begin["rss"], 1),
-        "anon_increase_mb": round(memory.peak["anon"] - begin["anon"], 1),
-        "worker_rss_peak_mb": round(memory.peak["worker_rss"], 1),
-        "worker_anon_peak_mb": round(memory.peak["worker_anon"], 1),
-        "worker_uss_peak_mb": round(memory.peak["worker_uss"], 1),
-        "workers_anon_sum_peak_mb": round(memory.peak["workers_anon_sum"], 1),
-        "batches": batches,
-        "open_s": None if job["python_records"] else round(opened, 3),
-        "samples_per_s": None if job["python_records"] else round(batches * job["batch_size"] / seconds, 1),
-    }))
+    print(
+        json.dumps(
+            {
+                "rss_before_mb": round(begin["rss"], 1),
+                "rss_peak_mb": round(memory.peak["rss"], 1),
+                "rss_increase_mb": round(memory.peak["rss"] - begin["rss"], 1),
+                "anon_increase_mb": round(memory.peak["anon"] - begin["anon"], 1),
+                "worker_rss_peak_mb": round(memory.peak["worker_rss"], 1),
+                "worker_anon_peak_mb": round(memory.peak["worker_anon"], 1),
+                "worker_uss_peak_mb": round(memory.peak["worker_uss"], 1),
+                "workers_anon_sum_peak_mb": round(memory.peak["workers_anon_sum"], 1),
+                "batches": batches,
+                "open_s": None if job["python_records"] else round(opened, 3),
+                "samples_per_s": None if job["python_records"] else round(batches * job["batch_size"] / seconds, 1),
+            }
+        )
+    )
 
 
-def measure_memory(data: Path, records: int, workers: int, args: argparse.Namespace,
-                   python_records: bool = False) -> dict[str, Any]:
-    job = {"data": str(data), "workers": workers, "batches": args.batches, "batch_size": args.batch_size,
-           "threads": args.threads, "python_records": python_records}
-    done = subprocess.run([sys.executable, __file__, "--memory-child", json.dumps(job)], capture_output=True,
-                          text=True, check=False)
+def measure_memory(
+    data: Path, records: int, workers: int, args: argparse.Namespace, python_records: bool = False
+) -> dict[str, Any]:
+    job = {
+        "data": str(data),
+        "workers": workers,
+        "batches": args.batches,
+        "batch_size": args.batch_size,
+        "threads": args.threads,
+        "python_records": python_records,
+    }
+    done = subprocess.run(
+        [sys.executable, __file__, "--memory-child", json.dumps(job)], capture_output=True, text=True, check=False
+    )
     if done.returncode:
         raise RuntimeError(f"memory run ({records} records, {workers} workers) failed:\n{done.stderr[-3000:]}")
     row = json.loads(done.stdout.strip().splitlines()[-1])
-    return {"records": records, "workers": workers, "reader": "Python records" if python_records else "streamed",
-            **row}
+    return {"records": records, "workers": workers, "reader": "Python records" if python_records else "streamed", **row}
 
 
 def measure_speed(args: argparse.Namespace, work: Path) -> dict[str, Any]:
@@ -238,8 +321,11 @@ def measure_speed(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             rates[name].append(n / (time.perf_counter() - start))
         for name, run in runs.items():
             rates[name].append(batch / run.step())
-    return {"batch_size": batch, "records": len(split),
-            "samples_per_s": {name: round(median(values), 1) for name, values in rates.items()}}
+    return {
+        "batch_size": batch,
+        "records": len(split),
+        "samples_per_s": {name: round(median(values), 1) for name, values in rates.items()},
+    }
 
 
 def main() -> None:
@@ -251,8 +337,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--data-dir", type=Path, default=None, help="keep the generated sets here (reused)")
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--python-records-max", type=int, default=66_500,
-                        help="measure the old reader only up to this size (~300 MiB per 10,000 records)")
+    parser.add_argument(
+        "--python-records-max",
+        type=int,
+        default=66_500,
+        help="measure the old reader only up to this size (~300 MiB per 10,000 records)",
+    )
     parser.add_argument("--no-speed", action="store_true")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
@@ -282,13 +372,32 @@ def main() -> None:
     from rich.table import Table
 
     table = Table(title="data side memory (MiB; increase over the process with the collator built)")
-    for column in ("records", "reader", "workers", "main RSS +", "main anon +", "worker RSS", "worker anon",
-                   "worker USS", "workers anon sum", "samples/s"):
+    for column in (
+        "records",
+        "reader",
+        "workers",
+        "main RSS +",
+        "main anon +",
+        "worker RSS",
+        "worker anon",
+        "worker USS",
+        "workers anon sum",
+        "samples/s",
+    ):
         table.add_column(column, justify="right")
     for row in report["memory"]:
-        table.add_row(str(row["records"]), row["reader"], str(row["workers"]), str(row["rss_increase_mb"]),
-                      str(row["anon_increase_mb"]), str(row["worker_rss_peak_mb"]), str(row["worker_anon_peak_mb"]),
-                      str(row["worker_uss_peak_mb"]), str(row["workers_anon_sum_peak_mb"]), str(row["samples_per_s"]))
+        table.add_row(
+            str(row["records"]),
+            row["reader"],
+            str(row["workers"]),
+            str(row["rss_increase_mb"]),
+            str(row["anon_increase_mb"]),
+            str(row["worker_rss_peak_mb"]),
+            str(row["worker_anon_peak_mb"]),
+            str(row["worker_uss_peak_mb"]),
+            str(row["workers_anon_sum_peak_mb"]),
+            str(row["samples_per_s"]),
+        )
     console.print(table)
     if "speed" in report:
         speed = Table(title=f"samples/s, batch {report['speed']['batch_size']} (medians)")

@@ -79,9 +79,7 @@ def main() -> None:
         for dtype in args.dtypes.split(","):
             reference = None
             for batch_size in batch_sizes:
-                passes = [
-                    run(model, requests, task_dict, batch_size, args.device, dtype) for _ in range(args.repeats)
-                ]
+                passes = [run(model, requests, task_dict, batch_size, args.device, dtype) for _ in range(args.repeats)]
                 best = min(passes, key=lambda p: p["seconds"])
                 reference = reference or best
                 same = sum(a == b for a, b in zip(best["answers"], reference["answers"], strict=True))
@@ -97,13 +95,23 @@ def main() -> None:
                     }
                 )
     table = Table(
-        "dtype", "batch", "n", "model s", "speed-up", "agreement", "max |dlogit|",
+        "dtype",
+        "batch",
+        "n",
+        "model s",
+        "speed-up",
+        "agreement",
+        "max |dlogit|",
         title=f"dsvlm class batch invariance ({args.device})",
     )
     for row in rows:
         table.add_row(
-            row["dtype"], str(row["batch_size"]), str(row["n"]), f"{row['model_s']:.2f}",
-            f"{row['speedup_vs_batch_1']:.2f}x", f"{row['agreement_vs_batch_1']:.2%}",
+            row["dtype"],
+            str(row["batch_size"]),
+            str(row["n"]),
+            f"{row['model_s']:.2f}",
+            f"{row['speedup_vs_batch_1']:.2f}x",
+            f"{row['agreement_vs_batch_1']:.2%}",
             f"{row['max_abs_first_logit_diff']:.1e}",
         )
     _common.stderr_console().print(table)

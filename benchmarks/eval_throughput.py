@@ -85,9 +85,7 @@ def run_once(model: str, path: Path, batch_size: int, tasks_dir: Path, task: str
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n-eval", type=int, default=96, help="Synthetic eval items.")
     parser.add_argument("--max-new-tokens", type=int, default=16, help="Tokens generated per answer.")
     parser.add_argument("--repeats", type=int, default=3, help="Timed runs per configuration (best kept).")

@@ -27,8 +27,14 @@ from rich.table import Table
 RECIPE = "llava15-vicuna7b-ds"
 # --smoke: the same pipeline at toy widths (24 encoder layers kept: the recipe taps layers 8/16/24).
 SMOKE_VISION = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2, "image_size": 56}
-SMOKE_LLM = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-             "num_key_value_heads": 4, "vocab_size": 2000}
+SMOKE_LLM = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "vocab_size": 2000,
+}
 SMOKE_UNET = {"block_out_channels": [32, 32, 64, 64], "cross_attention_dim": 32, "layers_per_block": 1}
 SMOKE_VAE = {"block_out_channels": [32, 32, 64, 64], "layers_per_block": 1}
 
@@ -38,8 +44,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--work", type=Path, default=Path("runs/gpu-overhead"), help="Components, data, runs.")
     parser.add_argument("--smoke", action="store_true", help="Tiny shapes on the CPU (checks the script only).")
     parser.add_argument("--resolutions", default="256,512", help="supervision.resolution of the ds arms.")
-    parser.add_argument("--stages", default="align", help="align and/or instruct (instruct: full fine-tuning of "
-                        "7B with AdamW, about 120 GB before activations).")
+    parser.add_argument(
+        "--stages",
+        default="align",
+        help="align and/or instruct (instruct: full fine-tuning of 7B with AdamW, about 120 GB before activations).",
+    )
     parser.add_argument("--steps", type=int, default=8, help="Optimizer steps per stage.")
     parser.add_argument("--warmup", type=int, default=2, help="Steps left out of the median.")
     parser.add_argument("--batch", type=int, default=16, help="Per-device (= global) batch size.")
@@ -57,42 +66,74 @@ def main() -> None:
     device = "cpu" if args.smoke else "cuda"
     components = work / ("components-smoke" if args.smoke else "components")
     tokenizer = built(components / "tokenizer", shapes.llama_tokenizer, shapes.corpus())
-    vision = built(components / "vision", shapes.vision_encoder, "clip", "bfloat16", device,
-                   **(SMOKE_VISION if args.smoke else {}))
-    llm = built(components / "llm", shapes.llm, "llama", tokenizer, "bfloat16", device,
-                **(SMOKE_LLM if args.smoke else {}))
-    diffusion = built(components / "sd15", shapes.stable_diffusion, "bfloat16", device,
-                      SMOKE_UNET if args.smoke else None, SMOKE_VAE if args.smoke else None)
+    vision = built(
+        components / "vision", shapes.vision_encoder, "clip", "bfloat16", device, **(SMOKE_VISION if args.smoke else {})
+    )
+    llm = built(
+        components / "llm", shapes.llm, "llama", tokenizer, "bfloat16", device, **(SMOKE_LLM if args.smoke else {})
+    )
+    diffusion = built(
+        components / "sd15",
+        shapes.stable_diffusion,
+        "bfloat16",
+        device,
+        SMOKE_UNET if args.smoke else None,
+        SMOKE_VAE if args.smoke else None,
+    )
     data = prepare_data(work, max(args.steps * args.batch, 8))
     stages = args.stages.split(",")
     arms = {"plain": ["supervision.enabled=false"]} | {
-        f"ds-{r}px": [f"supervision.resolution={r}"] for r in args.resolutions.split(",")}
-    report: dict[str, Any] = {"command": command_line(), "machine": machine(), "loadavg_start": loadavg(),
-                              "smoke": args.smoke, "recipe": RECIPE, "steps": args.steps, "warmup": args.warmup,
-                              "batch": args.batch, "arms": {}}
+        f"ds-{r}px": [f"supervision.resolution={r}"] for r in args.resolutions.split(",")
+    }
+    report: dict[str, Any] = {
+        "command": command_line(),
+        "machine": machine(),
+        "loadavg_start": loadavg(),
+        "smoke": args.smoke,
+        "recipe": RECIPE,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "batch": args.batch,
+        "arms": {},
+    }
     for arm, extra in arms.items():
         run_dir = work / "runs" / arm
-        common = [f"model.vision.pretrained={vision}", f"model.llm.pretrained={llm}",
-                  f"supervision.diffusion.pretrained={diffusion}", f"data.dataset={data}",
-                  f"run.output_dir={run_dir}", "run.log_every=1", "run.preview_images=1",
-                  "supervision.sampler_steps=2", *extra]
+        common = [
+            f"model.vision.pretrained={vision}",
+            f"model.llm.pretrained={llm}",
+            f"supervision.diffusion.pretrained={diffusion}",
+            f"data.dataset={data}",
+            f"run.output_dir={run_dir}",
+            "run.log_every=1",
+            "run.preview_images=1",
+            "supervision.sampler_steps=2",
+            *extra,
+        ]
         for i in range(2):
-            common += [f"stages.{i}.max_steps={args.steps}", f"stages.{i}.global_batch_size={args.batch}",
-                       f"stages.{i}.per_device_batch_size={args.batch}"]
+            common += [
+                f"stages.{i}.max_steps={args.steps}",
+                f"stages.{i}.global_batch_size={args.batch}",
+                f"stages.{i}.per_device_batch_size={args.batch}",
+            ]
         report["arms"][arm] = {}
         for stage in stages:
             init = ["--init", str(run_dir / "align" / "final")] if stage == "instruct" else []
             console.print(f"{arm} {stage}: running")
-            outcome = dsvlm_command(["train", RECIPE, *common, "--stage", stage, "--no-progress", "--overwrite",
-                                     *init], work / "logs" / f"{arm}-{stage}.log", args.threads)
+            outcome = dsvlm_command(
+                ["train", RECIPE, *common, "--stage", stage, "--no-progress", "--overwrite", *init],
+                work / "logs" / f"{arm}-{stage}.log",
+                args.threads,
+            )
             outcome.update(metrics_summary(run_dir / stage / "metrics.jsonl"))
-            times = outcome.get("step_time_s", [])[args.warmup:]
+            times = outcome.get("step_time_s", [])[args.warmup :]
             outcome["median_step_s"] = round(statistics.median(times), 4) if times else None
             report["arms"][arm][stage] = outcome
             write_report(args.json, report)
     report["ratio_vs_plain"] = {
         arm: {stage: ratio(report["arms"][arm].get(stage), report["arms"]["plain"].get(stage)) for stage in stages}
-        for arm in arms if arm != "plain"}
+        for arm in arms
+        if arm != "plain"
+    }
     report["loadavg_end"] = loadavg()
     write_report(args.json, report)
     console.print(table(report, stages))
@@ -113,9 +154,14 @@ def table(report: dict[str, Any], stages: list[str]) -> Table:
     for arm, by_stage in report["arms"].items():
         for stage in stages:
             got = by_stage.get(stage, {})
-            out.add_row(arm, stage, str(got.get("median_step_s")),
-                        str(report.get("ratio_vs_plain", {}).get(arm, {}).get(stage, "-")),
-                        str(got.get("peak_rss_gib")), str(got.get("rc")))
+            out.add_row(
+                arm,
+                stage,
+                str(got.get("median_step_s")),
+                str(report.get("ratio_vs_plain", {}).get(arm, {}).get(stage, "-")),
+                str(got.get("peak_rss_gib")),
+                str(got.get("rc")),
+            )
     return out
 
 

@@ -44,8 +44,20 @@ def prepare_once(mode: str, raw: Path, out: Path, workers: int) -> float:
     splits = {"align": raw / "align.json", "instruct": raw / "instruct.json"}
     start = time.perf_counter()
     if mode == "cli":
-        dsvlm("prepare", "llava", str(out), "--align", str(splits["align"]), "--instruct", str(splits["instruct"]),
-              "--image-root", str(raw / "images"), "--workers", str(workers), "--overwrite")
+        dsvlm(
+            "prepare",
+            "llava",
+            str(out),
+            "--align",
+            str(splits["align"]),
+            "--instruct",
+            str(splits["instruct"]),
+            "--image-root",
+            str(raw / "images"),
+            "--workers",
+            str(workers),
+            "--overwrite",
+        )
     else:
         prepare_llava(out, splits, raw / "images", workers=workers, overwrite=True, progress=False)
     return time.perf_counter() - start
@@ -78,20 +90,41 @@ def main() -> None:
     rows = []
     for mode, w in configs:
         seconds = median(times[mode, w])
-        rows.append({"mode": mode, "workers": w, "records": records, "seconds_median": round(seconds, 3),
-                     "seconds_all": [round(t, 3) for t in times[mode, w]],
-                     "records_per_s": round(records / seconds, 1)})
+        rows.append(
+            {
+                "mode": mode,
+                "workers": w,
+                "records": records,
+                "seconds_median": round(seconds, 3),
+                "seconds_all": [round(t, 3) for t in times[mode, w]],
+                "records_per_s": round(records / seconds, 1),
+            }
+        )
     for row in rows:
         single = next(r for r in rows if r["mode"] == row["mode"] and r["workers"] == workers[0])
         row["speedup_vs_first_workers"] = round(single["seconds_median"] / row["seconds_median"], 3)
     report.update(n_records=records, runs=rows, load_end=loadavg())
 
-    table = Table("mode", "workers", "records", "s (median)", "all runs s", "records/s", f"x workers={workers[0]}",
-                  title=f"dsvlm prepare llava: {records:,} records, {args.repeats} runs each")
+    table = Table(
+        "mode",
+        "workers",
+        "records",
+        "s (median)",
+        "all runs s",
+        "records/s",
+        f"x workers={workers[0]}",
+        title=f"dsvlm prepare llava: {records:,} records, {args.repeats} runs each",
+    )
     for row in rows:
-        table.add_row(row["mode"], str(row["workers"]), f"{row['records']:,}", f"{row['seconds_median']:.2f}",
-                      " ".join(f"{t:.2f}" for t in row["seconds_all"]), f"{row['records_per_s']:,.0f}",
-                      f"{row['speedup_vs_first_workers']:.2f}")
+        table.add_row(
+            row["mode"],
+            str(row["workers"]),
+            f"{row['records']:,}",
+            f"{row['seconds_median']:.2f}",
+            " ".join(f"{t:.2f}" for t in row["seconds_all"]),
+            f"{row['records_per_s']:,.0f}",
+            f"{row['speedup_vs_first_workers']:.2f}",
+        )
     console.print(table)
     console.print(f"load average: start {report['load_start']}, end {report['load_end']}")
     write_report(args.json, report)

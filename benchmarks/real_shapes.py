@@ -43,16 +43,26 @@ RECIPES: dict[str, dict[str, Any]] = {
     "siglip-qwen2-ds": {"vision": "siglip", "llm": "qwen2", "tokenizer": shapes.qwen2_tokenizer},
     # Differs from the paper recipe in stage 2 only (LoRA on the LLM): its components and its stage 1 output
     # are the paper recipe's, so it runs stage 2 from that run's align/final (run the paper recipe first).
-    "llava15-vicuna7b-ds-lora": {"vision": "clip", "llm": "llama", "tokenizer": shapes.llama_tokenizer,
-                                 "stage1_of": "llava15-vicuna7b-ds"},
+    "llava15-vicuna7b-ds-lora": {
+        "vision": "clip",
+        "llm": "llama",
+        "tokenizer": shapes.llama_tokenizer,
+        "stage1_of": "llava15-vicuna7b-ds",
+    },
 }
 STAGES = ("align", "instruct")
 ARMS = {"ds": [], "plain": ["supervision.enabled=false"]}
-CAPTIONS = ["A red car parked on a quiet street.", "Two people walking a dog on the beach.",
-            "A cat sleeping on a sofa near the window.", "A plate with a sandwich and fries."]
-QUESTIONS = [("What is in the image?", "A car on a street, parked near the side."),
-             ("How many objects are there?", "There are three objects."),
-             ("Describe the image in detail.", "The scene is a kitchen with a wooden table and a window.")]
+CAPTIONS = [
+    "A red car parked on a quiet street.",
+    "Two people walking a dog on the beach.",
+    "A cat sleeping on a sofa near the window.",
+    "A plate with a sandwich and fries.",
+]
+QUESTIONS = [
+    ("What is in the image?", "A car on a street, parked near the side."),
+    ("How many objects are there?", "There are three objects."),
+    ("Describe the image in detail.", "The scene is a kitchen with a wooden table and a window."),
+]
 
 
 def parse_args() -> argparse.Namespace:
@@ -60,11 +70,15 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--work", type=Path, default=Path("runs/real-shapes"), help="Components, data and runs.")
     parser.add_argument("--recipes", default=",".join(RECIPES), help="Comma-separated bundled recipes.")
     parser.add_argument("--llm-layers", type=int, default=2, help="Decoder layers of the LLM (full width).")
-    parser.add_argument("--qwen2-vocab", type=int, default=None,
-                        help="Cut Qwen2's 152,064-row vocabulary (default: the real size).")
+    parser.add_argument(
+        "--qwen2-vocab", type=int, default=None, help="Cut Qwen2's 152,064-row vocabulary (default: the real size)."
+    )
     parser.add_argument("--arms", default="ds,plain", help="ds (supervision on) and/or plain (off).")
-    parser.add_argument("--stages", default=",".join(STAGES),
-                        help="align and/or instruct; instruct alone starts from an earlier run's align/final.")
+    parser.add_argument(
+        "--stages",
+        default=",".join(STAGES),
+        help="align and/or instruct; instruct alone starts from an earlier run's align/final.",
+    )
     parser.add_argument("--steps", type=int, default=2, help="Optimizer steps per stage.")
     parser.add_argument("--no-strip-eval", action="store_true", help="Train only: no strip and eval of the ds run.")
     parser.add_argument("--n-records", type=int, default=24, help="Records per split.")
@@ -81,9 +95,16 @@ def main() -> None:
     console = stderr_console()
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
-    report: dict[str, Any] = {"command": command_line(), "machine": machine(), "loadavg_start": loadavg(),
-                              "llm_layers": args.llm_layers, "steps": args.steps, "threads": args.threads,
-                              "precision": args.precision, "recipes": {}}
+    report: dict[str, Any] = {
+        "command": command_line(),
+        "machine": machine(),
+        "loadavg_start": loadavg(),
+        "llm_layers": args.llm_layers,
+        "steps": args.steps,
+        "threads": args.threads,
+        "precision": args.precision,
+        "recipes": {},
+    }
     data = prepare_data(work, args.n_records)
     eval_file = mmbench_parquet(work / "eval" / "mmbench.parquet", args.eval_items)
     diffusion = built(work / "components" / "sd15", shapes.stable_diffusion)
@@ -118,18 +139,46 @@ def prepare_data(work: Path, n: int) -> Path:
     for i in range(n):
         rel = f"images/{i:04d}.jpg"
         photo(rng).save(raw / rel, quality=90)
-        align.append({"id": f"a{i}", "image": rel, "conversations": [
-            {"from": "human", "value": "<image>\nDescribe the image briefly."},
-            {"from": "gpt", "value": CAPTIONS[i % len(CAPTIONS)]}]})
+        align.append(
+            {
+                "id": f"a{i}",
+                "image": rel,
+                "conversations": [
+                    {"from": "human", "value": "<image>\nDescribe the image briefly."},
+                    {"from": "gpt", "value": CAPTIONS[i % len(CAPTIONS)]},
+                ],
+            }
+        )
         question, reply = QUESTIONS[i % len(QUESTIONS)]
-        instruct.append({"id": f"i{i}", "image": rel, "conversations": [
-            {"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": reply},
-            {"from": "human", "value": "Is there a person in the image?"},
-            {"from": "gpt", "value": "Yes, a man is riding a bicycle."}]})
+        instruct.append(
+            {
+                "id": f"i{i}",
+                "image": rel,
+                "conversations": [
+                    {"from": "human", "value": f"<image>\n{question}"},
+                    {"from": "gpt", "value": reply},
+                    {"from": "human", "value": "Is there a person in the image?"},
+                    {"from": "gpt", "value": "Yes, a man is riding a bicycle."},
+                ],
+            }
+        )
     (raw / "align.json").write_text(json.dumps(align))
     (raw / "instruct.json").write_text(json.dumps(instruct))
-    dsvlm_command(["prepare", "llava", str(out), "--align", str(raw / "align.json"), "--instruct",
-                   str(raw / "instruct.json"), "--image-root", str(raw)], work / "logs" / "prepare.log", 1)
+    dsvlm_command(
+        [
+            "prepare",
+            "llava",
+            str(out),
+            "--align",
+            str(raw / "align.json"),
+            "--instruct",
+            str(raw / "instruct.json"),
+            "--image-root",
+            str(raw),
+        ],
+        work / "logs" / "prepare.log",
+        1,
+    )
     return out
 
 
@@ -143,8 +192,10 @@ def photo(rng: random.Random, size: tuple[int, int] = (640, 480)) -> Any:
     draw = ImageDraw.Draw(picture)
     for _ in range(3):
         x, y = rng.randrange(size[0] - 120), rng.randrange(size[1] - 120)
-        draw.ellipse((x, y, x + rng.randrange(40, 120), y + rng.randrange(40, 120)),
-                     fill=tuple(rng.randrange(256) for _ in range(3)))
+        draw.ellipse(
+            (x, y, x + rng.randrange(40, 120), y + rng.randrange(40, 120)),
+            fill=tuple(rng.randrange(256) for _ in range(3)),
+        )
     return picture
 
 
@@ -159,10 +210,23 @@ def mmbench_parquet(path: Path, n: int) -> Path:
     for i in range(n):
         buffer = io.BytesIO()
         photo(rng).save(buffer, format="JPEG", quality=90)
-        rows.append({"index": i, "question": "What colour is the largest shape?", "hint": None, "A": "red",
-                     "B": "green", "C": "blue", "D": "yellow", "answer": "ABCD"[i % 4], "category": "color",
-                     "L2-category": "perception", "source": "real_shapes", "split": "dev",
-                     "image": {"bytes": buffer.getvalue(), "path": None}})
+        rows.append(
+            {
+                "index": i,
+                "question": "What colour is the largest shape?",
+                "hint": None,
+                "A": "red",
+                "B": "green",
+                "C": "blue",
+                "D": "yellow",
+                "answer": "ABCD"[i % 4],
+                "category": "color",
+                "L2-category": "perception",
+                "source": "real_shapes",
+                "split": "dev",
+                "image": {"bytes": buffer.getvalue(), "path": None},
+            }
+        )
     dataset = datasets.Dataset.from_dict({k: [r[k] for r in rows] for k in rows[0]})
     dataset = dataset.cast_column("image", datasets.Image())
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -170,8 +234,9 @@ def mmbench_parquet(path: Path, n: int) -> Path:
     return path
 
 
-def run_recipe(name: str, args: argparse.Namespace, work: Path, data: Path, eval_file: Path, diffusion: Path,
-               console: Any) -> dict[str, Any]:
+def run_recipe(
+    name: str, args: argparse.Namespace, work: Path, data: Path, eval_file: Path, diffusion: Path, console: Any
+) -> dict[str, Any]:
     spec = RECIPES[name]
     stage1_of = spec.get("stage1_of", name)
     components = work / "components" / stage1_of
@@ -180,28 +245,51 @@ def run_recipe(name: str, args: argparse.Namespace, work: Path, data: Path, eval
     cut: dict[str, Any] = {"num_hidden_layers": args.llm_layers}
     if spec["llm"] == "qwen2" and args.qwen2_vocab:
         cut["vocab_size"] = args.qwen2_vocab
-    llm = built(components / f"llm-{args.llm_layers}l-{cut.get('vocab_size', 'full')}", shapes.llm, spec["llm"],
-                tokenizer, **cut)
+    llm = built(
+        components / f"llm-{args.llm_layers}l-{cut.get('vocab_size', 'full')}",
+        shapes.llm,
+        spec["llm"],
+        tokenizer,
+        **cut,
+    )
     result: dict[str, Any] = {"vision": str(vision), "llm": str(llm), "llm_config": cut, "arms": {}}
     for arm in args.arms.split(","):
         run_dir = work / "runs" / f"{name}-{arm}"
-        common = [f"model.vision.pretrained={vision}", f"model.llm.pretrained={llm}",
-                  f"supervision.diffusion.pretrained={diffusion}", f"data.dataset={data}",
-                  f"run.output_dir={run_dir}", "run.log_every=1", "run.preview_images=1",
-                  "supervision.sampler_steps=2", *ARMS[arm]]
+        common = [
+            f"model.vision.pretrained={vision}",
+            f"model.llm.pretrained={llm}",
+            f"supervision.diffusion.pretrained={diffusion}",
+            f"data.dataset={data}",
+            f"run.output_dir={run_dir}",
+            "run.log_every=1",
+            "run.preview_images=1",
+            "supervision.sampler_steps=2",
+            *ARMS[arm],
+        ]
         for i in range(len(STAGES)):
-            common += [f"stages.{i}.max_steps={args.steps}", f"stages.{i}.global_batch_size=1",
-                       f"stages.{i}.per_device_batch_size=1", f"stages.{i}.precision={args.precision}"]
+            common += [
+                f"stages.{i}.max_steps={args.steps}",
+                f"stages.{i}.global_batch_size=1",
+                f"stages.{i}.per_device_batch_size=1",
+                f"stages.{i}.precision={args.precision}",
+            ]
         stages: dict[str, Any] = {}
-        selected = [stage for stage in STAGES if stage in args.stages.split(",")
-                    and not (stage == "align" and stage1_of != name)]
+        selected = [
+            stage
+            for stage in STAGES
+            if stage in args.stages.split(",") and not (stage == "align" and stage1_of != name)
+        ]
         for stage in selected:
             align_dir = run_dir if "align" in selected else work / "runs" / f"{stage1_of}-{arm}"
             extra = ["--init", str(align_dir / "align" / "final")] if stage == "instruct" else []
             log = work / "logs" / f"{name}-{arm}-{stage}.log"
             console.print(f"[bold]{name} {arm} {stage}[/]: running (log {log})")
-            outcome = dsvlm_command(["train", name, *common, "--stage", stage, "--no-progress", "--overwrite",
-                                     *extra], log, args.threads, args.min_free_gib)
+            outcome = dsvlm_command(
+                ["train", name, *common, "--stage", stage, "--no-progress", "--overwrite", *extra],
+                log,
+                args.threads,
+                args.min_free_gib,
+            )
             outcome.update(metrics_summary(run_dir / stage / "metrics.jsonl"))
             stages[stage] = outcome
             console.print(f"  {stage}: {outcome}")
@@ -213,8 +301,9 @@ def run_recipe(name: str, args: argparse.Namespace, work: Path, data: Path, eval
         # the last stage that finished (stage 2 may not fit in memory)
         if arm == "ds" and finished and not args.no_strip_eval:
             result["stripped_stage"] = finished[-1]
-            result["strip"], result["eval"] = strip_and_eval(run_dir / finished[-1] / "final", work, name,
-                                                             eval_file, args)
+            result["strip"], result["eval"] = strip_and_eval(
+                run_dir / finished[-1] / "final", work, name, eval_file, args
+            )
     return result
 
 
@@ -223,18 +312,41 @@ def write_partial(args: argparse.Namespace, name: str, arm: str, stages: dict[st
     print(json.dumps({"partial": {"recipe": name, "arm": arm, "stages": stages}}), file=sys.stderr, flush=True)
 
 
-def strip_and_eval(source: Path, work: Path, name: str, eval_file: Path,
-                   args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
+def strip_and_eval(
+    source: Path, work: Path, name: str, eval_file: Path, args: argparse.Namespace
+) -> tuple[dict[str, Any], dict[str, Any]]:
     model = work / "models" / name
-    strip = dsvlm_command(["strip", str(source), "--out", str(model), "--overwrite", "--json"],
-                          work / "logs" / f"{name}-strip.log", args.threads, args.min_free_gib, keep_stdout=True)
+    strip = dsvlm_command(
+        ["strip", str(source), "--out", str(model), "--overwrite", "--json"],
+        work / "logs" / f"{name}-strip.log",
+        args.threads,
+        args.min_free_gib,
+        keep_stdout=True,
+    )
     if strip["rc"]:
         return strip, {"skipped": "strip failed"}
     strip["report"] = json_stdout(strip)
-    evaluation = dsvlm_command(["eval", str(model), "--bench", "mmbench", "--data-files", f"mmbench={eval_file}",
-                                "--out", str(work / "eval" / name), "--batch-size", "2", "--max-new-tokens", "4",
-                                "--json"], work / "logs" / f"{name}-eval.log", args.threads, args.min_free_gib,
-                               keep_stdout=True)
+    evaluation = dsvlm_command(
+        [
+            "eval",
+            str(model),
+            "--bench",
+            "mmbench",
+            "--data-files",
+            f"mmbench={eval_file}",
+            "--out",
+            str(work / "eval" / name),
+            "--batch-size",
+            "2",
+            "--max-new-tokens",
+            "4",
+            "--json",
+        ],
+        work / "logs" / f"{name}-eval.log",
+        args.threads,
+        args.min_free_gib,
+        keep_stdout=True,
+    )
     if not evaluation["rc"]:
         summary = json_stdout(evaluation)
         evaluation["summary"] = {k: v for k, v in summary.items() if k != "compare"}
@@ -251,24 +363,29 @@ def json_stdout(outcome: dict[str, Any]) -> Any:
     return json.loads(text[start:])
 
 
-def dsvlm_command(cmd: list[str], log: Path, threads: int, min_free_gib: float = 3.0,
-                  keep_stdout: bool = False) -> dict[str, Any]:
+def dsvlm_command(
+    cmd: list[str], log: Path, threads: int, min_free_gib: float = 3.0, keep_stdout: bool = False
+) -> dict[str, Any]:
     """Run `python -m dsvlm CMD` with stderr to `log`; rc, wall time, the child's peak RSS (VmHWM), the
     machine's lowest available memory, and on failure the last lines of its log."""
     log.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     started = time.perf_counter()
     with log.open("w") as err:
-        child = subprocess.Popen([sys.executable, "-m", "dsvlm", *cmd], stdout=subprocess.PIPE, stderr=err,
-                                 env=env, text=True)
+        child = subprocess.Popen(
+            [sys.executable, "-m", "dsvlm", *cmd], stdout=subprocess.PIPE, stderr=err, env=env, text=True
+        )
         watch = Watch(child.pid, min_free_gib)
         watch.start()
         stdout, _ = child.communicate()
         watch.stop()
-    outcome: dict[str, Any] = {"rc": child.returncode, "wall_s": round(time.perf_counter() - started, 1),
-                               "peak_rss_gib": round(watch.peak_kib / 2**20, 2),
-                               "peak_anon_gib": round(watch.peak_anon_kib / 2**20, 2),
-                               "min_available_gib": round(watch.min_available / 2**30, 2)}
+    outcome: dict[str, Any] = {
+        "rc": child.returncode,
+        "wall_s": round(time.perf_counter() - started, 1),
+        "peak_rss_gib": round(watch.peak_kib / 2**20, 2),
+        "peak_anon_gib": round(watch.peak_anon_kib / 2**20, 2),
+        "min_available_gib": round(watch.min_available / 2**30, 2),
+    }
     if watch.killed:
         outcome["killed"] = f"available memory under {min_free_gib} GiB"
     if child.returncode:
@@ -315,15 +432,17 @@ def metrics_summary(path: Path) -> dict[str, Any]:
     if not path.exists():
         return {}
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return {"step_time_s": [r["step_time_s"] for r in records],
-            "loss": [round(r["loss"], 4) for r in records],
-            **({"loss_rec": [round(r["loss_rec"], 4) for r in records]} if records and "loss_rec" in records[0]
-               else {})}
+    return {
+        "step_time_s": [r["step_time_s"] for r in records],
+        "loss": [round(r["loss"], 4) for r in records],
+        **({"loss_rec": [round(r["loss_rec"], 4) for r in records]} if records and "loss_rec" in records[0] else {}),
+    }
 
 
 def summary_table(report: dict[str, Any]) -> Table:
-    table = Table(title=f"paper recipes at real shapes, LLM cut to {report['llm_layers']} layers, "
-                        f"{report['threads']} threads")
+    table = Table(
+        title=f"paper recipes at real shapes, LLM cut to {report['llm_layers']} layers, {report['threads']} threads"
+    )
     for column in ("recipe", "stage", "ds step s", "plain step s", "ds peak RSS GiB", "plain peak RSS GiB"):
         table.add_column(column)
     for name, result in report["recipes"].items():

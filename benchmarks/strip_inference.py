@@ -48,8 +48,15 @@ def train_and_strip(root: Path) -> tuple[Path, dict[str, Any], Path]:
     """A 2+2-step tiny-synthetic run stripped to `root/model`: (model dir, strip report, dataset)."""
     data = prepare_synthetic(root / "data", n_align=64, n_instruct=64, n_eval=16)
     run = root / "run"
-    dsvlm("train", "tiny-synthetic", f"data.dataset={data}", f"run.output_dir={run}", "stages.0.max_steps=2",
-          "stages.1.max_steps=2", "--no-progress")
+    dsvlm(
+        "train",
+        "tiny-synthetic",
+        f"data.dataset={data}",
+        f"run.output_dir={run}",
+        "stages.0.max_steps=2",
+        "stages.1.max_steps=2",
+        "--no-progress",
+    )
     model = root / "model"
     report = json.loads(dsvlm("strip", str(run), "--out", str(model), "--json"))
     return model, report, data
@@ -84,8 +91,13 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     sizes = [int(s) for s in args.batch_sizes.split(",")]
     console = stderr_console()
-    report: dict[str, Any] = {"command": command_line(), "machine": machine(), "load_start": loadavg(),
-                              "max_new_tokens": args.max_new_tokens, "attention": ATTENTION}
+    report: dict[str, Any] = {
+        "command": command_line(),
+        "machine": machine(),
+        "load_start": loadavg(),
+        "max_new_tokens": args.max_new_tokens,
+        "attention": ATTENTION,
+    }
 
     with tempfile.TemporaryDirectory(prefix="dsvlm-strip-bench-") as tmp:
         model_dir, strip_report, data = train_and_strip(Path(tmp))
@@ -95,10 +107,12 @@ def main() -> None:
         config = LlavaConfig.from_pretrained(model_dir)
         torch.manual_seed(1)
         models = {
-            "stripped": LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32,
-                                                                      attn_implementation=ATTENTION),
-            "plain": LlavaForConditionalGeneration._from_config(config, dtype=torch.float32,
-                                                                attn_implementation=ATTENTION),
+            "stripped": LlavaForConditionalGeneration.from_pretrained(
+                model_dir, dtype=torch.float32, attn_implementation=ATTENTION
+            ),
+            "plain": LlavaForConditionalGeneration._from_config(
+                config, dtype=torch.float32, attn_implementation=ATTENTION
+            ),
         }
         for model in models.values():
             model.eval()
@@ -107,14 +121,20 @@ def main() -> None:
     def inputs(batch_size: int, round_index: int) -> dict[str, torch.Tensor]:
         start = (round_index * batch_size) % len(items)
         chosen = [items[(start + k) % len(items)] for k in range(batch_size)]
-        return processor(text=[p for p, _ in chosen], images=[im for _, im in chosen], padding=True,
-                         return_tensors="pt")
+        return processor(
+            text=[p for p, _ in chosen], images=[im for _, im in chosen], padding=True, return_tensors="pt"
+        )
 
     def generate(name: str, batch: dict[str, torch.Tensor]) -> float:
         start = time.perf_counter()
         with torch.inference_mode():
-            out = models[name].generate(**batch, generation_config=generation, max_new_tokens=args.max_new_tokens,
-                                        min_new_tokens=args.max_new_tokens, do_sample=False)
+            out = models[name].generate(
+                **batch,
+                generation_config=generation,
+                max_new_tokens=args.max_new_tokens,
+                min_new_tokens=args.max_new_tokens,
+                do_sample=False,
+            )
         seconds = time.perf_counter() - start
         new = out.shape[1] - batch["input_ids"].shape[1]
         if new != args.max_new_tokens:
@@ -136,15 +156,17 @@ def main() -> None:
         plain = times["plain", b]
         for name in MODELS:
             mine = times[name, b]
-            rows.append({
-                "model": name,
-                "batch_size": b,
-                "latency_s_median": round(median(mine), 4),
-                "latency_s_all": [round(t, 4) for t in mine],
-                "tokens_per_s": round(b * args.max_new_tokens / median(mine), 1),
-                "latency_ratio_vs_plain": round(median(mine) / median(plain), 3),
-                "latency_ratio_rounds": ratio_spread(mine, plain),
-            })
+            rows.append(
+                {
+                    "model": name,
+                    "batch_size": b,
+                    "latency_s_median": round(median(mine), 4),
+                    "latency_s_all": [round(t, 4) for t in mine],
+                    "tokens_per_s": round(b * args.max_new_tokens / median(mine), 1),
+                    "latency_ratio_vs_plain": round(median(mine) / median(plain), 3),
+                    "latency_ratio_rounds": ratio_spread(mine, plain),
+                }
+            )
     report.update(
         strip=strip_report,
         params_removed_fraction=round(strip_report["params_removed"] / strip_report["params_before"], 4),
@@ -152,22 +174,37 @@ def main() -> None:
         load_end=loadavg(),
     )
 
-    table = Table("model", "batch", "latency s (median)", "new tokens/s", escape("x plain (rounds: median [p25-p75])"),
-                  title=f"greedy generate, {args.max_new_tokens} new tokens, {torch.get_num_threads()} threads, "
-                  f"{args.repeats} rounds")
+    table = Table(
+        "model",
+        "batch",
+        "latency s (median)",
+        "new tokens/s",
+        escape("x plain (rounds: median [p25-p75])"),
+        title=f"greedy generate, {args.max_new_tokens} new tokens, {torch.get_num_threads()} threads, "
+        f"{args.repeats} rounds",
+    )
     for row in rows:
         spread = row["latency_ratio_rounds"]
-        table.add_row(row["model"], str(row["batch_size"]), f"{row['latency_s_median']:.4f}",
-                      f"{row['tokens_per_s']:.1f}",
-                      escape(f"{row['latency_ratio_vs_plain']:.3f} ({spread['median']:.3f} [{spread['p25']:.3f}-"
-                             f"{spread['p75']:.3f}])"))
+        table.add_row(
+            row["model"],
+            str(row["batch_size"]),
+            f"{row['latency_s_median']:.4f}",
+            f"{row['tokens_per_s']:.1f}",
+            escape(
+                f"{row['latency_ratio_vs_plain']:.3f} ({spread['median']:.3f} [{spread['p25']:.3f}-"
+                f"{spread['p75']:.3f}])"
+            ),
+        )
     console.print(table)
     s = strip_report
     table = Table("", "parameters", "MB on disk", title="dsvlm strip: training output vs stripped model")
     table.add_row("before (VLM + branch)", f"{s['params_before']:,}", f"{s['bytes_before'] / 1e6:.2f}")
     table.add_row("after (plain LLaVA)", f"{s['params_after']:,}", f"{s['bytes_after'] / 1e6:.2f}")
-    table.add_row("removed", f"{s['params_removed']:,} ({report['params_removed_fraction']:.1%})",
-                  f"{(s['bytes_before'] - s['bytes_after']) / 1e6:.2f}")
+    table.add_row(
+        "removed",
+        f"{s['params_removed']:,} ({report['params_removed_fraction']:.1%})",
+        f"{(s['bytes_before'] - s['bytes_after']) / 1e6:.2f}",
+    )
     console.print(table)
     console.print(f"load average: start {report['load_start']}, end {report['load_end']}")
     write_report(args.json, report)

@@ -88,33 +88,67 @@ TINY = (_override("supervision.diffusion.unet_config", _tiny_unet()), "supervisi
 # LLaVA-1.5-7B over SD 1.5 at 256 px: LLM forward / UNet forward FLOPs per sample ~ 30 (see paper_flops). The
 # UNet (frozen, pixel space, 32x32, cross-attention at the two lower levels as SD 1.5 has it at three of four) is
 # ~0.35 GFLOPs per image; the LLM is grown until the ratio matches. Pinned here, so recipe edits don't move it.
-PROPORTIONAL_UNET = {"sample_size": 32, "in_channels": 3, "out_channels": 3, "layers_per_block": 1,
-                     "block_out_channels": [16, 32, 64], "norm_num_groups": 8, "cross_attention_dim": 64,
-                     "attention_head_dim": 8,
-                     "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-                     "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"]}
+PROPORTIONAL_UNET = {
+    "sample_size": 32,
+    "in_channels": 3,
+    "out_channels": 3,
+    "layers_per_block": 1,
+    "block_out_channels": [16, 32, 64],
+    "norm_num_groups": 8,
+    "cross_attention_dim": 64,
+    "attention_head_dim": 8,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+}
 PROPORTIONAL = (
-    _override("model.vision.config", {"hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 4,
-                                       "num_attention_heads": 4, "image_size": 32, "patch_size": 4,
-                                       "num_channels": 3}),
-    _override("model.llm.config", {"hidden_size": 768, "intermediate_size": 2048, "num_hidden_layers": 5,
-                                    "num_attention_heads": 8, "num_key_value_heads": 8,
-                                    "max_position_embeddings": 512, "tie_word_embeddings": False}),
+    _override(
+        "model.vision.config",
+        {
+            "hidden_size": 256,
+            "intermediate_size": 1024,
+            "num_hidden_layers": 4,
+            "num_attention_heads": 4,
+            "image_size": 32,
+            "patch_size": 4,
+            "num_channels": 3,
+        },
+    ),
+    _override(
+        "model.llm.config",
+        {
+            "hidden_size": 768,
+            "intermediate_size": 2048,
+            "num_hidden_layers": 5,
+            "num_attention_heads": 8,
+            "num_key_value_heads": 8,
+            "max_position_embeddings": 512,
+            "tie_word_embeddings": False,
+        },
+    ),
     _override("supervision.diffusion.unet_config", PROPORTIONAL_UNET),
     "supervision.diffusion.pretrained=null",
     "supervision.freeze_unet=true",
     "supervision.reconstruct_per_batch=null",
 )
 # A VAE that halves the side: 32 px images -> 4x16x16 latents, the UNet's input.
-SMALL_VAE = {"in_channels": 3, "out_channels": 3, "latent_channels": 4, "block_out_channels": [32, 64],
-             "layers_per_block": 1, "norm_num_groups": 8, "sample_size": 32,
-             "down_block_types": ["DownEncoderBlock2D"] * 2, "up_block_types": ["UpDecoderBlock2D"] * 2}
+SMALL_VAE = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "latent_channels": 4,
+    "block_out_channels": [32, 64],
+    "layers_per_block": 1,
+    "norm_num_groups": 8,
+    "sample_size": 32,
+    "down_block_types": ["DownEncoderBlock2D"] * 2,
+    "up_block_types": ["UpDecoderBlock2D"] * 2,
+}
 LATENT = (
     "supervision.diffusion.pretrained=null",
     "supervision.diffusion.pixel_space=false",
     _override("supervision.diffusion.vae_config", SMALL_VAE),
-    _override("supervision.diffusion.unet_config", _tiny_unet() | {"in_channels": 4, "out_channels": 4,
-                                                                   "sample_size": 16}),
+    _override(
+        "supervision.diffusion.unet_config", _tiny_unet() | {"in_channels": 4, "out_channels": 4, "sample_size": 16}
+    ),
 )
 
 
@@ -146,13 +180,34 @@ class Setup:
 SETUPS = {
     setup.key: setup
     for setup in (
-        Setup("tiny", "tiny-synthetic as is (pixel-space UNet, frozen)", TINY, 32, 7,
-              (TEXT_ONLY, Arm("DS, 8 of 32 reconstructed (recipe)"),
-               Arm("DS, all 32 reconstructed", ("supervision.reconstruct_per_batch=null",)))),
-        Setup("proportional", "proportional: LLM/UNet FLOPs ~ LLaVA-1.5-7B / SD 1.5, frozen UNet", PROPORTIONAL, 8, 5,
-              (TEXT_ONLY, Arm("DS, all 8 reconstructed"))),
-        Setup("latent", "latent diffusion with a small inline VAE (8 of 32 reconstructed)", LATENT, 32, 7,
-              (TEXT_ONLY, Arm("DS, VAE encode every step"), Arm("DS, cached latents", cached=True))),
+        Setup(
+            "tiny",
+            "tiny-synthetic as is (pixel-space UNet, frozen)",
+            TINY,
+            32,
+            7,
+            (
+                TEXT_ONLY,
+                Arm("DS, 8 of 32 reconstructed (recipe)"),
+                Arm("DS, all 32 reconstructed", ("supervision.reconstruct_per_batch=null",)),
+            ),
+        ),
+        Setup(
+            "proportional",
+            "proportional: LLM/UNet FLOPs ~ LLaVA-1.5-7B / SD 1.5, frozen UNet",
+            PROPORTIONAL,
+            8,
+            5,
+            (TEXT_ONLY, Arm("DS, all 8 reconstructed")),
+        ),
+        Setup(
+            "latent",
+            "latent diffusion with a small inline VAE (8 of 32 reconstructed)",
+            LATENT,
+            32,
+            7,
+            (TEXT_ONLY, Arm("DS, VAE encode every step"), Arm("DS, cached latents", cached=True)),
+        ),
     )
 }
 
@@ -172,8 +227,9 @@ def arm_recipe(setup: Setup, arm: Arm) -> Recipe:
 class ArmRun:
     """One arm's model, optimizer and pre-collated batches; `step()` times one optimizer step."""
 
-    def __init__(self, recipe: Recipe, stage_name: str, arm: Arm, dataset: Path, batch_size: int,
-                 n_batches: int) -> None:
+    def __init__(
+        self, recipe: Recipe, stage_name: str, arm: Arm, dataset: Path, batch_size: int, n_batches: int
+    ) -> None:
         stage = recipe.stage(stage_name)
         self.stage, self.seed = stage, recipe.run.seed
         with contextlib.redirect_stderr(io.StringIO()):  # freeze_for_stage prints its table
@@ -186,15 +242,21 @@ class ArmRun:
             vae = self.model.supervision.vae if self.model.supervision is not None else None
             if vae is None:
                 raise ValueError(f"arm {arm.name!r} reads cached latents but its recipe has no VAE")
-            latents = LatentCache.open(dataset, vae_fingerprint(vae), recipe.supervision.resolution,
-                                       image_geometry(recipe.model))
+            latents = LatentCache.open(
+                dataset, vae_fingerprint(vae), recipe.supervision.resolution, image_geometry(recipe.model)
+            )
         split = PreparedSplit(dataset, stage.split_name, latents=latents)
-        collator = Collator(self.model.processor, stage.template_name, recipe.data.max_length,
-                            rec_resolution=recipe.supervision.resolution if supervise else None)
+        collator = Collator(
+            self.model.processor,
+            stage.template_name,
+            recipe.data.max_length,
+            rec_resolution=recipe.supervision.resolution if supervise else None,
+        )
         order = torch.randperm(len(split), generator=torch.Generator().manual_seed(self.seed)).tolist()
         if len(order) < n_batches * batch_size:
-            raise ValueError(f"split {stage.split_name!r} has {len(order)} records, fewer than "
-                             f"{n_batches} batches of {batch_size}")
+            raise ValueError(
+                f"split {stage.split_name!r} has {len(order)} records, fewer than {n_batches} batches of {batch_size}"
+            )
         self.batches, collate_s = [], []
         for b in range(n_batches):
             start = time.perf_counter()
@@ -260,16 +322,20 @@ def ensure_latent_cache(setup: Setup, dataset: Path) -> float:
     recipe = load_recipe(RECIPE, list(setup.overrides))
     vae = load_vae(recipe.supervision.diffusion, recipe.run.seed)  # the branch's VAE: same config, same seed
     start = time.perf_counter()
-    build_latent_cache(dataset, vae, recipe.supervision.resolution, vae_fingerprint(vae), image_geometry(recipe.model),
-                       progress=False)
+    build_latent_cache(
+        dataset, vae, recipe.supervision.resolution, vae_fingerprint(vae), image_geometry(recipe.model), progress=False
+    )
     return time.perf_counter() - start
 
 
-def time_setup(setup: Setup, stage_name: str, dataset: Path, repeats: int, warmup: int,
-               n_batches: int) -> dict[str, Any]:
+def time_setup(
+    setup: Setup, stage_name: str, dataset: Path, repeats: int, warmup: int, n_batches: int
+) -> dict[str, Any]:
     """Warm up every arm, then time them round-robin; FLOPs counted after timing."""
-    runs = {arm.name: ArmRun(arm_recipe(setup, arm), stage_name, arm, dataset, setup.batch_size, n_batches)
-            for arm in setup.arms}
+    runs = {
+        arm.name: ArmRun(arm_recipe(setup, arm), stage_name, arm, dataset, setup.batch_size, n_batches)
+        for arm in setup.arms
+    }
     for run in runs.values():
         for _ in range(warmup):
             run.step()
@@ -282,16 +348,18 @@ def time_setup(setup: Setup, stage_name: str, dataset: Path, repeats: int, warmu
     for arm in setup.arms:
         run = runs[arm.name]
         flops = run.flops()
-        arms.append({
-            "name": arm.name,
-            "step_s_median": round(median(times[arm.name]), 4),
-            "step_s_all": [round(t, 4) for t in times[arm.name]],
-            "collate_s_median": round(run.collate_s, 4),
-            "time_ratio": round(median(times[arm.name]) / median(times[base]), 3),
-            # The ratio within each round (less sensitive to load that shifts between rounds) and its spread.
-            "time_ratio_rounds": ratio_spread(times[arm.name], times[base]),
-            "gflops": {k: round(v, 3) for k, v in flops.items()},
-        })
+        arms.append(
+            {
+                "name": arm.name,
+                "step_s_median": round(median(times[arm.name]), 4),
+                "step_s_all": [round(t, 4) for t in times[arm.name]],
+                "collate_s_median": round(run.collate_s, 4),
+                "time_ratio": round(median(times[arm.name]) / median(times[base]), 3),
+                # The ratio within each round (less sensitive to load that shifts between rounds) and its spread.
+                "time_ratio_rounds": ratio_spread(times[arm.name], times[base]),
+                "gflops": {k: round(v, 3) for k, v in flops.items()},
+            }
+        )
     for arm in arms:
         arm["flop_ratio"] = round(arm["gflops"]["step"] / arms[0]["gflops"]["step"], 3)
     # Per sample, as the paper-setting ratio: LLM forward of one sample over the UNet forward of one image.
@@ -309,14 +377,26 @@ def time_setup(setup: Setup, stage_name: str, dataset: Path, repeats: int, warmu
     }
 
 
-def memory_of(setup: Setup, arm_index: int, stage_name: str, dataset: Path, steps: int,
-              threads: int | None) -> dict[str, float]:
+def memory_of(
+    setup: Setup, arm_index: int, stage_name: str, dataset: Path, steps: int, threads: int | None
+) -> dict[str, float]:
     """Peak RSS of one arm in a fresh process (see the module docstring)."""
-    job = {"setup": setup.key, "arm": arm_index, "stage": stage_name, "data": str(dataset), "steps": steps,
-           "threads": threads}
+    job = {
+        "setup": setup.key,
+        "arm": arm_index,
+        "stage": stage_name,
+        "data": str(dataset),
+        "steps": steps,
+        "threads": threads,
+    }
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-    done = subprocess.run([sys.executable, __file__, "--memory-child", json.dumps(job)], capture_output=True,
-                          text=True, env=env, check=False)
+    done = subprocess.run(
+        [sys.executable, __file__, "--memory-child", json.dumps(job)],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
     if done.returncode:
         raise RuntimeError(f"memory run of {setup.key}/{arm_index} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -336,22 +416,41 @@ def memory_child(job: dict[str, Any]) -> None:
     # steps' peak). Not ru_maxrss: Linux carries the parent's peak into it across fork + exec.
     status = Path("/proc/self/status").read_text()
     hwm_kb = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:"))
-    print(json.dumps({"rss_before_mb": round(rss.start_mb, 1), "rss_peak_mb": round(rss.peak_mb, 1),
-                      "rss_increase_mb": round(rss.increase_mb, 1), "vm_hwm_mb": round(hwm_kb / 1024, 1)}))
+    print(
+        json.dumps(
+            {
+                "rss_before_mb": round(rss.start_mb, 1),
+                "rss_peak_mb": round(rss.peak_mb, 1),
+                "rss_increase_mb": round(rss.increase_mb, 1),
+                "vm_hwm_mb": round(hwm_kb / 1024, 1),
+            }
+        )
+    )
 
 
 # ------------------------------------------------------------------------------- paper setting, meta device
 
 SD15_UNET_256PX = {  # SD 1.5's UNet at 256 px (32x32 latents)
-    "sample_size": 32, "in_channels": 4, "out_channels": 4, "layers_per_block": 2,
-    "block_out_channels": [320, 640, 1280, 1280], "cross_attention_dim": 768, "attention_head_dim": 8,
+    "sample_size": 32,
+    "in_channels": 4,
+    "out_channels": 4,
+    "layers_per_block": 2,
+    "block_out_channels": [320, 640, 1280, 1280],
+    "cross_attention_dim": 768,
+    "attention_head_dim": 8,
     "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
     "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
 }
 SD_VAE = {
-    "in_channels": 3, "out_channels": 3, "latent_channels": 4, "block_out_channels": [128, 256, 512, 512],
-    "layers_per_block": 2, "sample_size": 256, "scaling_factor": 0.18215,
-    "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "in_channels": 3,
+    "out_channels": 3,
+    "latent_channels": 4,
+    "block_out_channels": [128, 256, 512, 512],
+    "layers_per_block": 2,
+    "sample_size": 256,
+    "scaling_factor": 0.18215,
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
 }
 
 
@@ -372,20 +471,43 @@ def paper_flops(tokens: int) -> dict[str, Any]:
     meta = torch.device("meta")
     image_tokens = 576
     with meta:
-        llm = LlamaForCausalLM(LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                                           num_attention_heads=32, num_key_value_heads=32, vocab_size=32000))
-        vision = CLIPVisionModel(CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
-                                                  num_attention_heads=16, image_size=336, patch_size=14))
+        llm = LlamaForCausalLM(
+            LlamaConfig(
+                hidden_size=4096,
+                intermediate_size=11008,
+                num_hidden_layers=32,
+                num_attention_heads=32,
+                num_key_value_heads=32,
+                vocab_size=32000,
+            )
+        )
+        vision = CLIPVisionModel(
+            CLIPVisionConfig(
+                hidden_size=1024,
+                intermediate_size=4096,
+                num_hidden_layers=24,
+                num_attention_heads=16,
+                image_size=336,
+                patch_size=14,
+            )
+        )
         projector = torch.nn.Sequential(torch.nn.Linear(1024, 4096), torch.nn.GELU(), torch.nn.Linear(4096, 4096))
         branches = {
             loss: DiffusionSupervision(
-                SupervisionConfig(diffusion={"pretrained": None, "unet_config": SD15_UNET_256PX, "vae_config": SD_VAE},
-                                  loss={loss: 1.0}, resolution=256),
-                vision_hidden_size=1024, llm_hidden_size=4096)
+                SupervisionConfig(
+                    diffusion={"pretrained": None, "unet_config": SD15_UNET_256PX, "vae_config": SD_VAE},
+                    loss={loss: 1.0},
+                    resolution=256,
+                ),
+                vision_hidden_size=1024,
+                llm_hidden_size=4096,
+            )
             for loss in ("perceptual", "eps_mse")
         }
-    params = {"llm": sum(p.numel() for p in llm.parameters()),
-              "unet": sum(p.numel() for p in branches["perceptual"].unet.parameters())}
+    params = {
+        "llm": sum(p.numel() for p in llm.parameters()),
+        "unet": sum(p.numel() for p in branches["perceptual"].unet.parameters()),
+    }
 
     def embeds() -> torch.Tensor:
         return torch.empty(1, tokens, 4096, device=meta, requires_grad=True)
@@ -404,8 +526,10 @@ def paper_flops(tokens: int) -> dict[str, Any]:
     def branch_step(loss: str, cached: bool) -> None:
         # Condition gradients as in stage 2 (stage 1 skips those of the frozen encoder: < 0.1 % fewer FLOPs).
         branch = branches[loss]
-        conditions = {name: torch.empty(1, image_tokens, 4096 if name == "connector" else 1024, device=meta,
-                                        requires_grad=True) for name in branch.condition_names}
+        conditions = {
+            name: torch.empty(1, image_tokens, 4096 if name == "connector" else 1024, device=meta, requires_grad=True)
+            for name in branch.condition_names
+        }
         latents = torch.empty(1, 4, 32, 32, device=meta) if cached else None
         branch(conditions, pixels(256), latents, torch.tensor([0]))["loss"].sum().backward()
 
@@ -414,15 +538,29 @@ def paper_flops(tokens: int) -> dict[str, Any]:
     fwd = {
         "llm": _tflops(lambda: llm(inputs_embeds=embeds())),
         "vision": _tflops(lambda: vision(pixel_values=pixels(336))),
-        "unet": _tflops(lambda: perceptual.unet(torch.empty(1, 4, 32, 32, device=meta), torch.tensor([0], device=meta),
-                                               encoder_hidden_states=unet_conditions)),
+        "unet": _tflops(
+            lambda: perceptual.unet(
+                torch.empty(1, 4, 32, 32, device=meta),
+                torch.tensor([0], device=meta),
+                encoder_hidden_states=unet_conditions,
+            )
+        ),
         "vae_encode": _tflops(lambda: perceptual.encode(pixels(256))),
-        "branch_perceptual": _tflops(lambda: perceptual(
-            {n: torch.empty(1, image_tokens, 4096 if n == "connector" else 1024, device=meta)
-             for n in perceptual.condition_names}, pixels(256), None, torch.tensor([0]))),
+        "branch_perceptual": _tflops(
+            lambda: perceptual(
+                {
+                    n: torch.empty(1, image_tokens, 4096 if n == "connector" else 1024, device=meta)
+                    for n in perceptual.condition_names
+                },
+                pixels(256),
+                None,
+                torch.tensor([0]),
+            )
+        ),
     }
-    projector_step = _tflops(lambda: projector(torch.empty(1, image_tokens, 1024, device=meta,
-                                                           requires_grad=True)).sum().backward())
+    projector_step = _tflops(
+        lambda: projector(torch.empty(1, image_tokens, 1024, device=meta, requires_grad=True)).sum().backward()
+    )
     # Stage 1 trains the connector (+ branch): the LLM and encoder are frozen, the text loss still back-propagates
     # through the LLM to the image tokens. Stage 2 trains all, with gradient checkpointing (one more forward).
     stage1 = fwd["vision"] + projector_step + _tflops(lambda: llm_step(False))
@@ -454,32 +592,57 @@ def _ratio_cell(ratio: float, rounds: dict[str, float]) -> str:
 def print_tables(console: Console, paper: dict[str, Any] | None, results: list[dict[str, Any]]) -> None:
     if paper is not None:
         f = paper["fwd_tflops"]
-        table = Table("part", "fwd TFLOPs / sample", title=f"paper setting (meta device, {paper['tokens']} LLM "
-                      f"tokens): LLM fwd / UNet fwd = {paper['llm_fwd_over_unet_fwd']}, "
-                      f"LLM fwd / branch fwd = {paper['llm_fwd_over_branch_fwd']}")
-        names = {"llm": "Vicuna-7B LLM", "vision": "CLIP-L/336", "unet": "SD 1.5 UNet (MoE, 4x576 cond. tokens)",
-                 "vae_encode": "SD VAE encode (cacheable)", "branch_perceptual": "whole branch, perceptual loss"}
+        table = Table(
+            "part",
+            "fwd TFLOPs / sample",
+            title=f"paper setting (meta device, {paper['tokens']} LLM "
+            f"tokens): LLM fwd / UNet fwd = {paper['llm_fwd_over_unet_fwd']}, "
+            f"LLM fwd / branch fwd = {paper['llm_fwd_over_branch_fwd']}",
+        )
+        names = {
+            "llm": "Vicuna-7B LLM",
+            "vision": "CLIP-L/336",
+            "unet": "SD 1.5 UNet (MoE, 4x576 cond. tokens)",
+            "vae_encode": "SD VAE encode (cacheable)",
+            "branch_perceptual": "whole branch, perceptual loss",
+        }
         for key, name in names.items():
             table.add_row(name, f"{f[key]:.3f}")
         console.print(table)
-        table = Table("training step FLOPs / sample", "stage 1 (connector)", "stage 2 (all, grad ckpt)",
-                      title="paper setting: FLOPs of a training step, branch overhead")
+        table = Table(
+            "training step FLOPs / sample",
+            "stage 1 (connector)",
+            "stage 2 (all, grad ckpt)",
+            title="paper setting: FLOPs of a training step, branch overhead",
+        )
         text = paper["step_tflops_text_only"]
         table.add_row("text only (TFLOPs)", f"{text['1']:.2f}", f"{text['2']:.2f}")
         for name, over in paper["flop_overhead"].items():
             table.add_row(f"+ branch, {name}", f"+{over['1']:.1%}", f"+{over['2']:.1%}")
         console.print(table)
     for result in results:
-        table = Table("arm", "step s (median)", escape("x baseline time (rounds: median [p25-p75])"),
-                      "x baseline FLOPs", "GFLOPs/step", "collate s", "peak RSS +MB",
-                      title=f"{result['title']}: batch {result['batch_size']}, stage {result['stage']}, "
-                      f"LLM fwd / UNet fwd per sample = {result['llm_fwd_over_unet_fwd_per_sample']}")
+        table = Table(
+            "arm",
+            "step s (median)",
+            escape("x baseline time (rounds: median [p25-p75])"),
+            "x baseline FLOPs",
+            "GFLOPs/step",
+            "collate s",
+            "peak RSS +MB",
+            title=f"{result['title']}: batch {result['batch_size']}, stage {result['stage']}, "
+            f"LLM fwd / UNet fwd per sample = {result['llm_fwd_over_unet_fwd_per_sample']}",
+        )
         for arm in result["arms"]:
             memory = arm.get("memory")
-            table.add_row(arm["name"], f"{arm['step_s_median']:.3f}",
-                          _ratio_cell(arm["time_ratio"], arm["time_ratio_rounds"]),
-                          f"{arm['flop_ratio']:.3f}", f"{arm['gflops']['step']:.1f}", f"{arm['collate_s_median']:.3f}",
-                          f"{memory['rss_increase_mb']:.0f}" if memory else "-")
+            table.add_row(
+                arm["name"],
+                f"{arm['step_s_median']:.3f}",
+                _ratio_cell(arm["time_ratio"], arm["time_ratio_rounds"]),
+                f"{arm['flop_ratio']:.3f}",
+                f"{arm['gflops']['step']:.1f}",
+                f"{arm['collate_s_median']:.3f}",
+                f"{memory['rss_increase_mb']:.0f}" if memory else "-",
+            )
         console.print(table)
 
 
@@ -494,8 +657,9 @@ def main() -> None:
     parser.add_argument("--no-memory", action="store_true", help="Skip the peak-memory runs.")
     parser.add_argument("--no-paper", action="store_true", help="Skip the paper-setting FLOP count.")
     parser.add_argument("--paper-tokens", type=int, default=650, help="LLM tokens per sample (576 image + text).")
-    parser.add_argument("--data", type=Path, default=None,
-                        help="Prepared synthetic set to use (default: a temporary 256/256/16 one).")
+    parser.add_argument(
+        "--data", type=Path, default=None, help="Prepared synthetic set to use (default: a temporary 256/256/16 one)."
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's).")
     parser.add_argument("--json", type=Path, default=None, help="Also write the figures to this JSON file.")
     parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)

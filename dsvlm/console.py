@@ -22,8 +22,13 @@ def progress_bar(enabled: bool, info: bool = False) -> Progress:
     """The one progress bar: description, bar, done/total, elapsed and remaining time, and with `info` a free
     `info` field per task (training shows its latest losses there). Use it as a context manager; disabled, it
     prints nothing."""
-    columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-               TimeRemainingColumn()]
+    columns = [
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    ]
     if info:
         columns.append(TextColumn("{task.fields[info]}"))
     return Progress(*columns, console=console, disable=not enabled)

@@ -68,8 +68,10 @@ def check_output(out: Path, kind: OutputKind, overwrite: bool, sources: Iterable
         if _encloses(resolved, protected):
             raise DsvlmError(f"refusing to replace {out}: it is or holds {protected}; choose another output")
     if not (out / kind.marker).is_file():
-        raise DsvlmError(f"{out} exists and is not a {kind.name} written by dsvlm (no {kind.marker}); refusing to "
-                         "replace it: choose another output or remove it yourself")
+        raise DsvlmError(
+            f"{out} exists and is not a {kind.name} written by dsvlm (no {kind.marker}); refusing to "
+            "replace it: choose another output or remove it yourself"
+        )
 
 
 def _holder(lock: Path) -> tuple[int, str] | None:
@@ -116,8 +118,10 @@ def _take(lock: Path, out: Path) -> None:
                 continue  # released meanwhile
             pid, host = holder
             if pid_alive(pid, host):
-                raise DsvlmError(f"{out} is being written by another dsvlm process (pid {pid} on {host}); wait for "
-                                 f"it to finish or stop it (its lock: {lock})")
+                raise DsvlmError(
+                    f"{out} is being written by another dsvlm process (pid {pid} on {host}); wait for "
+                    f"it to finish or stop it (its lock: {lock})"
+                )
             # Rename before deleting, so that of two processes reclaiming the same stale lock only one succeeds.
             stale = lock.with_name(f"{lock.name}.stale-{os.getpid()}")
             with contextlib.suppress(FileNotFoundError):

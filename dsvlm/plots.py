@@ -44,8 +44,9 @@ def plot_losses(metrics: list[dict], out: Path, title: str) -> Path:
     return plot_curves(curves, out, title, "optimizer step")
 
 
-def plot_curves(curves: dict[str, tuple[list, list]], out: Path, title: str, xlabel: str,
-                log_scale: bool = False) -> Path:
+def plot_curves(
+    curves: dict[str, tuple[list, list]], out: Path, title: str, xlabel: str, log_scale: bool = False
+) -> Path:
     """Named (x, y) loss curves in one figure, written atomically as PNG."""
     import matplotlib
 

@@ -1,7 +1,7 @@
 """The run directory: resolved recipe, environment, one sub-directory per stage.
 
-    OUT/recipe.yaml   OUT/env.json
-    OUT/<stage>/metrics.jsonl  checkpoints/step-000100/  final/  loss.png  reconstructions.png  previews/
+OUT/recipe.yaml   OUT/env.json
+OUT/<stage>/metrics.jsonl  checkpoints/step-000100/  final/  loss.png  reconstructions.png  previews/
 """
 
 from __future__ import annotations
@@ -60,8 +60,9 @@ class RunDir:
     root: Path
 
     @classmethod
-    def open(cls, root: Path, recipe: Recipe, stages: list[str], resume: bool, overwrite: bool,
-             main: bool = True) -> RunDir:
+    def open(
+        cls, root: Path, recipe: Recipe, stages: list[str], resume: bool, overwrite: bool, main: bool = True
+    ) -> RunDir:
         """Create or reopen a run directory, refusing to clobber another run's stages.
 
         Every process runs the checks; only the main one (`main`) writes.
@@ -72,8 +73,10 @@ class RunDir:
         elif root.is_dir() and any(root.iterdir()) and not (root / RUN.marker).is_file():
             # A run writes recipe.yaml, env.json and stage folders here: never into a folder of the user's
             what = "continue a run in it" if resume else "start a run in it"
-            raise DsvlmError(f"{root} is not empty and is not a dsvlm run (no {RUN.marker}); refusing to {what}: "
-                             "choose another run.output_dir")
+            raise DsvlmError(
+                f"{root} is not empty and is not a dsvlm run (no {RUN.marker}); refusing to {what}: "
+                "choose another run.output_dir"
+            )
         try:
             root.mkdir(parents=True, exist_ok=True)
             probe = root / f".write-probe-{os.getpid()}"

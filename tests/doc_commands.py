@@ -27,10 +27,16 @@ REPO = Path(__file__).resolve().parents[1]
 # Sizes appended to the documented command lines (the last value of an option or override wins), so that a
 # documented command trains, prepares, evaluates and probes in seconds. Flags and arguments stay as documented.
 TRAIN_SIZES = [
-    *(f"stages.{i}.{key}={value}" for i in (0, 1)
-      for key, value in (("max_steps", 2), ("global_batch_size", 8), ("per_device_batch_size", 8))),
-    "run.checkpoint_every=2", "run.log_every=1", "run.preview_images=2",
-    "supervision.sampler_steps=2", "supervision.reconstruct_per_batch=4",
+    *(
+        f"stages.{i}.{key}={value}"
+        for i in (0, 1)
+        for key, value in (("max_steps", 2), ("global_batch_size", 8), ("per_device_batch_size", 8))
+    ),
+    "run.checkpoint_every=2",
+    "run.log_every=1",
+    "run.preview_images=2",
+    "supervision.sampler_steps=2",
+    "supervision.reconstruct_per_batch=4",
 ]
 ABLATE_SIZES = ["ablate.probe_train=32", "ablate.probe_test=32", "ablate.probe_steps=5"]
 PRETRAIN_SIZES = ["--steps", "2", "--batch-size", "4"]
@@ -43,36 +49,53 @@ LMMS_EVAL_LIMIT = ["--limit", "4"]
 # `error:` line matching the pattern. (what the command matches, the error line's pattern, why).
 EXPECTED_FAILURES: list[tuple[str, str, str]] = [
     (r"^dsvlm prepare hub ", r"offline", "downloads a hub dataset (the test runs offline)"),
-    (r"^dsvlm (train|ablate) (llava15-vicuna7b-ds(-lora)?|siglip-qwen2-ds)\b", r"no prepared dataset|offline",
-     "paper recipe: LLaVA-1.5's data prepared on a cluster, 7B models and SD 1.5 from the hub"),
-    (r"--latents (llava15-vicuna7b-ds|siglip-qwen2-ds)\b", r"cannot load|offline",
-     "caches the latents of SD 1.5's VAE, which comes from the hub"),
+    (
+        r"^dsvlm (train|ablate) (llava15-vicuna7b-ds(-lora)?|siglip-qwen2-ds)\b",
+        r"no prepared dataset|offline",
+        "paper recipe: LLaVA-1.5's data prepared on a cluster, 7B models and SD 1.5 from the hub",
+    ),
+    (
+        r"--latents (llava15-vicuna7b-ds|siglip-qwen2-ds)\b",
+        r"cannot load|offline",
+        "caches the latents of SD 1.5's VAE, which comes from the hub",
+    ),
     (r"/datasets/llava\b", r"no such|not found|not a directory", "LLaVA-1.5's images on a cluster"),
     (r"/data/mmbench_dev_en\.parquet", r"no such file", "a benchmark copy on a cluster"),
     (r"--push-to-hub\b", r"offline|hub", "uploads to the hub"),
-    (r"^dsvlm eval (?!.*--data-files).*--bench mmbench(\s|$)", r"offline",
-     "mmbench's data comes from the hub without --data-files"),
+    (
+        r"^dsvlm eval (?!.*--data-files).*--bench mmbench(\s|$)",
+        r"offline",
+        "mmbench's data comes from the hub without --data-files",
+    ),
 ]
 
 # Documented commands the test does not run, each with the reason; a command matching none of the runnable
 # programs and none of these fails the test until it is classified here.
 EXEMPT: list[tuple[str, str]] = [
-    (r"^make demo$", "scripts/demo.sh in a fresh virtual environment: its pipeline is the README's lifecycle "
-                     "block, which this test runs"),
+    (
+        r"^make demo$",
+        "scripts/demo.sh in a fresh virtual environment: its pipeline is the README's lifecycle "
+        "block, which this test runs",
+    ),
     (r"^make test$", "the test suite itself (CI runs it)"),
-    (r"^make replicate",
-     "the miniature replication: 15 full cells, about 45 minutes, on demand (docs/replication.md has its results); "
-     "its `dsvlm ablate --cell` / `--report-only` lines are the README's ablate block, which this test runs"),
+    (
+        r"^make replicate",
+        "the miniature replication: 15 full cells, about 45 minutes, on demand (docs/replication.md has its results); "
+        "its `dsvlm ablate --cell` / `--report-only` lines are the README's ablate block, which this test runs",
+    ),
     (r"^make install TORCH=torch$", "builds a virtual environment, downloading torch (network, minutes)"),
-    (r"^(OMP_NUM_THREADS=\d+ )?OMP_WAIT_POLICY=PASSIVE \.venv/bin/python benchmarks/\w+\.py( --[\w-]+( \S+)?)*$",
-     "an on-demand benchmark (minutes); test_benchmark_commands_name_real_flags checks its script and flags"),
+    (
+        r"^(OMP_NUM_THREADS=\d+ )?OMP_WAIT_POLICY=PASSIVE \.venv/bin/python benchmarks/\w+\.py( --[\w-]+( \S+)?)*$",
+        "an on-demand benchmark (minutes); test_benchmark_commands_name_real_flags checks its script and flags",
+    ),
 ]
 
 # Inline spans that name a command's option or output in prose rather than quote a command to run.
 MENTIONS: dict[str, str] = {
     "dsvlm strip --json": "names the report `strip --json` prints (docs/benchmarks.md's table header)",
-    "dsvlm prepare synthetic --n-align 256 --n-instruct 256 --n-eval 16":
-        "names the sizes of the benchmark's dataset, which benchmarks/train_overhead.py prepares itself",
+    "dsvlm prepare synthetic --n-align 256 --n-instruct 256 --n-eval 16": (
+        "names the sizes of the benchmark's dataset, which benchmarks/train_overhead.py prepares itself"
+    ),
     "dsvlm prepare llava": "the command's name (a table row, a section title)",
     "dsvlm prepare synthetic": "the command's name, in prose",
 }
@@ -164,8 +187,9 @@ def classify(text: str, earlier: list[Command]) -> Command:
         return Command(text, status="unclassified", reason="not a dsvlm/lmms-eval command and not exempt")
     if " ... " in f"{run} ":
         prefix, _, after = f"{run} ".partition(" ... ")
-        previous = next((c.run for c in reversed(earlier)
-                         if c.run.startswith(prefix + " ") and " ... " not in f"{c.text} "), None)
+        previous = next(
+            (c.run for c in reversed(earlier) if c.run.startswith(prefix + " ") and " ... " not in f"{c.text} "), None
+        )
         if previous is None:
             return Command(text, status="syntax", reason="`...` with no earlier command to take it from")
         run = f"{previous} {after}".strip()
@@ -190,7 +214,8 @@ def parse_markdown(path: Path) -> list[Snippet]:
     text = path.read_text()
     snippets = [
         Snippet(f"{name}:{text.count(chr(10), 0, m.start()) + 1}", "block", tuple(parse_script(m.group(2))))
-        for m in FENCE.finditer(text) if m.group(1) == "bash"
+        for m in FENCE.finditer(text)
+        if m.group(1) == "bash"
     ]
     # Inline spans outside fenced blocks: blank the blocks out, keeping the line count.
     prose = FENCE.sub(lambda m: "\n" * m.group(0).count("\n"), text)
@@ -221,13 +246,20 @@ def documented_snippets() -> list[Snippet]:
     snippets = [s for p in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))] for s in parse_markdown(p)]
     snippets += [s for p in sorted((REPO / "recipes").glob("*.yaml")) if (s := parse_recipe_header(p))]
     in_scripts = {c.text for s in snippets if s.kind != "inline" for c in s.commands}
-    return [s for s in snippets
-            if s.kind != "inline" or (s.commands[0].text not in in_scripts and s.commands[0].text not in MENTIONS)]
+    return [
+        s
+        for s in snippets
+        if s.kind != "inline" or (s.commands[0].text not in in_scripts and s.commands[0].text not in MENTIONS)
+    ]
 
 
 def inline_mentions() -> set[str]:
-    return {s.commands[0].text for p in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
-            for s in parse_markdown(p) if s.kind == "inline"} & set(MENTIONS)
+    return {
+        s.commands[0].text
+        for p in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+        for s in parse_markdown(p)
+        if s.kind == "inline"
+    } & set(MENTIONS)
 
 
 # ---------------------------------------------------------------------------------------------- the shims
@@ -278,9 +310,15 @@ def shim(program: str, argv: list[str]) -> int:
         stdout = proc.stdout
         sys.stdout.write(stdout)
     sys.stderr.write(proc.stderr)
-    record = {"program": program, "argv": argv, "run_argv": run_argv, "rc": proc.returncode,
-              "lmms_task": os.environ.get("DOCCMD_LMMS_TASK", ""),
-              "stderr": proc.stderr[-6000:], "stdout": stdout[-6000:]}
+    record = {
+        "program": program,
+        "argv": argv,
+        "run_argv": run_argv,
+        "rc": proc.returncode,
+        "lmms_task": os.environ.get("DOCCMD_LMMS_TASK", ""),
+        "stderr": proc.stderr[-6000:],
+        "stdout": stdout[-6000:],
+    }
     with open(os.environ["DOCCMD_LOG"], "a") as log:
         log.write(json.dumps(record) + "\n")
     return proc.returncode
@@ -313,10 +351,18 @@ def run_script(script: str, cwd: Path, bin_dir: Path, env: dict[str, str], timeo
     log.unlink(missing_ok=True)
     (cwd / ".doc-script.sh").write_text(script)
     proc = subprocess.run(
-        ["bash", "--noprofile", "--norc", ".doc-script.sh"], cwd=cwd, capture_output=True, text=True,
+        ["bash", "--noprofile", "--norc", ".doc-script.sh"],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
         timeout=timeout,
-        env={**os.environ, **env, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "DOCCMD_LOG": str(log),
-             "COLUMNS": "160"},
+        env={
+            **os.environ,
+            **env,
+            "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+            "DOCCMD_LOG": str(log),
+            "COLUMNS": "160",
+        },
     )
     invocations = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
     return ScriptResult(script, proc.returncode, proc.stdout, proc.stderr, invocations)
@@ -346,8 +392,10 @@ def judge(command: Command, invocation: dict) -> str | None:
     errors = [line for line in stderr.splitlines() if line.startswith("error:")]
     clean = rc == 2 and "Traceback" not in stderr and "Usage:" not in stderr and len(errors) == 1
     if not (clean and re.search(error, errors[0], re.I)):
-        return (f"expected a clean failure ({reason}): exit 2, one `error:` line matching {error!r}, no traceback "
-                f"or usage error; got exit {rc}:\n{stderr[-2500:]}")
+        return (
+            f"expected a clean failure ({reason}): exit 2, one `error:` line matching {error!r}, no traceback "
+            f"or usage error; got exit {rc}:\n{stderr[-2500:]}"
+        )
     return None
 
 
@@ -359,13 +407,17 @@ def problems(commands: list[Command], result: ScriptResult) -> list[str]:
     neither succeeded nor failed the expected clean way."""
     found = [f"bash: {m.group(0)}" for m in BASH_ERROR.finditer(result.stderr)]
     if len(result.invocations) != len(commands):
-        found.append(f"{len(commands)} documented commands but {len(result.invocations)} invocations:\n"
-                     + "\n".join(" ".join(i["argv"]) for i in result.invocations) + f"\n{result.stderr[-2500:]}")
+        found.append(
+            f"{len(commands)} documented commands but {len(result.invocations)} invocations:\n"
+            + "\n".join(" ".join(i["argv"]) for i in result.invocations)
+            + f"\n{result.stderr[-2500:]}"
+        )
         return found
     for command, invocation in zip(commands, result.invocations, strict=True):
         if (problem := judge(command, invocation)) is not None:
-            found.append(f"`{command.text}` (ran `{shlex.join([invocation['program'], *invocation['run_argv']])}`):"
-                         f" {problem}")
+            found.append(
+                f"`{command.text}` (ran `{shlex.join([invocation['program'], *invocation['run_argv']])}`): {problem}"
+            )
     return found
 
 

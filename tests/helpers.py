@@ -22,8 +22,9 @@ def cli(*args: object, check: bool = False, env: dict | None = None) -> Result:
 
     result = CliRunner().invoke(app, [str(a) for a in args], env=env)
     if check and result.exit_code != 0:
-        raise AssertionError(f"dsvlm {' '.join(map(str, args))} failed ({result.exit_code}):\n"
-                             f"{result.stderr[-3000:]}") from result.exception
+        raise AssertionError(
+            f"dsvlm {' '.join(map(str, args))} failed ({result.exit_code}):\n{result.stderr[-3000:]}"
+        ) from result.exception
     return result
 
 
@@ -63,8 +64,9 @@ def tiny_diffusion(prediction_type: str = "sample") -> Path:
         root = scratch_dir("dsvlm-test-diffusion-")
         data = root / "data"
         prepare_synthetic(data, SyntheticConfig(n_align=8, n_instruct=4, n_eval=2), progress=False)
-        options = PretrainOptions(steps=2, batch_size=4, eval_captions=2, sample_steps=2,
-                                  prediction_type=prediction_type)
+        options = PretrainOptions(
+            steps=2, batch_size=4, eval_captions=2, sample_steps=2, prediction_type=prediction_type
+        )
         _TINY_DIFFUSION[prediction_type] = pretrain_diffusion(data, root / "diffusion", options, progress=False)
     return _TINY_DIFFUSION[prediction_type]
 
@@ -72,13 +74,23 @@ def tiny_diffusion(prediction_type: str = "sample") -> Path:
 def tiny_overrides(data: Path, out: Path, steps: int = 4, batch: int = 8, **extra: object) -> list[str]:
     """The tiny-synthetic recipe shrunk to a few steps of a small batch, on the tiny pretrained diffusion model."""
     values: dict[str, object] = {
-        "data.dataset": data, "run.output_dir": out, "supervision.diffusion.pretrained": tiny_diffusion(),
-        "run.checkpoint_every": 2, "run.log_every": 1,
-        "run.preview_images": 2, "supervision.sampler_steps": 2, "supervision.reconstruct_per_batch": 4,
+        "data.dataset": data,
+        "run.output_dir": out,
+        "supervision.diffusion.pretrained": tiny_diffusion(),
+        "run.checkpoint_every": 2,
+        "run.log_every": 1,
+        "run.preview_images": 2,
+        "supervision.sampler_steps": 2,
+        "supervision.reconstruct_per_batch": 4,
     }
     for i in (0, 1):
-        values.update({f"stages.{i}.max_steps": steps, f"stages.{i}.global_batch_size": batch,
-                       f"stages.{i}.per_device_batch_size": batch})
+        values.update(
+            {
+                f"stages.{i}.max_steps": steps,
+                f"stages.{i}.global_batch_size": batch,
+                f"stages.{i}.per_device_batch_size": batch,
+            }
+        )
     values.update(extra)
     return [f"{k}={v}" for k, v in values.items()]
 

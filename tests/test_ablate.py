@@ -21,8 +21,14 @@ ARMS = ["--arm", "ds", "--arm", f"nosup={NO_SUPERVISION}"]
 def grid_overrides(data: Path) -> list[str]:
     """Two steps per stage, a tiny probe; run.output_dir is the grid's business."""
     base = [o for o in tiny_overrides(data, data.parent / "unused", steps=2) if not o.startswith("run.output_dir")]
-    return [*base, "run.checkpoint_every=1", "eval.limit=16", "ablate.probe_train=32", "ablate.probe_test=32",
-            "ablate.probe_steps=5"]
+    return [
+        *base,
+        "run.checkpoint_every=1",
+        "eval.limit=16",
+        "ablate.probe_train=32",
+        "ablate.probe_test=32",
+        "ablate.probe_steps=5",
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -32,14 +38,31 @@ def grid_run(tmp_path_factory) -> dict:
     data = prepare_small_synthetic(root / "data", n=32)
     out = root / "grid"
     overrides = grid_overrides(data)
-    grid = build_grid("tiny-synthetic", overrides, [parse_arm("ds"), parse_arm(f"nosup={NO_SUPERVISION}")],
-                      seeds=[0, 1], out=out)
+    grid = build_grid(
+        "tiny-synthetic", overrides, [parse_arm("ds"), parse_arm(f"nosup={NO_SUPERVISION}")], seeds=[0, 1], out=out
+    )
 
-    single = cli("ablate", "tiny-synthetic", *overrides, *ARMS, "--seeds", "0,1", "--out", out, "--cell", "ds:0",
-                 "--no-progress", check=True)
+    single = cli(
+        "ablate",
+        "tiny-synthetic",
+        *overrides,
+        *ARMS,
+        "--seeds",
+        "0,1",
+        "--out",
+        out,
+        "--cell",
+        "ds:0",
+        "--no-progress",
+        check=True,
+    )
     first_done = grid.cell_dir("ds", 0) / DONE
-    cell_only = {"stdout": single.stdout.strip(), "cells": sorted(p.parent.name for p in out.glob("cells/*/*")),
-                 "report": (out / "report.json").exists(), "done_mtime": first_done.stat().st_mtime_ns}
+    cell_only = {
+        "stdout": single.stdout.strip(),
+        "cells": sorted(p.parent.name for p in out.glob("cells/*/*")),
+        "report": (out / "report.json").exists(),
+        "done_mtime": first_done.stat().st_mtime_ns,
+    }
 
     # A cell killed after its first stage: the grid must keep that stage and train only the second.
     train(cell_recipe(grid, "nosup", 1), TrainOptions(stages=["align"], progress=False))
@@ -47,8 +70,16 @@ def grid_run(tmp_path_factory) -> dict:
     align_mtime = align_info.stat().st_mtime_ns
 
     report = run_grid(grid)
-    return {"grid": grid, "report": report, "cell_only": cell_only, "first_done": first_done,
-            "align_info": align_info, "align_mtime": align_mtime, "out": out, "overrides": overrides}
+    return {
+        "grid": grid,
+        "report": report,
+        "cell_only": cell_only,
+        "first_done": first_done,
+        "align_info": align_info,
+        "align_mtime": align_mtime,
+        "out": out,
+        "overrides": overrides,
+    }
 
 
 @pytest.mark.slow  # the grid: four cells trained, stripped, evaluated and probed
@@ -72,8 +103,19 @@ def test_grid_skips_finished_cells_and_resumes_killed_ones(grid_run):
         recipe = cell_recipe(grid, arm, seed)
         assert recipe.run.seed == seed and recipe.ablate is None
         assert recipe.supervision.enabled == (arm == "ds")
-    again = cli("ablate", "tiny-synthetic", *grid_run["overrides"], *ARMS, "--seeds", "0,1",
-                "--out", grid_run["out"], "--report-only", "--json", check=True)
+    again = cli(
+        "ablate",
+        "tiny-synthetic",
+        *grid_run["overrides"],
+        *ARMS,
+        "--seeds",
+        "0,1",
+        "--out",
+        grid_run["out"],
+        "--report-only",
+        "--json",
+        check=True,
+    )
     assert json.loads(again.stdout) == grid_run["report"]
 
 
@@ -97,8 +139,9 @@ def test_report_numbers_match_the_cells_samples(grid_run):
     categories = {c for h in hits.values() for c, _ in h.values()}
     for arm in ("ds", "nosup"):
         for category in ["all", *categories]:
-            per_seed = [100 * np.mean([hit for c, hit in hits[arm, s].values() if category in ("all", c)])
-                        for s in (0, 1)]
+            per_seed = [
+                100 * np.mean([hit for c, hit in hits[arm, s].values() if category in ("all", c)]) for s in (0, 1)
+            ]
             row = report["accuracy"][arm]["synthetic"][category]
             assert row["mean"] == pytest.approx(np.mean(per_seed), abs=1e-3)
             assert row["std"] == pytest.approx(np.std(per_seed, ddof=1), abs=1e-3)
@@ -116,8 +159,21 @@ def test_report_numbers_match_the_cells_samples(grid_run):
 @pytest.mark.slow
 def test_probe_command_writes_its_files(grid_run, tmp_path):
     model = grid_run["grid"].cell_dir("ds", 0) / "model"
-    result = cli("probe", model, "--out", tmp_path, "--n-train", "32", "--n-test", "16", "--steps", "5",
-                 "--no-per-patch", "--json", check=True)
+    result = cli(
+        "probe",
+        model,
+        "--out",
+        tmp_path,
+        "--n-train",
+        "32",
+        "--n-test",
+        "16",
+        "--steps",
+        "5",
+        "--no-per-patch",
+        "--json",
+        check=True,
+    )
     probe = json.loads(result.stdout)
     assert {p.name for p in tmp_path.iterdir()} == {"probe.json", "probe.md", "probe.png"}
     assert list(probe["accuracy"]) == [*(f"layer {i}/mean" for i in range(5)), "connector/mean"]

@@ -19,7 +19,7 @@ SECTION = "## Ablations of the paper as recipe switches"
 def ablation_cases() -> list[tuple[str, list[str]]]:
     """(row label, overrides) for every case of the table: cells split on " / ", overrides in backticks."""
     text = (REPO / "docs" / "method.md").read_text()
-    table = text[text.index(SECTION):].split("\n## ", 1)[0]
+    table = text[text.index(SECTION) :].split("\n## ", 1)[0]
     cases = []
     for row in table.splitlines():
         cells = [cell.strip() for cell in row.strip().strip("|").split("|")]
@@ -37,10 +37,17 @@ CASES = ablation_cases()
 
 def test_the_table_covers_the_paper_ablations():
     overrides = {o for _, case in CASES for o in case}
-    for expected in ("supervision.adapter=qformer", "supervision.cross_attention=shared",
-                     "supervision.cross_attention=shared_matched", "supervision.loss={mae: 1}",
-                     "supervision.loss={ssim: 1}", "supervision.loss={perceptual: 1}", "supervision.enabled=false",
-                     "supervision.vision_layers=[]", "supervision.connector=false"):
+    for expected in (
+        "supervision.adapter=qformer",
+        "supervision.cross_attention=shared",
+        "supervision.cross_attention=shared_matched",
+        "supervision.loss={mae: 1}",
+        "supervision.loss={ssim: 1}",
+        "supervision.loss={perceptual: 1}",
+        "supervision.enabled=false",
+        "supervision.vision_layers=[]",
+        "supervision.connector=false",
+    ):
         assert expected in overrides
     assert any(o.startswith("stages.1.train=") and "vision" not in o for o in overrides)  # frozen encoder
 

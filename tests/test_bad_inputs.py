@@ -20,8 +20,9 @@ from dsvlm.recipe.load import recipe_path
 def files(tmp_path_factory) -> Path:
     """A tiny prepared dataset, a few bad files, and a file to stand where a directory should be."""
     root = tmp_path_factory.mktemp("bad")
-    prepared = CliRunner().invoke(app, ["prepare", "synthetic", str(root / "data"), "--n-align", "8",
-                                        "--n-instruct", "8", "--n-eval", "4"])
+    prepared = CliRunner().invoke(
+        app, ["prepare", "synthetic", str(root / "data"), "--n-align", "8", "--n-instruct", "8", "--n-eval", "4"]
+    )
     assert prepared.exit_code == 0, prepared.output
     (root / "a-file").write_text("not a directory")
     (root / "list.yaml").write_text("- a\n- b\n")
@@ -90,8 +91,16 @@ CASES = {
         ["prepare", "llava", "{root}/x", "--align", "{root}/nope.json", "--image-root", "{root}/images"],
         ["prepare", "llava", "{root}/x", "--align", "{root}/records.jsonl", "--image-root", "{root}/nope"],
         ["prepare", "llava", "{root}/x", "--image-root", "{root}/images"],
-        ["prepare", "llava", "{root}/x", "--align", "{root}/records.jsonl", "--image-root", "{root}/images",
-         "--strict"],
+        [
+            "prepare",
+            "llava",
+            "{root}/x",
+            "--align",
+            "{root}/records.jsonl",
+            "--image-root",
+            "{root}/images",
+            "--strict",
+        ],
         ["prepare", "llava", "{root}/x", "--align", "{root}/nul.jsonl", "--image-root", "{root}/images", "--strict"],
         ["prepare", "llava", "{root}/x", "--align", "{root}/records.jsonl", "--image-root", "{root}/images"],
         ["prepare", "llava", "{root}/x", "--align", "{root}/empty.jsonl", "--image-root", "{root}/images"],
@@ -112,8 +121,16 @@ CASES = {
         [*TRAIN, "stages.0.split=nope"],
         ["train", "tiny-synthetic", "data.dataset={root}/hacked-data", "run.output_dir={root}/run"],
         ["train", "tiny-synthetic", "data.dataset={root}/foreign-data", "run.output_dir={root}/run"],
-        ["train", "tiny-synthetic", "data.dataset={data}", "run.output_dir={root}/run2", "--init",
-         "{root}/broken-stage", "--stage", "instruct"],
+        [
+            "train",
+            "tiny-synthetic",
+            "data.dataset={data}",
+            "run.output_dir={root}/run2",
+            "--init",
+            "{root}/broken-stage",
+            "--stage",
+            "instruct",
+        ],
     ],
     "strip": [
         ["strip", "{root}/mine", "--out", "{root}/out"],
@@ -129,15 +146,14 @@ CASES = {
         ["eval", "{root}/mine", "--bench", "synthetic", "--compare", "{root}/nope.json"],
         ["eval", "{root}/broken-stage", "--bench", "synthetic", "--data-files", "synthetic={data}"],
         ["eval", "{root}/broken-model", "--bench", "synthetic", "--data-files", "synthetic={data}"],
-        ["eval", "{root}/broken-model", "--bench", "synthetic", "--data-files", "synthetic={data}", "--device",
-         "cuda"],
+        ["eval", "{root}/broken-model", "--bench", "synthetic", "--data-files", "synthetic={data}", "--device", "cuda"],
     ],
 }
 
 
 @pytest.mark.parametrize(
-    "args", [pytest.param(args, id=f"{command}-{i}") for command, table in CASES.items() for i, args in
-             enumerate(table)]
+    "args",
+    [pytest.param(args, id=f"{command}-{i}") for command, table in CASES.items() for i, args in enumerate(table)],
 )
 def test_a_bad_input_is_one_clean_error_with_exit_2(files, args):
     before = sorted(p.relative_to(files) for p in files.rglob("*"))
@@ -148,12 +164,24 @@ def test_a_bad_input_is_one_clean_error_with_exit_2(files, args):
     assert set(before) <= {p.relative_to(files) for p in files.rglob("*")}  # nothing of the user's deleted
 
 
-@pytest.mark.parametrize("args", [
-    ["recipe", "validate", "tiny-synthetic", "run.seed=" + "x" * 100_000],
-    ["recipe", "validate", "tiny-synthetic", "run." + "x" * 100_000 + "=1"],
-    ["recipe", "validate", "y" * 100_000],
-    ["prepare", "llava", "{root}/x", "--align", "{root}/huge-id.jsonl", "--image-root", "{root}/images", "--strict"],
-])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["recipe", "validate", "tiny-synthetic", "run.seed=" + "x" * 100_000],
+        ["recipe", "validate", "tiny-synthetic", "run." + "x" * 100_000 + "=1"],
+        ["recipe", "validate", "y" * 100_000],
+        [
+            "prepare",
+            "llava",
+            "{root}/x",
+            "--align",
+            "{root}/huge-id.jsonl",
+            "--image-root",
+            "{root}/images",
+            "--strict",
+        ],
+    ],
+)
 def test_an_error_quotes_user_values_briefly(files, args):
     (files / "huge-id.jsonl").write_text(json.dumps({"id": ["x" * 1000] * 1000, "conversations": []}) + "\n")
     result = CliRunner().invoke(app, [a.format(root=files) for a in args])

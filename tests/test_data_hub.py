@@ -41,8 +41,9 @@ def test_unreachable_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setattr(hub, "snapshot_download", unreachable)
     monkeypatch.setattr(hub, "is_offline_mode", lambda: False)
     with pytest.raises(DataError, match=r"the hub is unreachable \(ConnectError") as info:
-        prepare_hub("org/chat", tmp_path / "out", instruct="data/chat.json", image_root="imgs", revision="v1",
-                    progress=False)
+        prepare_hub(
+            "org/chat", tmp_path / "out", instruct="data/chat.json", image_root="imgs", revision="v1", progress=False
+        )
     assert len(calls) == 1  # no retry loop
     assert calls[0]["allow_patterns"] == ["data/chat.json", "imgs/**"]
     assert "hf download org/chat --repo-type dataset --revision v1 --local-dir DIR" in str(info.value)
@@ -67,10 +68,16 @@ def test_downloaded_repo_is_prepared(tmp_path: Path, monkeypatch: pytest.MonkeyP
     repo = tmp_path / "repo"
     repo.mkdir()
     records = [
-        {"id": "000000012", "image": "00000/000000012.jpg",
-         "conversations": [{"from": "human", "value": "Describe.\n<image>"}, {"from": "gpt", "value": "noise"}]},
-        {"id": "000000013", "image": "00000/000000013.jpg",
-         "conversations": [{"from": "human", "value": "<image>\nDescribe."}, {"from": "gpt", "value": "gone"}]},
+        {
+            "id": "000000012",
+            "image": "00000/000000012.jpg",
+            "conversations": [{"from": "human", "value": "Describe.\n<image>"}, {"from": "gpt", "value": "noise"}],
+        },
+        {
+            "id": "000000013",
+            "image": "00000/000000013.jpg",
+            "conversations": [{"from": "human", "value": "<image>\nDescribe."}, {"from": "gpt", "value": "gone"}],
+        },
     ]
     (repo / "blip_laion_cc_sbu_558k.json").write_text(json.dumps(records))
     pixels = np.random.default_rng(0).integers(0, 256, (12, 20, 3), dtype=np.uint8)

@@ -76,8 +76,14 @@ def test_round_trip(cached: tuple[Path, object, str]) -> None:
     twice = [encode(vae, vae_input(PAD(dataset.load_image(record)), 32)[None]) for _ in range(2)]
     assert torch.equal(*twice)
     info = dataset.manifest["latents"]
-    assert info == {"dir": "latents", "fingerprint": fingerprint, "resolution": 32, "geometry": PAD.key,
-                    "shape": [4, 16, 16], "images": len(with_images)}
+    assert info == {
+        "dir": "latents",
+        "fingerprint": fingerprint,
+        "resolution": 32,
+        "geometry": PAD.key,
+        "shape": [4, 16, 16],
+        "images": len(with_images),
+    }
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
 
 
@@ -146,17 +152,23 @@ def _link_out(index: dict, directory: Path) -> None:
     index["shards"][0] = "link.safetensors"
 
 
-@pytest.mark.parametrize(("edit", "message"), [
-    (lambda index, _: index.update(shape=[4, 3, 3]), r"shape \[4, \d+, \d+\], but the index says \[4, 3, 3\]"),
-    (lambda index, _: index["images"].update({next(iter(index["images"])): [0, 999]}), r"shard 0, row 999"),
-    (lambda index, _: index["images"].update({next(iter(index["images"])): [3, 0]}), r"shard 3, row 0"),
-    (lambda index, _: index.update(shards="shard-00000.safetensors"), r"index.json: not a valid LatentIndex \(shards"),
-    (lambda index, _: index.update(resolution="32"), r"not a valid LatentIndex \(resolution"),
-    (lambda index, _: index.pop("images"), r"not a valid LatentIndex \(images: Field required"),
-    (_cut_shard, r"shard-00000.safetensors: latent shard cannot be read"),
-    (_escape, r"must be a path relative to the dataset, without '..'"),
-    (_link_out, r"shards 'link.safetensors' resolves to .*elsewhere.safetensors, outside"),
-])
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda index, _: index.update(shape=[4, 3, 3]), r"shape \[4, \d+, \d+\], but the index says \[4, 3, 3\]"),
+        (lambda index, _: index["images"].update({next(iter(index["images"])): [0, 999]}), r"shard 0, row 999"),
+        (lambda index, _: index["images"].update({next(iter(index["images"])): [3, 0]}), r"shard 3, row 0"),
+        (
+            lambda index, _: index.update(shards="shard-00000.safetensors"),
+            r"index.json: not a valid LatentIndex \(shards",
+        ),
+        (lambda index, _: index.update(resolution="32"), r"not a valid LatentIndex \(resolution"),
+        (lambda index, _: index.pop("images"), r"not a valid LatentIndex \(images: Field required"),
+        (_cut_shard, r"shard-00000.safetensors: latent shard cannot be read"),
+        (_escape, r"must be a path relative to the dataset, without '..'"),
+        (_link_out, r"shards 'link.safetensors' resolves to .*elsewhere.safetensors, outside"),
+    ],
+)
 def test_the_index_is_checked_against_the_shards(cached, tmp_path: Path, edit, message: str) -> None:
     cached_dir, _, fingerprint = cached
     out = _edited_copy(cached_dir, tmp_path, edit)

@@ -90,13 +90,19 @@ CASES = {
     "conversations_missing": ({"id": "bad", "image": "ok.png"}, "empty_conversations"),
     "conversations_empty": ({"id": "bad", "image": "ok.png", "conversations": []}, "empty_conversations"),
     "gpt_first": (
-        {"id": "bad", "image": "ok.png", "conversations": [{"from": "gpt", "value": "<image>\nhi"},
-                                                           {"from": "human", "value": "x"}]},
+        {
+            "id": "bad",
+            "image": "ok.png",
+            "conversations": [{"from": "gpt", "value": "<image>\nhi"}, {"from": "human", "value": "x"}],
+        },
         "turn_order",
     ),
     "two_humans": (
-        {"id": "bad", "image": "ok.png", "conversations": [{"from": "human", "value": "<image>\nq"},
-                                                           {"from": "human", "value": "q2"}]},
+        {
+            "id": "bad",
+            "image": "ok.png",
+            "conversations": [{"from": "human", "value": "<image>\nq"}, {"from": "human", "value": "q2"}],
+        },
         "turn_order",
     ),
     "ends_with_human": (
@@ -104,15 +110,25 @@ CASES = {
         "turn_order",
     ),
     "unknown_role": (
-        {"id": "bad", "image": "ok.png", "conversations": [{"from": "user", "value": "<image>\nq"},
-                                                           {"from": "gpt", "value": "a"}]},
+        {
+            "id": "bad",
+            "image": "ok.png",
+            "conversations": [{"from": "user", "value": "<image>\nq"}, {"from": "gpt", "value": "a"}],
+        },
         "bad_turn",
     ),
     "image_token_missing": (caption("bad", text="Describe."), "image_token_missing"),
     "image_token_not_first_turn": (
-        {"id": "bad", "image": "ok.png", "conversations": [
-            {"from": "human", "value": "q"}, {"from": "gpt", "value": "a"},
-            {"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": "a"}]},
+        {
+            "id": "bad",
+            "image": "ok.png",
+            "conversations": [
+                {"from": "human", "value": "q"},
+                {"from": "gpt", "value": "a"},
+                {"from": "human", "value": "<image>\nq"},
+                {"from": "gpt", "value": "a"},
+            ],
+        },
         "image_token_missing",
     ),
     "image_token_repeated": (caption("bad", text="<image>\n<image>\nDescribe."), "image_token_repeated"),
@@ -191,8 +207,9 @@ def test_a_truncated_image_is_found_even_after_lmms_eval_is_imported(tmp_path: P
 def test_symlinks_inside_the_root_are_fine(tmp_path: Path, root: Path) -> None:
     os.symlink(root / "ok.png", root / "alias.png")
     os.symlink(root / "sub", root / "subalias")
-    source = write_jsonl(tmp_path / "links.jsonl", [caption("a", image="alias.png"),
-                                                   caption("b", image="subalias/other.png")])
+    source = write_jsonl(
+        tmp_path / "links.jsonl", [caption("a", image="alias.png"), caption("b", image="subalias/other.png")]
+    )
     manifest = prepare_llava(tmp_path / "out", {"align": source}, root, strict=True, progress=False)
     assert manifest["splits"]["align"]["records"] == 2
 
@@ -277,21 +294,42 @@ def test_lcs558k_and_665k_styles(tmp_path: Path) -> None:
     Image.new("RGB", (40, 30), "blue").save(root / "00453" / "004539376.jpg")
     write_png(root / "coco" / "train2017" / "000000033471.png", size=(16, 16))
     lcs = [
-        {"id": "004539375", "image": "00453/004539375.png", "conversations": [
-            {"from": "human", "value": "Render a clear and concise summary of the photo.\n<image>"},
-            {"from": "gpt", "value": "select luxury furniture 3 - inch gel memory foam mattress topper"}]},
-        {"id": "004539376", "image": "00453/004539376.jpg", "conversations": [
-            {"from": "human", "value": "<image>\nGive a brief description of the image."},
-            {"from": "gpt", "value": "a blue square"}]},
+        {
+            "id": "004539375",
+            "image": "00453/004539375.png",
+            "conversations": [
+                {"from": "human", "value": "Render a clear and concise summary of the photo.\n<image>"},
+                {"from": "gpt", "value": "select luxury furniture 3 - inch gel memory foam mattress topper"},
+            ],
+        },
+        {
+            "id": "004539376",
+            "image": "00453/004539376.jpg",
+            "conversations": [
+                {"from": "human", "value": "<image>\nGive a brief description of the image."},
+                {"from": "gpt", "value": "a blue square"},
+            ],
+        },
     ]
     mix = [
-        {"id": "000000033471", "image": "coco/train2017/000000033471.png", "conversations": [
-            {"from": "human", "value": "<image>\nWhat are the colors of the bus in the image?"},
-            {"from": "gpt", "value": "The bus in the image is white and red."},
-            {"from": "human", "value": "What feature can be seen on the back of the bus?"},
-            {"from": "gpt", "value": "The back of the bus features an advertisement."}]},
-        {"id": 12345, "model": "", "conversations": [
-            {"from": "human", "value": "Write a haiku about data."}, {"from": "gpt", "value": "Rows in parquet."}]},
+        {
+            "id": "000000033471",
+            "image": "coco/train2017/000000033471.png",
+            "conversations": [
+                {"from": "human", "value": "<image>\nWhat are the colors of the bus in the image?"},
+                {"from": "gpt", "value": "The bus in the image is white and red."},
+                {"from": "human", "value": "What feature can be seen on the back of the bus?"},
+                {"from": "gpt", "value": "The back of the bus features an advertisement."},
+            ],
+        },
+        {
+            "id": 12345,
+            "model": "",
+            "conversations": [
+                {"from": "human", "value": "Write a haiku about data."},
+                {"from": "gpt", "value": "Rows in parquet."},
+            ],
+        },
     ]
     align = tmp_path / "blip_laion_cc_sbu_558k.json"
     align.write_text(json.dumps(lcs))
@@ -314,8 +352,14 @@ def test_lcs558k_and_665k_styles(tmp_path: Path) -> None:
     rows = table.to_pylist()
     assert rows[0]["width"] == 16 and rows[0]["height"] == 16
     assert rows[0]["length"] == sum(len(t["value"].split()) for t in mix[0]["conversations"])
-    assert rows[1] == {"id": "12345", "image": None, "conversations": json.dumps(mix[1]["conversations"]),
-                       "width": None, "height": None, "length": 8}
+    assert rows[1] == {
+        "id": "12345",
+        "image": None,
+        "conversations": json.dumps(mix[1]["conversations"]),
+        "width": None,
+        "height": None,
+        "length": 8,
+    }
     dataset = PreparedDataset(out)
     align_rows = dataset.records("align")
     assert [(r["width"], r["height"]) for r in align_rows] == [(20, 30), (40, 30)]

@@ -50,23 +50,30 @@ def _edit(manifest: dict, path: str, value: object) -> None:
     manifest[last] = value
 
 
-@pytest.mark.parametrize(("field", "value", "message"), [
-    ("splits.align.records", "many", r"splits\.align\.records: Input should be a valid integer"),
-    ("splits.align.records", -3, r"splits\.align\.records: Input should be greater than or equal to 0"),
-    ("splits.align", ["align.parquet"], r"splits\.align: Input should be a valid dictionary"),
-    ("splits.align.file", "../../../etc/passwd", r"splits\.align\.file: Value error, must be a path relative"),
-    ("splits.align.file", "/etc/passwd", r"splits\.align\.file: Value error, must be a path relative"),
-    ("splits.align.file", "link.parquet", r"splits\.align\.file 'link\.parquet' resolves to .*outside"),
-    ("eval.synthetic", "/tmp/x.parquet", r"eval\.synthetic: Value error, must be a path relative"),
-    ("latents", {"dir": "..", "fingerprint": "f", "resolution": 32, "geometry": "pad", "shape": None, "images": 0},
-     r"latents\.dir: Value error"),
-    ("image_root", "../../elsewhere", r"image_root '\.\./\.\./elsewhere' must be a path relative"),
-    ("image_root", "", r"image_root: String should have at least 1 character"),
-    ("kind", None, r"kind: Input should be a valid string"),
-    ("splits", None, r"splits: Input should be a valid dictionary"),
-])
-def test_a_hand_edited_manifest_is_a_clean_error_naming_the_field(synthetic: Path, tmp_path: Path, field: str,
-                                                                   value: object, message: str) -> None:
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("splits.align.records", "many", r"splits\.align\.records: Input should be a valid integer"),
+        ("splits.align.records", -3, r"splits\.align\.records: Input should be greater than or equal to 0"),
+        ("splits.align", ["align.parquet"], r"splits\.align: Input should be a valid dictionary"),
+        ("splits.align.file", "../../../etc/passwd", r"splits\.align\.file: Value error, must be a path relative"),
+        ("splits.align.file", "/etc/passwd", r"splits\.align\.file: Value error, must be a path relative"),
+        ("splits.align.file", "link.parquet", r"splits\.align\.file 'link\.parquet' resolves to .*outside"),
+        ("eval.synthetic", "/tmp/x.parquet", r"eval\.synthetic: Value error, must be a path relative"),
+        (
+            "latents",
+            {"dir": "..", "fingerprint": "f", "resolution": 32, "geometry": "pad", "shape": None, "images": 0},
+            r"latents\.dir: Value error",
+        ),
+        ("image_root", "../../elsewhere", r"image_root '\.\./\.\./elsewhere' must be a path relative"),
+        ("image_root", "", r"image_root: String should have at least 1 character"),
+        ("kind", None, r"kind: Input should be a valid string"),
+        ("splits", None, r"splits: Input should be a valid dictionary"),
+    ],
+)
+def test_a_hand_edited_manifest_is_a_clean_error_naming_the_field(
+    synthetic: Path, tmp_path: Path, field: str, value: object, message: str
+) -> None:
     import shutil
 
     data = tmp_path / "data"
@@ -137,12 +144,21 @@ def test_image_path_stays_inside_the_root(synthetic: Path) -> None:
 def test_grayscale_image_loads_as_rgb(tmp_path: Path) -> None:
     (tmp_path / "images").mkdir()
     Image.new("L", (5, 7), 100).save(tmp_path / "images" / "g.png")
-    table = pa.table({"id": ["g"], "image": ["g.png"], "conversations": ["[]"], "width": [5], "height": [7],
-                      "length": [0]}, schema=PARQUET_SCHEMA)
+    table = pa.table(
+        {"id": ["g"], "image": ["g.png"], "conversations": ["[]"], "width": [5], "height": [7], "length": [0]},
+        schema=PARQUET_SCHEMA,
+    )
     pq.write_table(table, tmp_path / "align.parquet")
-    (tmp_path / "manifest.json").write_text(json.dumps({
-        "format_version": 1, "kind": "llava", "image_root": str(tmp_path / "images"),
-        "splits": {"align": {"file": "align.parquet", "records": 1, "skipped": {}}}}))
+    (tmp_path / "manifest.json").write_text(
+        json.dumps(
+            {
+                "format_version": 1,
+                "kind": "llava",
+                "image_root": str(tmp_path / "images"),
+                "splits": {"align": {"file": "align.parquet", "records": 1, "skipped": {}}},
+            }
+        )
+    )
     image = PreparedDataset(tmp_path).load_image(PreparedDataset(tmp_path).records("align")[0])
     assert image.mode == "RGB" and image.size == (5, 7)
 

@@ -24,15 +24,32 @@ from dsvlm.train.loop import LengthGroupedPermutation, epoch_sampler
 def text_only_dataset(out: Path, records: int, salt: str = "") -> Path:
     """A prepared dataset of `records` text-only records, written directly in the prepared format."""
     (out / "images").mkdir(parents=True, exist_ok=True)
-    turns = [json.dumps([{"from": "human", "value": f"question {i}{salt}"},
-                         {"from": "gpt", "value": "word " * (i % 17)}]) for i in range(records)]
-    table = pa.table({"id": [f"t{i}" for i in range(records)], "image": [None] * records, "conversations": turns,
-                      "width": [None] * records, "height": [None] * records,
-                      "length": [2 + i % 17 for i in range(records)]}, schema=PARQUET_SCHEMA)
+    turns = [
+        json.dumps([{"from": "human", "value": f"question {i}{salt}"}, {"from": "gpt", "value": "word " * (i % 17)}])
+        for i in range(records)
+    ]
+    table = pa.table(
+        {
+            "id": [f"t{i}" for i in range(records)],
+            "image": [None] * records,
+            "conversations": turns,
+            "width": [None] * records,
+            "height": [None] * records,
+            "length": [2 + i % 17 for i in range(records)],
+        },
+        schema=PARQUET_SCHEMA,
+    )
     pq.write_table(table, out / "instruct.parquet", row_group_size=1000)
-    (out / "manifest.json").write_text(json.dumps({
-        "format_version": 1, "kind": "llava", "image_root": "images",
-        "splits": {"instruct": {"file": "instruct.parquet", "records": records, "skipped": {}}}}))
+    (out / "manifest.json").write_text(
+        json.dumps(
+            {
+                "format_version": 1,
+                "kind": "llava",
+                "image_root": "images",
+                "splits": {"instruct": {"file": "instruct.parquet", "records": records, "skipped": {}}},
+            }
+        )
+    )
     return out
 
 
@@ -79,8 +96,9 @@ def test_holds_nothing_per_record_and_pickles_small(tmp_path: Path) -> None:
 
 def test_two_workers_over_two_epochs(tmp_path: Path) -> None:
     split = fixed_subset(PreparedSplit(text_only_dataset(tmp_path, 300), "instruct"), 40)
-    loader = DataLoader(split, batch_size=8, num_workers=2, persistent_workers=True, collate_fn=list,
-                        multiprocessing_context="fork")
+    loader = DataLoader(
+        split, batch_size=8, num_workers=2, persistent_workers=True, collate_fn=list, multiprocessing_context="fork"
+    )
     for _ in range(2):
         ids = [item["id"] for batch in loader for item in batch]
         assert ids == [f"t{i}" for i in split.indices]

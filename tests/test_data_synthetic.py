@@ -35,8 +35,21 @@ from dsvlm.errors import DataError
 
 SMALL = {"n_align": 40, "n_instruct": 60, "n_eval": 30}
 ALL_TYPES = {"question_types": list(MC_OPTIONS), "option_order": "shuffled", "max_objects": 4}
-MMBENCH_COLUMNS = ["index", "question", "hint", "A", "B", "C", "D", "answer", "category", "L2-category",
-                   "source", "split", "image"]
+MMBENCH_COLUMNS = [
+    "index",
+    "question",
+    "hint",
+    "A",
+    "B",
+    "C",
+    "D",
+    "answer",
+    "category",
+    "L2-category",
+    "source",
+    "split",
+    "image",
+]
 
 
 def _tree_digest(root: Path, skip: tuple[str, ...] = ()) -> dict[str, str]:
@@ -80,8 +93,15 @@ def test_prepared_layout_and_manifest(synthetic: Path) -> None:
     assert manifest["kind"] == "synthetic"
     assert manifest["image_root"] == "images"
     assert manifest["eval"] == {"synthetic": "eval/synthetic.parquet"}
-    assert manifest["options"] == {**SMALL, "seed": 0, "image_size": 32, "question_types": list(QUESTION_TYPES),
-                                   "option_order": "canonical", "max_objects": 2, "workers": 1}
+    assert manifest["options"] == {
+        **SMALL,
+        "seed": 0,
+        "image_size": 32,
+        "question_types": list(QUESTION_TYPES),
+        "option_order": "canonical",
+        "max_objects": 2,
+        "workers": 1,
+    }
     assert {name: s["records"] for name, s in manifest["splits"].items()} == {"align": 40, "instruct": 60}
     assert all(s["skipped"] == {} for s in manifest["splits"].values())
     assert manifest["splits"]["align"]["source"]["path"] == "align.json"
@@ -151,8 +171,9 @@ def test_eval_prompt_matches_lmms_eval(synthetic: Path) -> None:
     en_utils = pytest.importorskip("lmms_eval.tasks.mmbench.en_utils")
     import datasets
 
-    loaded = datasets.load_dataset("parquet", data_files={"dev": str(synthetic / "eval" / "synthetic.parquet")},
-                                   split="dev")
+    loaded = datasets.load_dataset(
+        "parquet", data_files={"dev": str(synthetic / "eval" / "synthetic.parquet")}, split="dev"
+    )
     kwargs = {"pre_prompt": "", "post_prompt": MMBENCH_POST_PROMPT}
     vocabulary = set(synthetic_vocabulary())
     for doc in loaded.select(range(10)):
@@ -166,10 +187,12 @@ def test_vocabulary_covers_every_text(tmp_path: Path) -> None:
     generate_synthetic(tmp_path, SyntheticConfig(n_align=300, n_instruct=600, n_eval=50, **ALL_TYPES))
     vocabulary = synthetic_vocabulary()
     assert vocabulary == sorted(set(vocabulary))
-    texts = [turn["value"]
-             for name in ("align.json", "instruct.json")
-             for record in json.loads((tmp_path / name).read_text())
-             for turn in record["conversations"]]
+    texts = [
+        turn["value"]
+        for name in ("align.json", "instruct.json")
+        for record in json.loads((tmp_path / name).read_text())
+        for turn in record["conversations"]
+    ]
     table = pq.read_table(tmp_path / "eval" / "synthetic.parquet").drop(["image"]).to_pylist()
     texts += [mmbench_prompt(row["question"], {k: row[k] for k in "ABCD" if row[k]}) for row in table]
     used = {token for text in texts for token in TOKEN_PATTERN.findall(text)}
@@ -223,8 +246,7 @@ def blobs(image: Image.Image) -> list[tuple[str, list[tuple[int, int]]]]:
 
 
 def eval_items(tmp_path: Path, kind: str, n: int = 60, **options: object) -> list[dict]:
-    generate_synthetic(tmp_path, SyntheticConfig(n_align=1, n_instruct=1, n_eval=n, question_types=[kind],
-                                                 **options))
+    generate_synthetic(tmp_path, SyntheticConfig(n_align=1, n_instruct=1, n_eval=n, question_types=[kind], **options))
     import datasets
 
     rows = datasets.load_dataset("parquet", data_files=str(tmp_path / "eval" / "synthetic.parquet"), split="train")
@@ -260,8 +282,12 @@ def test_relative_position_answers_for_known_scenes() -> None:
     corners = Scene("white", (shape("red", "top left"), shape("blue", "top right"), shape("green", "bottom left")))
     pair = Scene("black", (shape("yellow", "top"), shape("red", "bottom")))
     expected = {
-        corners: {("right of", "red"): "blue", ("below", "red"): "green", ("below", "blue"): "green",
-                  ("right of", "green"): "blue"},
+        corners: {
+            ("right of", "red"): "blue",
+            ("below", "red"): "green",
+            ("below", "blue"): "green",
+            ("right of", "green"): "blue",
+        },
         pair: {("above", "red"): "yellow", ("below", "yellow"): "red"},
     }
     pattern = re.compile(r"What colour is the shape (.+) the (\w+) shape\?")

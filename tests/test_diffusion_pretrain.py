@@ -52,32 +52,51 @@ def test_latent_space_pipeline_generates_through_stable_diffusion_pipeline(data:
     out = pretrain_diffusion(data, tmp_path / "sd", options, progress=False)
     pipe = StableDiffusionPipeline.from_pretrained(out, safety_checker=None)
     assert pipe.vae.config.scaling_factor != 0.18215  # measured on the corpus, not SD's constant
-    image = pipe("a small red circle in the center.", num_inference_steps=2, height=32, width=32,
-                 output_type="np").images[0]
+    image = pipe(
+        "a small red circle in the center.", num_inference_steps=2, height=32, width=32, output_type="np"
+    ).images[0]
     assert image.shape == (32, 32, 3)
 
 
 def test_a_finished_model_is_reused_and_other_contents_are_refused(data: Path, tmp_path: Path) -> None:
     out = pretrain_diffusion(data, tmp_path / "sd", SMALL, progress=False)
     stamp = (out / INFO).stat().st_mtime_ns
-    result = CliRunner().invoke(app, ["pretrain-diffusion", str(data), "--out", str(out), "--steps", "4",
-                                      "--batch-size", "4", "--checkpoint-every", "2", "--no-progress"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "pretrain-diffusion",
+            str(data),
+            "--out",
+            str(out),
+            "--steps",
+            "4",
+            "--batch-size",
+            "4",
+            "--checkpoint-every",
+            "2",
+            "--no-progress",
+        ],
+    )
     # The CLI's default eval_captions differ from SMALL's: a model of other options is refused, never replaced.
     assert result.exit_code == 2 and "--overwrite" in result.output and (out / INFO).stat().st_mtime_ns == stamp
     assert pretrain_diffusion(data, out, SMALL, progress=False) == out and (out / INFO).stat().st_mtime_ns == stamp
     foreign = tmp_path / "mine"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep me")
-    for flags, reason in (({}, "--overwrite"), ({"overwrite": True}, "not a pretrained diffusion model written"),
-                          ({"resume": True}, "--overwrite")):
+    for flags, reason in (
+        ({}, "--overwrite"),
+        ({"overwrite": True}, "not a pretrained diffusion model written"),
+        ({"resume": True}, "--overwrite"),
+    ):
         with pytest.raises(DsvlmError, match=reason):
             pretrain_diffusion(data, foreign, SMALL, progress=False, **flags)
     assert (foreign / "notes.txt").read_text() == "keep me"
 
 
 @pytest.mark.parametrize("vae_steps", [0, 2], ids=["pixel", "latent"])
-def test_a_resumed_run_equals_the_uninterrupted_one(data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                     vae_steps: int) -> None:
+def test_a_resumed_run_equals_the_uninterrupted_one(
+    data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, vae_steps: int
+) -> None:
     options = PretrainOptions(**{**SMALL.__dict__, "vae_steps": vae_steps})
     whole = pretrain_diffusion(data, tmp_path / "whole", options, progress=False)
     step = pretrain._train_step
@@ -107,8 +126,9 @@ def test_the_detector_reads_every_rendered_colour_shape_and_size() -> None:
         for shape in SHAPES:
             for size in ("small", "large"):
                 for background in BACKGROUNDS:
-                    scene = Scene(background, (Shape(colour, shape, size, rng.choice(["left", "center", "top"]),
-                                                     0.0, 0.0),))
+                    scene = Scene(
+                        background, (Shape(colour, shape, size, rng.choice(["left", "center", "top"]), 0.0, 0.0),)
+                    )
                     assert detect_object(np.asarray(render(scene, 32))) == (colour, shape), scene
     assert detect_object(np.zeros((32, 32, 3), dtype=np.uint8)) == (None, None)
 
@@ -122,10 +142,19 @@ def test_the_pretrained_unet_stays_bit_identical_in_a_ds_stage(tmp_path: Path, d
     pretrained = UNet2DConditionModel.from_pretrained(tiny_diffusion(), subfolder="unet").state_dict()
     assert all(torch.equal(pretrained[k], v) for k, v in branch.unet.state_dict().items() if k in pretrained)
     adapters = {k: v.clone() for k, v in branch.adapters.state_dict().items()}
-    examples = [{"index": i, "id": str(i), "latent": None, "image": render(Scene("white", (
-        Shape("red", "circle", "large", "center", 0.0, 0.0),)), 32),
-        "conversations": [{"from": "human", "value": "<image>\nWhat colour is the shape?"},
-                          {"from": "gpt", "value": "red"}]} for i in range(4)]
+    examples = [
+        {
+            "index": i,
+            "id": str(i),
+            "latent": None,
+            "image": render(Scene("white", (Shape("red", "circle", "large", "center", 0.0, 0.0),)), 32),
+            "conversations": [
+                {"from": "human", "value": "<image>\nWhat colour is the shape?"},
+                {"from": "gpt", "value": "red"},
+            ],
+        }
+        for i in range(4)
+    ]
     batch = Collator(model.processor, "chat", max_length=64, rec_resolution=32)(examples)
     batch["noise_seeds"] = batch["sample_index"] + 7
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)

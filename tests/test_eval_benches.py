@@ -35,7 +35,6 @@ def flat(text: str) -> str:
     return " ".join(text.split())
 
 
-
 @pytest.mark.parametrize("name", sorted(BENCHMARKS))
 def test_every_benchmark_names_a_real_lmms_eval_task(name):
     bench = BENCHMARKS[name]
@@ -120,9 +119,7 @@ def test_a_bench_without_offline_data_fails_fast(model_shaped_dir, tmp_path, mon
 
 def test_bad_data_files_are_refused_before_anything_loads(model_shaped_dir, tmp_path):
     with pytest.raises(DsvlmError, match="no such file"):
-        evaluate(
-            model_shaped_dir, ["synthetic"], tmp_path, data_files={"synthetic": str(tmp_path / "x.parquet")}
-        )
+        evaluate(model_shaped_dir, ["synthetic"], tmp_path, data_files={"synthetic": str(tmp_path / "x.parquet")})
     with pytest.raises(DsvlmError, match="not among the benchmarks run"):
         evaluate(model_shaped_dir, ["synthetic"], tmp_path, data_files={"mme": str(tmp_path)})
     with pytest.raises(DsvlmError, match="not a prepared dataset"):
@@ -143,12 +140,26 @@ def test_compare_gives_per_benchmark_deltas(tmp_path):
 
 
 def test_compare_gives_per_category_deltas():
-    base = {"benchmarks": {"mmbench": {"score": 60.0, "categories": {"color": {"score": 50.0, "n": 2},
-                                                                      "count": {"score": 70.0, "n": 2}}}}}
-    new = {"benchmarks": {"mmbench": {"score": 65.0, "categories": {"color": {"score": 60.0, "n": 2},
-                                                                     "shape": {"score": 10.0, "n": 1}}}}}
+    base = {
+        "benchmarks": {
+            "mmbench": {
+                "score": 60.0,
+                "categories": {"color": {"score": 50.0, "n": 2}, "count": {"score": 70.0, "n": 2}},
+            }
+        }
+    }
+    new = {
+        "benchmarks": {
+            "mmbench": {
+                "score": 65.0,
+                "categories": {"color": {"score": 60.0, "n": 2}, "shape": {"score": 10.0, "n": 1}},
+            }
+        }
+    }
     assert compare(base, new)["mmbench"] == {
-        "base": 60.0, "new": 65.0, "delta": 5.0,
+        "base": 60.0,
+        "new": 65.0,
+        "delta": 5.0,
         "categories": {
             "color": {"base": 50.0, "new": 60.0, "delta": 10.0},
             "count": {"base": 70.0, "new": None, "delta": None},
@@ -162,8 +173,11 @@ def test_compare_gives_per_category_deltas():
 def test_device_and_dtype_follow_the_machine():
     import torch
 
-    expected = ("cuda", "bfloat16" if torch.cuda.is_bf16_supported() else "float16") if torch.cuda.is_available() \
+    expected = (
+        ("cuda", "bfloat16" if torch.cuda.is_bf16_supported() else "float16")
+        if torch.cuda.is_available()
         else ("cpu", "float32")
+    )
     assert resolve_device() == expected
     assert resolve_device("cpu") == ("cpu", "float32")
     assert resolve_device("cpu", "bfloat16") == ("cpu", "bfloat16")

@@ -44,8 +44,21 @@ def dataset(tmp_path_factory) -> Path:
 def run_eval(model: Path, dataset: Path, out: Path, batch_size: int, *extra: str) -> Result:
     """`dsvlm eval` on the synthetic benchmark as users run it (in process)."""
     return cli(
-        "eval", model, "--bench", "synthetic", "--data-files", f"synthetic={dataset}", "--out", out,
-        "--batch-size", batch_size, "--max-new-tokens", "4", *extra, env={"COLUMNS": "160"}, check=True,
+        "eval",
+        model,
+        "--bench",
+        "synthetic",
+        "--data-files",
+        f"synthetic={dataset}",
+        "--out",
+        out,
+        "--batch-size",
+        batch_size,
+        "--max-new-tokens",
+        "4",
+        *extra,
+        env={"COLUMNS": "160"},
+        check=True,
     )
 
 
@@ -56,8 +69,18 @@ def batch8(tiny_model, dataset, tmp_path_factory) -> tuple[str, Path, str]:
     cwd = tmp_path_factory.mktemp("eval8")
     with contextlib.chdir(cwd):
         result = cli(
-            "eval", tiny_model, "--bench", "synthetic", "--data-files", f"synthetic={dataset}",
-            "--batch-size", "8", "--max-new-tokens", "4", env={"COLUMNS": "160"}, check=True,
+            "eval",
+            tiny_model,
+            "--bench",
+            "synthetic",
+            "--data-files",
+            f"synthetic={dataset}",
+            "--batch-size",
+            "8",
+            "--max-new-tokens",
+            "4",
+            env={"COLUMNS": "160"},
+            check=True,
         )
     return result.stdout, cwd / "results" / tiny_model.name / "synthetic", result.stderr
 
@@ -110,8 +133,9 @@ def test_summary_scores_each_category(batch8, batch1):
         record = json.loads(line)["gpt_eval_score"]
         hit, _, _ = MMBench_Evaluator().eval_result([record], eval_method="static")  # this item alone
         correct.setdefault(record["category"], []).append(int(hit))
-    expected = {name: {"score": pytest.approx(100 * sum(hits) / len(hits)), "n": len(hits)}
-                for name, hits in correct.items()}
+    expected = {
+        name: {"score": pytest.approx(100 * sum(hits) / len(hits)), "n": len(hits)} for name, hits in correct.items()
+    }
     assert row["categories"] == expected
     assert len(expected) >= 4  # the default question types are several categories
     assert len({part["score"] for part in row["categories"].values()}) > 1
@@ -218,9 +242,7 @@ def test_multiple_choice_scores_log_probabilities_end_to_end(tiny_model, dataset
     assert 0 < sum(correct) < len(correct)  # both outcomes occur: argmin would score the complement
     assert mc_batch8["results"]["dsvlm_test_mc"]["acc,none"] == pytest.approx(sum(correct) / len(correct))
 
-    unbatched = run_mc(DsvlmLlava(pretrained=str(tiny_model), batch_size=1), mc_tasks)["samples"][
-        "dsvlm_test_mc"
-    ]
+    unbatched = run_mc(DsvlmLlava(pretrained=str(tiny_model), batch_size=1), mc_tasks)["samples"]["dsvlm_test_mc"]
     for batched, single in zip(samples, unbatched, strict=True):
         assert choice_scores(batched) == pytest.approx(choice_scores(single), rel=1e-4)
         assert [g for _, g in batched["filtered_resps"]] == [g for _, g in single["filtered_resps"]]
@@ -246,9 +268,9 @@ def test_llava_hf_loglikelihood_is_not_a_log_probability(tiny_model, dataset, mc
         run_mc(llava_hf, mc_tasks, limit=1)
 
     sample = mc_batch8["samples"]["dsvlm_test_mc"][0]
-    image = datasets.load_dataset(
-        "parquet", data_files=str(dataset / "eval" / "synthetic.parquet"), split="train"
-    )[sample["doc_id"]]["image"].convert("RGB")
+    image = datasets.load_dataset("parquet", data_files=str(dataset / "eval" / "synthetic.parquet"), split="train")[
+        sample["doc_id"]
+    ]["image"].convert("RGB")
     ours = choice_scores(sample)
     for choice, logprob in zip("ABCD", ours, strict=True):
         loss = llava_hf_0_7_3_loglikelihood(llava_hf, sample["arguments"][0], " " + choice, image)
@@ -280,17 +302,13 @@ def reference_logprob(model_dir: Path, eval_file: Path, sample: dict, continuati
 
     model = LlavaForConditionalGeneration.from_pretrained(model_dir).eval()
     processor = AutoProcessor.from_pretrained(model_dir)
-    image = datasets.load_dataset("parquet", data_files=str(eval_file), split="train")[sample["doc_id"]][
-        "image"
-    ]
+    image = datasets.load_dataset("parquet", data_files=str(eval_file), split="train")[sample["doc_id"]]["image"]
     prompt = processor.apply_chat_template(
         [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": sample["arguments"][0]}]}],
         add_generation_prompt=True,
         tokenize=False,
     )
-    context = processor(
-        text=prompt, images=[image.convert("RGB")], add_special_tokens=False, return_tensors="pt"
-    )
+    context = processor(text=prompt, images=[image.convert("RGB")], add_special_tokens=False, return_tensors="pt")
     cont = processor.tokenizer(continuation, add_special_tokens=False, return_tensors="pt")["input_ids"]
     input_ids = torch.cat([context["input_ids"], cont], dim=1)
     labels = torch.full_like(input_ids, -100)

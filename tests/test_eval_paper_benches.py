@@ -46,8 +46,17 @@ def summary(trained_tiny_model, fixtures, tmp_path_factory) -> dict[str, Any]:
     out = tmp_path_factory.mktemp("eval-benches")
     data = [arg for name in OFFLINE for arg in ("--data-files", f"{name}={fixtures[name]}")]
     result = cli(
-        "eval", trained_tiny_model, "--bench", ",".join(OFFLINE), *data, "--out", out, "--max-new-tokens", "8",
-        "--json", check=True,
+        "eval",
+        trained_tiny_model,
+        "--bench",
+        ",".join(OFFLINE),
+        *data,
+        "--out",
+        out,
+        "--max-new-tokens",
+        "8",
+        "--json",
+        check=True,
     )
     return json.loads(result.stdout)
 
@@ -98,7 +107,6 @@ def raw_task_yaml(path: Path) -> dict[str, Any]:
     return {**merged, **data}
 
 
-
 @pytest.mark.parametrize("name", JUDGED)
 def test_judged_benchmark_fails_fast_naming_the_judge(name, fixtures, model_shaped_dir, tmp_path, monkeypatch):
     for module in get_benchmark(name).requires:
@@ -130,7 +138,12 @@ def test_a_task_package_that_is_missing_fails_fast_with_the_pip_command(fixtures
 
 def test_judge_error_is_one_clean_line_from_the_cli(fixtures, model_shaped_dir):
     result = cli(
-        "eval", model_shaped_dir, "--bench", "llava_bench", "--data-files", f"llava_bench={fixtures['llava_bench']}",
+        "eval",
+        model_shaped_dir,
+        "--bench",
+        "llava_bench",
+        "--data-files",
+        f"llava_bench={fixtures['llava_bench']}",
         env={"OPENAI_API_KEY": ""},
     )
     assert result.exit_code == 2 and "Traceback" not in result.output and not result.stdout

@@ -24,8 +24,10 @@ LAYERS: list[set[str]] = [
 ]
 # data and model share a layer; between them only these modules cross: the model reads image geometry, the
 # latent cache encodes with the branch's own VAE formula. The model never imports data's readers or writers.
-ACROSS = {("dsvlm.model", "dsvlm.data"): {"dsvlm.data.geometry"},
-          ("dsvlm.data", "dsvlm.model"): {"dsvlm.model.supervision.vae"}}
+ACROSS = {
+    ("dsvlm.model", "dsvlm.data"): {"dsvlm.data.geometry"},
+    ("dsvlm.data", "dsvlm.model"): {"dsvlm.model.supervision.vae"},
+}
 
 
 def unit(module: str) -> str:
@@ -77,9 +79,13 @@ def test_every_import_points_down_or_stays_in_its_package():
 
 
 def test_upward_and_sideways_imports_are_caught():
-    assert violations([("dsvlm.model.tokenizer", "dsvlm.data.synthetic", 1),
-                       ("dsvlm.evaluation.runner", "dsvlm.strip.strip", 2),
-                       ("dsvlm.train.loop", "dsvlm.cli.common", 3)]) == [
+    assert violations(
+        [
+            ("dsvlm.model.tokenizer", "dsvlm.data.synthetic", 1),
+            ("dsvlm.evaluation.runner", "dsvlm.strip.strip", 2),
+            ("dsvlm.train.loop", "dsvlm.cli.common", 3),
+        ]
+    ) == [
         "dsvlm.model.tokenizer:1 imports dsvlm.data.synthetic",
         "dsvlm.evaluation.runner:2 imports dsvlm.strip.strip",
         "dsvlm.train.loop:3 imports dsvlm.cli.common",

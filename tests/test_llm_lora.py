@@ -60,19 +60,30 @@ def test_llm_lora_starts_as_the_base_model_and_trains_only_its_adapters() -> Non
 
     model, batch, before = trained_lora_model()
     after = dict(model.vlm.named_parameters())
-    assert all(torch.equal(value, after[name]) for name, value in before.items()
-               if not name.startswith("model.multi_modal_projector."))  # the LLM's base weights did not move
+    assert all(
+        torch.equal(value, after[name])
+        for name, value in before.items()
+        if not name.startswith("model.multi_modal_projector.")
+    )  # the LLM's base weights did not move
     assert not torch.allclose(logits(model, batch), logits(plain, batch), atol=1e-4)
 
 
 def test_the_adapters_take_their_own_learning_rate() -> None:
     model = tiny_model(tiny_recipe(), llm_lora=LORA)
     freeze_for_stage(model, ["connector", "llm"])
-    stage = StageConfig(name="instruct", train=["connector", "llm"], lr=2e-5, global_batch_size=4,
-                        per_device_batch_size=4, llm_lora={"rank": 4, "lr": 2e-4})
+    stage = StageConfig(
+        name="instruct",
+        train=["connector", "llm"],
+        lr=2e-5,
+        global_batch_size=4,
+        per_device_batch_size=4,
+        llm_lora={"rank": 4, "lr": 2e-4},
+    )
     groups = {g.get("lr"): {id(p) for p in g["params"]} for g in _param_groups(model, stage)}
-    assert groups == {None: {id(p) for p in model.vlm.model.multi_modal_projector.parameters()},  # the stage lr
-                      2e-4: {id(p) for p in lora_parameters(model.vlm)}}
+    assert groups == {
+        None: {id(p) for p in model.vlm.model.multi_modal_projector.parameters()},  # the stage lr
+        2e-4: {id(p) for p in lora_parameters(model.vlm)},
+    }
 
 
 def test_the_saved_adapter_reloads_merges_and_loads_in_peft_alike(tmp_path) -> None:
@@ -113,8 +124,12 @@ def lora_run(tmp_path_factory) -> tuple[Path, list[str]]:
     """Stage 2 of the tiny recipe with LoRA on its LLM, 4 steps, a checkpoint at step 2."""
     root = tmp_path_factory.mktemp("lora")
     data = prepare_small_synthetic(root / "data", n=32)
-    overrides = tiny_overrides(data, root / "run", steps=4, **{
-        "stages.1.llm_lora": "{rank: 4, alpha: 8}", "stages.1.train": "[connector, llm, supervision]"})
+    overrides = tiny_overrides(
+        data,
+        root / "run",
+        steps=4,
+        **{"stages.1.llm_lora": "{rank: 4, alpha: 8}", "stages.1.train": "[connector, llm, supervision]"},
+    )
     train(load_recipe("tiny-synthetic", overrides), TrainOptions(stages=["instruct"], progress=False))
     return root / "run", overrides
 

@@ -74,9 +74,17 @@ def test_an_optimizer_step_leaves_the_frozen_unet_and_vae_bit_identical() -> Non
 
 @pytest.mark.parametrize("variant", ["disabled", "zero_weight"])
 def test_without_supervision_loss_and_logits_are_plain_llava(variant: str) -> None:
-    recipe = tiny_recipe(weight=0.0) if variant == "zero_weight" else Recipe.model_validate(
-        {**recipe_dict(), "supervision": {"enabled": False},
-         "stages": [{**recipe_dict()["stages"][0], "train": ["connector"]}]})
+    recipe = (
+        tiny_recipe(weight=0.0)
+        if variant == "zero_weight"
+        else Recipe.model_validate(
+            {
+                **recipe_dict(),
+                "supervision": {"enabled": False},
+                "stages": [{**recipe_dict()["stages"][0], "train": ["connector"]}],
+            }
+        )
+    )
     model = tiny_model(recipe)
     batch = batch_for(model, text_only=(2,))
     out = model(batch)
@@ -89,8 +97,14 @@ def test_without_supervision_loss_and_logits_are_plain_llava(variant: str) -> No
 
 
 @pytest.mark.parametrize(
-    "conditions", [{"connector": True, "vision_layers": []}, {"connector": False, "vision_layers": [2]},
-                   {"connector": True, "vision_layers": [1, 2, 3]}], ids=["connector", "levels", "all"])
+    "conditions",
+    [
+        {"connector": True, "vision_layers": []},
+        {"connector": False, "vision_layers": [2]},
+        {"connector": True, "vision_layers": [1, 2, 3]},
+    ],
+    ids=["connector", "levels", "all"],
+)
 def test_each_condition_subset_trains(conditions: dict) -> None:
     model = tiny_model(tiny_recipe(**conditions))
     out = model(batch_for(model))
@@ -137,13 +151,17 @@ def test_one_step_preview_at_the_lowest_noise_is_the_image_in_pixel_space() -> N
 
 
 def unread_vision_modules(tower: torch.nn.Module) -> set[str]:
-    return {name.rsplit(".", 1)[0].split(".self_attn")[0].split(".mlp")[0].split(".layer_norm")[0]
-            for name, p in tower.named_parameters() if not p.requires_grad}
+    return {
+        name.rsplit(".", 1)[0].split(".self_attn")[0].split(".mlp")[0].split(".layer_norm")[0]
+        for name, p in tower.named_parameters()
+        if not p.requires_grad
+    }
 
 
 def test_freeze_for_stage_trains_exactly_the_named_groups() -> None:
-    recipe = Recipe.model_validate({**recipe_dict(freeze_unet=True), "model": {**recipe_dict()["model"],
-                                                                                "connector": "linear"}})
+    recipe = Recipe.model_validate(
+        {**recipe_dict(freeze_unet=True), "model": {**recipe_dict()["model"], "connector": "linear"}}
+    )
     model = tiny_model(recipe)
     rows = {r["module"]: r for r in freeze_for_stage(model, ["connector", "supervision"])}
     assert rows["vision"]["trainable"] == 0 and rows["llm"]["trainable"] == 0
@@ -228,8 +246,9 @@ def test_inline_branch_saves_its_trained_unet(tmp_path) -> None:
     info = json.loads((tmp_path / "supervision" / "supervision.json").read_text())
     assert info["unet_saved"] and info["vae_saved"]
     loaded = load_model(tmp_path, recipe)
-    for (name, a), b in zip(model.supervision.state_dict().items(), loaded.supervision.state_dict().values(),
-                            strict=True):
+    for (name, a), b in zip(
+        model.supervision.state_dict().items(), loaded.supervision.state_dict().values(), strict=True
+    ):
         assert torch.equal(a, b), name
     with pytest.raises(FileNotFoundError):
         load_model(tmp_path / "nothing", recipe)

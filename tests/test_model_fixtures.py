@@ -10,23 +10,57 @@ from PIL import Image
 
 from dsvlm.recipe.schema import Recipe
 
-CLIP = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3, "num_attention_heads": 2,
-        "image_size": 16, "patch_size": 8}
-SIGLIP = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3, "num_attention_heads": 2,
-          "image_size": 16, "patch_size": 8}
-LLAMA = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
-         "num_key_value_heads": 1, "max_position_embeddings": 128, "tie_word_embeddings": False}
+CLIP = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 2,
+    "image_size": 16,
+    "patch_size": 8,
+}
+SIGLIP = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 2,
+    "image_size": 16,
+    "patch_size": 8,
+}
+LLAMA = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 1,
+    "max_position_embeddings": 128,
+    "tie_word_embeddings": False,
+}
 QWEN2 = dict(LLAMA)
 # A latent-space UNet over a 4-channel VAE at 16 px (8x8 latents), one cross-attention down and up block.
-UNET = {"sample_size": 8, "in_channels": 4, "out_channels": 4, "layers_per_block": 1, "block_out_channels": [8, 16],
-        "norm_num_groups": 4, "cross_attention_dim": 16, "attention_head_dim": 4,
-        "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
-        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"]}
+UNET = {
+    "sample_size": 8,
+    "in_channels": 4,
+    "out_channels": 4,
+    "layers_per_block": 1,
+    "block_out_channels": [8, 16],
+    "norm_num_groups": 4,
+    "cross_attention_dim": 16,
+    "attention_head_dim": 4,
+    "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+}
 PIXEL_UNET = {**UNET, "sample_size": 16, "in_channels": 3, "out_channels": 3}
-VAE = {"in_channels": 3, "out_channels": 3, "latent_channels": 4, "block_out_channels": [8, 16],
-       "layers_per_block": 1, "norm_num_groups": 4, "sample_size": 16,
-       "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D"],
-       "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D"]}
+VAE = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "latent_channels": 4,
+    "block_out_channels": [8, 16],
+    "layers_per_block": 1,
+    "norm_num_groups": 4,
+    "sample_size": 16,
+    "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D"],
+    "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D"],
+}
 
 
 def recipe_dict(
@@ -41,8 +75,12 @@ def recipe_dict(
             "attn_implementation": "sdpa",
         },
         "supervision": {
-            "diffusion": {"pretrained": None, "unet_config": copy.deepcopy(UNET), "vae_config": copy.deepcopy(VAE),
-                          "num_train_timesteps": 100},
+            "diffusion": {
+                "pretrained": None,
+                "unet_config": copy.deepcopy(UNET),
+                "vae_config": copy.deepcopy(VAE),
+                "num_train_timesteps": 100,
+            },
             "vision_layers": [1, 3],
             "connector": True,
             "loss": {"mae": 1.0},
@@ -51,8 +89,16 @@ def recipe_dict(
             "sampler_steps": 3,
             **supervision,
         },
-        "stages": [{"name": "align", "train": ["connector", "supervision"], "lr": 1e-3, "global_batch_size": 4,
-                    "per_device_batch_size": 4, "precision": "fp32"}],
+        "stages": [
+            {
+                "name": "align",
+                "train": ["connector", "supervision"],
+                "lr": 1e-3,
+                "global_batch_size": 4,
+                "per_device_batch_size": 4,
+                "precision": "fp32",
+            }
+        ],
     }
 
 

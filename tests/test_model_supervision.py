@@ -72,8 +72,11 @@ def test_vgg16_perceptual_loss_from_a_weights_file(tmp_path) -> None:
         channels = int(item) if item != "M" else channels
     state = {f"features.{k}": v for k, v in nn.Sequential(*layers).state_dict().items()}
     save_file(state, tmp_path / "vgg16.safetensors")
-    options = {"loss": {"perceptual": 1.0, "mae": 0.5}, "perceptual_network": "vgg16",
-               "perceptual_weights": str(tmp_path / "vgg16.safetensors")}
+    options = {
+        "loss": {"perceptual": 1.0, "mae": 0.5},
+        "perceptual_network": "vgg16",
+        "perceptual_weights": str(tmp_path / "vgg16.safetensors"),
+    }
     model = branch(**options)
     assert torch.equal(model.perceptual.features[0].weight, state["features.0.weight"])
     out = model(conditions(model, 2), images(2), None, torch.arange(2))
@@ -86,8 +89,10 @@ def test_vgg16_perceptual_loss_from_a_weights_file(tmp_path) -> None:
 
 
 def test_pixel_space_branch_has_no_vae() -> None:
-    model = branch(diffusion={"pretrained": None, "pixel_space": True, "unet_config": PIXEL_UNET,
-                              "num_train_timesteps": 100}, loss={"ssim": 1.0, "eps_mse": 1.0})
+    model = branch(
+        diffusion={"pretrained": None, "pixel_space": True, "unet_config": PIXEL_UNET, "num_train_timesteps": 100},
+        loss={"ssim": 1.0, "eps_mse": 1.0},
+    )
     assert model.vae is None
     x = images(2)
     assert torch.equal(model.encode(x), x)
@@ -175,8 +180,9 @@ def test_components_from_a_pretrained_diffusers_directory(tmp_path) -> None:
     assert torch.equal(load_unet(cfg).conv_in.weight, unet.conv_in.weight)
     assert torch.equal(load_vae(cfg).encoder.conv_in.weight, vae.encoder.conv_in.weight)
     assert load_scheduler(cfg).config.num_train_timesteps == 50
-    model = DiffusionSupervision(SupervisionConfig(diffusion=cfg, vision_layers=[1], loss={"mae": 1.0},
-                                                   resolution=16), VISION, LLM)
+    model = DiffusionSupervision(
+        SupervisionConfig(diffusion=cfg, vision_layers=[1], loss={"mae": 1.0}, resolution=16), VISION, LLM
+    )
     assert model.timestep_range == (0, 49)  # clipped to the schedule
     # frozen pretrained parts are reloaded from their source, never saved
     assert not any(k.startswith("vae.") for k in model.trainable_state_dict())
@@ -326,8 +332,12 @@ def _structured_images() -> torch.Tensor:
     y, x = torch.meshgrid(torch.linspace(0, 1, 40), torch.linspace(0, 1, 48), indexing="ij")
     board = ((torch.arange(40)[:, None] // 4 + torch.arange(48)[None, :] // 4) % 2).float()
     stripes = (torch.sin(x * 30) + 1) / 2
-    planes = [torch.stack([x, y, x * y]), board.expand(3, -1, -1), stripes.expand(3, -1, -1),
-              torch.full((3, 40, 48), 0.5)]
+    planes = [
+        torch.stack([x, y, x * y]),
+        board.expand(3, -1, -1),
+        stripes.expand(3, -1, -1),
+        torch.full((3, 40, 48), 0.5),
+    ]
     return torch.stack(planes).double()
 
 
@@ -338,8 +348,10 @@ def test_ssim_loss_matches_a_reference_implementation() -> None:
     structured = _structured_images()
     noise = torch.rand(structured.shape, generator=generator, dtype=torch.float64)
     pairs = [
-        (torch.rand(3, 3, 32, 32, generator=generator, dtype=torch.float64),
-         torch.rand(3, 3, 32, 32, generator=generator, dtype=torch.float64)),
+        (
+            torch.rand(3, 3, 32, 32, generator=generator, dtype=torch.float64),
+            torch.rand(3, 3, 32, 32, generator=generator, dtype=torch.float64),
+        ),
         (structured, (structured + 0.1 * (noise - 0.5)).clamp(0, 1)),  # mildly noisy copies
         (structured, structured.roll(3, dims=-1)),  # shifted
         (structured, structured),  # identical: SSIM 1

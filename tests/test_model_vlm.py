@@ -142,8 +142,11 @@ def test_pretrained_encoder_and_llm_directories(tmp_path) -> None:
     LlamaTokenizer(vocab={p: i for i, p in enumerate(pieces)}, merges=[], add_bos_token=True).save_pretrained(
         tmp_path / "llama"
     )
-    cfg = ModelConfig(vision={"pretrained": str(tmp_path / "clip")}, llm={"pretrained": str(tmp_path / "llama")},
-                      chat_template="vicuna")
+    cfg = ModelConfig(
+        vision={"pretrained": str(tmp_path / "clip")},
+        llm={"pretrained": str(tmp_path / "llama")},
+        chat_template="vicuna",
+    )
     vlm, processor = tiny_vlm(cfg)
     for name, tensor in clip.vision_model.state_dict().items():
         assert torch.equal(vlm.model.vision_tower.state_dict()[name], tensor), name

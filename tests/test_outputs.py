@@ -46,8 +46,9 @@ def test_non_empty_output_needs_overwrite_and_the_marker_of_its_kind(tmp_path):
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory) -> Path:
     data = tmp_path_factory.mktemp("tiny") / "data"
-    prepared = CliRunner().invoke(app, ["prepare", "synthetic", str(data), "--n-align", "8", "--n-instruct", "8",
-                                        "--n-eval", "4"])
+    prepared = CliRunner().invoke(
+        app, ["prepare", "synthetic", str(data), "--n-align", "8", "--n-instruct", "8", "--n-eval", "4"]
+    )
     assert prepared.exit_code == 0, prepared.output
     return data
 
@@ -55,8 +56,9 @@ def tiny_data(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("flags", [[], ["--resume"], ["--overwrite"], ["--resume", "--overwrite"]])
 def test_train_never_writes_into_a_folder_that_is_not_a_run(tmp_path, tiny_data, flags):
     out = precious(tmp_path / "out")
-    result = CliRunner().invoke(app, ["train", "tiny-synthetic", f"data.dataset={tiny_data}",
-                                      f"run.output_dir={out}", *flags])
+    result = CliRunner().invoke(
+        app, ["train", "tiny-synthetic", f"data.dataset={tiny_data}", f"run.output_dir={out}", *flags]
+    )
     assert result.exit_code == 2, result.output
     assert "not a dsvlm run" in result.stderr or "not a training run written by dsvlm" in result.stderr
     assert sorted(p.name for p in out.iterdir()) == ["thesis.tex"]
@@ -80,8 +82,13 @@ def test_root_home_and_current_directory_are_never_replaced(tmp_path, monkeypatc
         write_marker(directory, RUN)  # even a marker does not make them replaceable
     monkeypatch.setenv("HOME", str(home))
     monkeypatch.chdir(work)
-    out = {"root": Path("/"), "home": Path("~"), "home-parent": home.parent, "cwd": Path("."),
-           "cwd-parent": Path("..")}[which]
+    out = {
+        "root": Path("/"),
+        "home": Path("~"),
+        "home-parent": home.parent,
+        "cwd": Path("."),
+        "cwd-parent": Path(".."),
+    }[which]
     with pytest.raises(DsvlmError, match="refusing to replace"):
         check_output(out, RUN, overwrite=True)
 
@@ -143,8 +150,9 @@ with writer_lock(sys.argv[1]):
 
 def test_prepare_stops_while_another_process_writes_and_goes_on_after_its_ctrl_c(tmp_path):
     out = tmp_path / "data"
-    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(out)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                              text=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(out)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
     try:
         assert holder.stdout.readline() == "locked\n"
         args = ["prepare", "synthetic", str(out), "--n-align", "4", "--n-instruct", "4", "--n-eval", "4"]

@@ -36,15 +36,32 @@ def tiny_vae():
     from diffusers import AutoencoderKL
 
     torch.manual_seed(0)
-    return AutoencoderKL(block_out_channels=(8,), down_block_types=("DownEncoderBlock2D",),
-                         up_block_types=("UpDecoderBlock2D",), latent_channels=4, layers_per_block=1,
-                         norm_num_groups=4, sample_size=32)
+    return AutoencoderKL(
+        block_out_channels=(8,),
+        down_block_types=("DownEncoderBlock2D",),
+        up_block_types=("UpDecoderBlock2D",),
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=4,
+        sample_size=32,
+    )
 
 
 def test_synthetic_prints_only_the_path(tmp_path: Path) -> None:
     out = tmp_path / "syn"
-    result = run("synthetic", str(out), *SMALL, "--seed", "1", "--question-types", "colour, shape",
-                 "--max-objects", "3", "--image-size", "24")
+    result = run(
+        "synthetic",
+        str(out),
+        *SMALL,
+        "--seed",
+        "1",
+        "--question-types",
+        "colour, shape",
+        "--max-objects",
+        "3",
+        "--image-size",
+        "24",
+    )
     assert result.exit_code == 0, result.output
     assert result.stdout == f"{out}\n"
     assert "align" in result.stderr and "instruct" in result.stderr  # the summary table
@@ -125,8 +142,11 @@ def test_strict_exits_2_without_traceback(tmp_path: Path) -> None:
     source = tmp_path / "bad.jsonl"
     source.write_text('{"id": "x", "conversations": []}\n')
     out = tmp_path / "out"
-    result = CliRunner().invoke(app, ["prepare", "llava", str(out), "--align", str(source), "--image-root",
-                                      str(tmp_path), "--strict"], env={"COLUMNS": "300"})
+    result = CliRunner().invoke(
+        app,
+        ["prepare", "llava", str(out), "--align", str(source), "--image-root", str(tmp_path), "--strict"],
+        env={"COLUMNS": "300"},
+    )
     assert result.exit_code == 2
     assert result.stdout == ""
     assert "error:" in result.stderr and "line 1 (id x): empty_conversations" in result.stderr

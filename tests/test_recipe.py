@@ -47,8 +47,9 @@ def test_every_bundled_recipe_validates(name):
 
 @pytest.mark.parametrize("name", ["llava15-vicuna7b-ds", "llava15-vicuna7b-ds-lora", "siglip-qwen2-ds"])
 def test_paper_recipes_have_a_baseline_by_one_override(name):
-    recipe = load_recipe(name, ["supervision.enabled=false", "stages.0.train=[connector]",
-                                "stages.1.train=[connector,vision,llm]"])
+    recipe = load_recipe(
+        name, ["supervision.enabled=false", "stages.0.train=[connector]", "stages.1.train=[connector,vision,llm]"]
+    )
     assert not recipe.supervision.enabled
 
 
@@ -80,7 +81,10 @@ def test_lora_recipe_is_the_paper_recipe_with_llava_lora_in_stage_two():
     flat_paper, flat_lora = _flat(paper.model_dump()), _flat(lora.model_dump())
     differs = {k for k in flat_paper.keys() | flat_lora.keys() if flat_paper.get(k) != flat_lora.get(k)}
     assert {"stages.1.llm_lora" if k.startswith("stages.1.llm_lora") else k for k in differs} == {
-        "description", "run.output_dir", "stages.1.llm_lora"}
+        "description",
+        "run.output_dir",
+        "stages.1.llm_lora",
+    }
 
 
 def _flat(data: object, prefix: str = "") -> dict[str, object]:
@@ -92,8 +96,15 @@ def _flat(data: object, prefix: str = "") -> dict[str, object]:
 
 
 def test_overrides_are_typed_and_applied():
-    recipe = load_recipe("tiny-synthetic", ["stages.0.lr=1e-4", "supervision.vision_layers=[1,2]",
-                                            "run.seed=7", "supervision.loss={mae: 0.5, eps_mse: 1}"])
+    recipe = load_recipe(
+        "tiny-synthetic",
+        [
+            "stages.0.lr=1e-4",
+            "supervision.vision_layers=[1,2]",
+            "run.seed=7",
+            "supervision.loss={mae: 0.5, eps_mse: 1}",
+        ],
+    )
     assert recipe.stages[0].lr == 1e-4
     assert recipe.supervision.vision_layers == [1, 2]
     assert recipe.run.seed == 7
@@ -120,9 +131,13 @@ def test_accumulation_from_global_batch():
         (lambda d: d.__setitem__("stages", []), "stages: List should have at least 1 item"),
         (lambda d: d["stages"][1].__setitem__("name", "align"), "stage name used twice: align"),
         (lambda d: d["supervision"].__setitem__("vision_layers", [2, 9]), "[9] exceed the vision encoder's depth (4"),
-        (lambda d: (d["supervision"].__setitem__("enabled", False),
-                    d["stages"][0].__setitem__("train", ["supervision"])),
-         "trains only `supervision` but supervision.enabled is false"),
+        (
+            lambda d: (
+                d["supervision"].__setitem__("enabled", False),
+                d["stages"][0].__setitem__("train", ["supervision"]),
+            ),
+            "trains only `supervision` but supervision.enabled is false",
+        ),
         (lambda d: d["supervision"].__setitem__("cross_attention", "mix"), "supervision.cross_attention: Input should"),
     ],
 )
@@ -251,7 +266,8 @@ FLOAT_FIELDS = float_fields(Recipe)
 
 def test_the_float_field_walk_finds_the_known_ones():
     assert {"supervision.weight", "stages.0.lr", "stages.0.new_module_lr", "stages.0.max_grad_norm"} <= set(
-        FLOAT_FIELDS)
+        FLOAT_FIELDS
+    )
 
 
 @pytest.mark.parametrize("value", [".inf", "-.inf", ".nan", "nan"])
@@ -295,8 +311,11 @@ def test_remote_code_is_named_before_it_can_run(tmp_path, command):
 
 def test_help_lists_the_commands_in_lifecycle_order() -> None:
     result = CliRunner().invoke(app, ["--help"])
-    listed = [line.split()[1] for line in result.stdout.splitlines() if line.startswith("│ ") and
-              len(line.split()) > 1 and line.split()[1] in LIFECYCLE]
+    listed = [
+        line.split()[1]
+        for line in result.stdout.splitlines()
+        if line.startswith("│ ") and len(line.split()) > 1 and line.split()[1] in LIFECYCLE
+    ]
     assert listed == list(LIFECYCLE)
 
 
@@ -349,8 +368,22 @@ def test_a_built_wheel_ships_every_recipe_inside_the_package(tmp_path):
         shutil.copy(repo / name, source / name)
     shutil.copytree(repo / "dsvlm", source / "dsvlm", symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(repo / "recipes", source / "recipes")
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", str(source),
-                    "-w", str(tmp_path / "dist")], check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            str(source),
+            "-w",
+            str(tmp_path / "dist"),
+        ],
+        check=True,
+        capture_output=True,
+    )
     names = set(zipfile.ZipFile(next((tmp_path / "dist").glob("*.whl"))).namelist())
     recipes = (repo / "recipes").rglob("*.yaml")
     shipped = {f"dsvlm/recipes/{p.relative_to(repo / 'recipes').as_posix()}" for p in recipes}

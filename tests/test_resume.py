@@ -108,8 +108,11 @@ def test_a_full_disk_while_writing_metrics_is_one_clean_error(tmp_path):
 def test_the_next_run_removes_what_killed_processes_left(tmp_path):
     out = tmp_path / "run"
     dead, live = dead_pid(), os.getppid()
-    leftovers = [out / "align" / f".final.tmp-{dead}", out / "align" / f".final.old-{dead}",
-                 out / "align" / "checkpoints" / ".step-0000004.tmp"]
+    leftovers = [
+        out / "align" / f".final.tmp-{dead}",
+        out / "align" / f".final.old-{dead}",
+        out / "align" / "checkpoints" / ".step-0000004.tmp",
+    ]
     for directory in leftovers:
         directory.mkdir(parents=True)
         (directory / "model.safetensors").write_bytes(b"partial")

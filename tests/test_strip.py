@@ -34,8 +34,20 @@ def run(tiny_run) -> Path:
 
 def test_eval_of_a_run_strips_it_on_the_fly(tiny_run, tmp_path):
     run = tiny_run.copy(tmp_path / "run").root  # eval writes the stripped model into the run
-    result = cli("eval", run, "--bench", "synthetic", "--data-files", f"synthetic={tiny_run.data}", "--limit", "4",
-                 "--out", tmp_path / "eval", "--json", check=True)
+    result = cli(
+        "eval",
+        run,
+        "--bench",
+        "synthetic",
+        "--data-files",
+        f"synthetic={tiny_run.data}",
+        "--limit",
+        "4",
+        "--out",
+        tmp_path / "eval",
+        "--json",
+        check=True,
+    )
     summary = json.loads(result.stdout)
     assert summary["benchmarks"]["synthetic"]["score"] >= 0
     assert (run / "align" / "stripped" / "config.json").is_file()

@@ -61,8 +61,9 @@ def assert_same_weights(a: Path, b: Path, atol: float = 0.0) -> None:
 @pytest.mark.slow  # 2 x 30 steps: enough for the losses to fall
 def test_two_stages_lower_both_losses_and_write_outputs(data, tmp_path):
     out = tmp_path / "run"
-    recipe = load_recipe("tiny-synthetic", tiny_overrides(data, out, steps=30, batch=16,
-                                                          **{"run.checkpoint_every": 100}))
+    recipe = load_recipe(
+        "tiny-synthetic", tiny_overrides(data, out, steps=30, batch=16, **{"run.checkpoint_every": 100})
+    )
     final = train(recipe, TrainOptions(progress=False))
     assert final == out / "instruct" / "final"
     for stage in ("align", "instruct"):
@@ -97,8 +98,15 @@ def test_frozen_modules_stay_bit_identical(data, tmp_path):
 
 
 def _train_args(data: Path, out: Path, *extra: str, steps: int = 6) -> list[str]:
-    return ["train", "tiny-synthetic", *tiny_overrides(data, out, steps=steps), "--stage", "align", "--no-progress",
-            *extra]
+    return [
+        "train",
+        "tiny-synthetic",
+        *tiny_overrides(data, out, steps=steps),
+        "--stage",
+        "align",
+        "--no-progress",
+        *extra,
+    ]
 
 
 def _run_cli_train(data: Path, out: Path, *extra: str, steps: int = 6, check: bool = True):
@@ -145,12 +153,28 @@ def test_two_processes_match_one_process_at_the_same_global_batch(data, tmp_path
     single = tmp_path / "single"
     _run_cli_train(data, single, "supervision.reconstruct_per_batch=null", steps=3)
     ddp = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
-           "-m", "dsvlm", "train", "tiny-synthetic", *tiny_overrides(data, ddp, steps=3),
-           "stages.0.per_device_batch_size=4", "supervision.reconstruct_per_batch=null", "--stage", "align",
-           "--no-progress"]
-    result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29531",
+        "-m",
+        "dsvlm",
+        "train",
+        "tiny-synthetic",
+        *tiny_overrides(data, ddp, steps=3),
+        "stages.0.per_device_batch_size=4",
+        "supervision.reconstruct_per_batch=null",
+        "--stage",
+        "align",
+        "--no-progress",
+    ]
+    result = subprocess.run(
+        cmd, capture_output=True, text=True, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600
+    )
     # Without rank 1's traceback (it only saw rank 0 leave): the tail then holds rank 0's own error.
     assert result.returncode == 0, "\n".join(x for x in result.stderr.splitlines() if "[rank1]" not in x)[-3000:]
     info = json.loads((ddp / "align" / "final" / "stage.json").read_text())
@@ -164,8 +188,9 @@ def test_two_processes_match_one_process_at_the_same_global_batch(data, tmp_path
 
 
 def test_missing_data_fails_before_building_anything(tmp_path):
-    result = cli("train", "tiny-synthetic", f"data.dataset={tmp_path / 'nowhere'}",
-                 f"run.output_dir={tmp_path / 'run'}")
+    result = cli(
+        "train", "tiny-synthetic", f"data.dataset={tmp_path / 'nowhere'}", f"run.output_dir={tmp_path / 'run'}"
+    )
     assert result.exit_code == 2
     assert "nowhere" in result.stderr and "dsvlm prepare" in result.stderr
     assert "Traceback" not in result.output
@@ -216,8 +241,17 @@ def test_a_second_writer_of_the_run_stops_at_once(data, tmp_path):
 def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(data, tmp_path):
     """An absurd learning rate blows the weights up at step 3: no NaN model may come out of it."""
     out = tmp_path / "run"
-    args = ["train", "tiny-synthetic", *tiny_overrides(data, out, steps=6), "stages.0.lr=1e30",
-            "stages.0.warmup_ratio=0.5", "stages.0.max_grad_norm=null", "--stage", "align", "--no-progress"]
+    args = [
+        "train",
+        "tiny-synthetic",
+        *tiny_overrides(data, out, steps=6),
+        "stages.0.lr=1e30",
+        "stages.0.warmup_ratio=0.5",
+        "stages.0.max_grad_norm=null",
+        "--stage",
+        "align",
+        "--no-progress",
+    ]
     result = cli(*args)
     assert result.exit_code == 1 and "Traceback" not in result.output  # a failure, not a user error
     assert "the loss at step 3 is nan" in result.stderr and "step-0000002" in result.stderr
@@ -260,16 +294,39 @@ def test_disk_full_during_checkpoint_is_a_clear_error(data, tmp_path):
 def test_latent_cache_of_another_vae_is_refused(tmp_path):
     """A recipe with a (tiny, inline) VAE refuses a cache built for other VAE weights or another resolution."""
     data = prepare_small_synthetic(tmp_path / "data", n=16)
-    vae = ("supervision.diffusion.vae_config={in_channels: 3, out_channels: 3, latent_channels: 4, "
-           "block_out_channels: [8, 16], down_block_types: [DownEncoderBlock2D, DownEncoderBlock2D], "
-           "up_block_types: [UpDecoderBlock2D, UpDecoderBlock2D], norm_num_groups: 8, sample_size: 32}")
+    vae = (
+        "supervision.diffusion.vae_config={in_channels: 3, out_channels: 3, latent_channels: 4, "
+        "block_out_channels: [8, 16], down_block_types: [DownEncoderBlock2D, DownEncoderBlock2D], "
+        "up_block_types: [UpDecoderBlock2D, UpDecoderBlock2D], norm_num_groups: 8, sample_size: 32}"
+    )
     latent_unet = "supervision.diffusion.unet_config.in_channels=4"
-    common = [vae, "supervision.diffusion.pixel_space=false", latent_unet,
-              "supervision.diffusion.unet_config.out_channels=4", "supervision.diffusion.unet_config.sample_size=16"]
-    cli("prepare", "synthetic", data, "--n-align", "16", "--n-instruct", "16", "--n-eval", "4",
-        "--overwrite", "--latents", "tiny-synthetic", *common, "run.seed=123", check=True)
-    result = cli("train", "tiny-synthetic", *tiny_overrides(data, tmp_path / "run", steps=1), *common,
-                 "--stage", "align")
+    common = [
+        vae,
+        "supervision.diffusion.pixel_space=false",
+        latent_unet,
+        "supervision.diffusion.unet_config.out_channels=4",
+        "supervision.diffusion.unet_config.sample_size=16",
+    ]
+    cli(
+        "prepare",
+        "synthetic",
+        data,
+        "--n-align",
+        "16",
+        "--n-instruct",
+        "16",
+        "--n-eval",
+        "4",
+        "--overwrite",
+        "--latents",
+        "tiny-synthetic",
+        *common,
+        "run.seed=123",
+        check=True,
+    )
+    result = cli(
+        "train", "tiny-synthetic", *tiny_overrides(data, tmp_path / "run", steps=1), *common, "--stage", "align"
+    )
     assert result.exit_code == 2
     assert "latent" in result.stderr.lower() and "Traceback" not in result.output
     assert not (tmp_path / "run" / "align" / "final").exists()
@@ -277,8 +334,17 @@ def test_latent_cache_of_another_vae_is_refused(tmp_path):
 
 def test_stage_two_alone_starts_from_init(tiny_run, tmp_path):
     second = tmp_path / "second"
-    result = cli("train", "tiny-synthetic", *tiny_overrides(tiny_run.data, second, steps=2), "--stage", "instruct",
-                 "--init", tiny_run.root, "--no-progress", check=True)
+    result = cli(
+        "train",
+        "tiny-synthetic",
+        *tiny_overrides(tiny_run.data, second, steps=2),
+        "--stage",
+        "instruct",
+        "--init",
+        tiny_run.root,
+        "--no-progress",
+        check=True,
+    )
     final = Path(result.stdout.strip())
     assert final == second / "instruct" / "final"
     assert json.loads((final / "stage.json").read_text())["init"] == str(tiny_run.final)
@@ -292,8 +358,9 @@ def test_unknown_stage_is_an_error(data, tmp_path):
 
 def test_a_bf16_stage_holds_the_frozen_unet_in_bf16_and_still_writes_its_preview(data, tmp_path, caplog):
     out = tmp_path / "run"
-    recipe = load_recipe("tiny-synthetic", tiny_overrides(data, out, steps=2, batch=4,
-                                                          **{"stages.0.precision": "bf16"}))
+    recipe = load_recipe(
+        "tiny-synthetic", tiny_overrides(data, out, steps=2, batch=4, **{"stages.0.precision": "bf16"})
+    )
     with caplog.at_level("INFO", logger="dsvlm.train.loop"):
         train(recipe, TrainOptions(stages=["align"], progress=False))
     assert "frozen pretrained UNet/VAE weights held in bf16" in caplog.text

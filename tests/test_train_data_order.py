@@ -41,7 +41,7 @@ def run(start_step: int, total: int) -> list[list[int]]:
 
 def test_every_epoch_has_its_own_order_and_each_is_a_permutation():
     seen = run(0, 3 * STEPS_PER_EPOCH)
-    epochs = [[i for batch in seen[e * STEPS_PER_EPOCH:(e + 1) * STEPS_PER_EPOCH] for i in batch] for e in range(3)]
+    epochs = [[i for batch in seen[e * STEPS_PER_EPOCH : (e + 1) * STEPS_PER_EPOCH] for i in batch] for e in range(3)]
     for order in epochs:
         assert sorted(order) == list(range(SIZE))
     assert epochs[0] != epochs[1] and epochs[1] != epochs[2] and epochs[0] != epochs[2]

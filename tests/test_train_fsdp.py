@@ -64,15 +64,27 @@ def single(tmp_path_factory) -> tuple[Path, Path]:
     return data, root / "run" / "align" / "final"
 
 
-def _sharded_run_matches_one_process_and_resumes(single: tuple[Path, Path], tmp_path: Path, accelerate_config: str,
-                                                 distributed: str) -> None:
+def _sharded_run_matches_one_process_and_resumes(
+    single: tuple[Path, Path], tmp_path: Path, accelerate_config: str, distributed: str
+) -> None:
     data, single_final = single
     config = tmp_path / "accelerate.yaml"
     config.write_text(accelerate_config)
     sharded = tmp_path / "sharded"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "-m", "dsvlm",
-           "train", "tiny-synthetic", *tiny_overrides(data, sharded, steps=3),
-           "stages.0.per_device_batch_size=4", *COMMON]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(config),
+        "-m",
+        "dsvlm",
+        "train",
+        "tiny-synthetic",
+        *tiny_overrides(data, sharded, steps=3),
+        "stages.0.per_device_batch_size=4",
+        *COMMON,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -32,7 +32,7 @@ def test_every_epoch_is_a_permutation_of_all_records():
 def test_mega_batches_hold_one_modality_sorted_longest_first():
     order = list(sampler())
     for start in range(0, FULL_GROUPS * GROUP, GROUP):
-        group = order[start:start + GROUP]
+        group = order[start : start + GROUP]
         assert len({HAS_IMAGE[i] for i in group}) == 1
         assert [LENGTHS[i] for i in group] == sorted((LENGTHS[i] for i in group), reverse=True)
     modalities = [HAS_IMAGE[order[start]] for start in range(0, FULL_GROUPS * GROUP, GROUP)]
@@ -50,12 +50,13 @@ def test_a_resume_skipping_k_batches_continues_the_epoch_exactly():
         AcceleratorState._reset_state()
         accelerator = Accelerator(cpu=True)
         grouped = LengthGroupedPermutation(LENGTHS, HAS_IMAGE, 7, GROUP)
-        loader = accelerator.prepare(DataLoader(list(range(len(LENGTHS))), batch_size=BATCH, sampler=grouped,
-                                                drop_last=True))
+        loader = accelerator.prepare(
+            DataLoader(list(range(len(LENGTHS))), batch_size=BATCH, sampler=grouped, drop_last=True)
+        )
         return [b.tolist() for b in epoch_batches(accelerator, loader, grouped, 1, skip)]
 
     full = batches(0)
-    assert [i for b in full for i in b] == list(sampler(7, 1))[:len(full) * BATCH]
+    assert [i for b in full for i in b] == list(sampler(7, 1))[: len(full) * BATCH]
     for skip in (1, 4, 5):
         assert batches(skip) == full[skip:]
 

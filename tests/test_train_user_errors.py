@@ -26,12 +26,36 @@ def data(tmp_path_factory) -> Path:
 @pytest.mark.slow  # two launched processes: both must stop with the line, neither may wait for the other
 def test_a_global_batch_the_launched_processes_cannot_split_is_one_line(data, tmp_path):
     """global 8 = 8 per device fits one process; two launched processes cannot make it."""
-    args = [sys.executable, "-m", "dsvlm", "train", "tiny-synthetic", *tiny_overrides(data, tmp_path / "run"),
-            "--stage", "align", "--no-progress"]
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29537", "WORLD_SIZE": "2",
-           "LOCAL_WORLD_SIZE": "2", "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(2)]
+    args = [
+        sys.executable,
+        "-m",
+        "dsvlm",
+        "train",
+        "tiny-synthetic",
+        *tiny_overrides(data, tmp_path / "run"),
+        "--stage",
+        "align",
+        "--no-progress",
+    ]
+    env = {
+        **os.environ,
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": "29537",
+        "WORLD_SIZE": "2",
+        "LOCAL_WORLD_SIZE": "2",
+        "OMP_NUM_THREADS": "1",
+    }
+    procs = [
+        subprocess.Popen(
+            args,
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+        )
+        for r in range(2)
+    ]
     for proc in procs:
         _, stderr = proc.communicate(timeout=300)
         assert proc.returncode == 2, stderr[-2000:]
@@ -41,8 +65,15 @@ def test_a_global_batch_the_launched_processes_cannot_split_is_one_line(data, tm
 
 
 def test_a_missing_init_directory_is_one_line_and_creates_no_run(data, tmp_path):
-    result = cli("train", "tiny-synthetic", *tiny_overrides(data, tmp_path / "run"), "--stage", "instruct",
-                 "--init", tmp_path / "nowhere")
+    result = cli(
+        "train",
+        "tiny-synthetic",
+        *tiny_overrides(data, tmp_path / "run"),
+        "--stage",
+        "instruct",
+        "--init",
+        tmp_path / "nowhere",
+    )
     assert result.exit_code == 2 and "nowhere" in result.stderr and "Traceback" not in result.output
     assert not (tmp_path / "run").exists()
 
@@ -64,8 +95,9 @@ def test_a_pretrained_llm_of_another_architecture_or_missing_is_a_recipe_error(t
         recipe = load_recipe("tiny-synthetic", [f"model.llm.pretrained={source}", "model.llm.config=null"])
         with pytest.raises(RecipeError, match=r"model.llm.pretrained .* does not load"):
             tiny_vlm(recipe.model)
-    recipe = load_recipe("tiny-synthetic", [f"model.vision.pretrained={tmp_path / 'missing'}",
-                                            "model.vision.config=null"])
+    recipe = load_recipe(
+        "tiny-synthetic", [f"model.vision.pretrained={tmp_path / 'missing'}", "model.vision.config=null"]
+    )
     with pytest.raises(RecipeError, match=r"model.vision.pretrained .* does not load"):
         tiny_vlm(recipe.model)
 

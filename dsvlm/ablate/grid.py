@@ -99,9 +99,15 @@ def parse_cell(text: str) -> tuple[str, int]:
     return arm, int(seed)
 
 
-def build_grid(recipe: str, overrides: list[str] | tuple[str, ...] = (), arms: list[Arm] | tuple[Arm, ...] = (),
-               seeds: list[int] | None = None, baseline: str | None = None, out: str | Path | None = None,
-               probe: bool | None = None) -> Grid:
+def build_grid(
+    recipe: str,
+    overrides: list[str] | tuple[str, ...] = (),
+    arms: list[Arm] | tuple[Arm, ...] = (),
+    seeds: list[int] | None = None,
+    baseline: str | None = None,
+    out: str | Path | None = None,
+    probe: bool | None = None,
+) -> Grid:
     """The grid of `recipe`'s `ablate:` section plus the command line's arms; seeds, baseline, output and
     probe from the command line win over the recipe's. Every arm's recipe is validated here, before any run."""
     from dsvlm.evaluation.settings import eval_settings
@@ -136,8 +142,12 @@ def build_grid(recipe: str, overrides: list[str] | tuple[str, ...] = (), arms: l
         benchmarks=tuple(settings.benchmarks),
         out=Path(out or config.output_dir).expanduser().resolve(),
         config=config if probe is None else config.model_copy(update={"probe": probe}),
-        eval_settings={"data_files": settings.data_files, "batch_size": settings.batch_size,
-                       "max_new_tokens": settings.max_new_tokens, "limit": settings.limit},
+        eval_settings={
+            "data_files": settings.data_files,
+            "batch_size": settings.batch_size,
+            "max_new_tokens": settings.max_new_tokens,
+            "limit": settings.limit,
+        },
     )
     for arm in grid.arms:
         cell_recipe(grid, arm.name, grid.seeds[0])  # a bad override fails now, naming its arm
@@ -195,14 +205,20 @@ def run_cell(grid: Grid, arm: str, seed: int, device: str | None = None, progres
     if not (cell / "eval" / SUMMARY).is_file():
         evaluate(model, list(grid.benchmarks), cell / "eval", device=device, **grid.eval_settings)
     if grid.config.probe and not (cell / "probe" / PROBE_JSON).is_file():
-        settings = ProbeConfig(n_train=grid.config.probe_train, n_test=grid.config.probe_test,
-                               steps=grid.config.probe_steps)
+        settings = ProbeConfig(
+            n_train=grid.config.probe_train, n_test=grid.config.probe_test, steps=grid.config.probe_steps
+        )
         probe_model(model, cell / "probe", settings, device=device)
-    atomic_write_json(cell / DONE, {
-        "arm": arm, "seed": seed, "overrides": list(grid.overrides) + list(grid.arm(arm).overrides),
-        "seconds": round(time.perf_counter() - started, 1),
-        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    })
+    atomic_write_json(
+        cell / DONE,
+        {
+            "arm": arm,
+            "seed": seed,
+            "overrides": list(grid.overrides) + list(grid.arm(arm).overrides),
+            "seconds": round(time.perf_counter() - started, 1),
+            "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        },
+    )
     return cell
 
 

@@ -83,7 +83,7 @@ def paired_bootstrap(diffs: np.ndarray, resamples: int, seed: int = 0) -> tuple[
         size = min(chunk, resamples - start)
         item_weights = rng.multinomial(n_items, np.full(n_items, 1 / n_items), size=size) / n_items
         seed_weights = rng.multinomial(n_seeds, np.full(n_seeds, 1 / n_seeds), size=size) / n_seeds
-        stats[start:start + size] = ((item_weights @ diffs.T) * seed_weights).sum(1)
+        stats[start : start + size] = ((item_weights @ diffs.T) * seed_weights).sum(1)
     low, high = np.percentile(stats, [2.5, 97.5])
     return float(low), float(high)
 
@@ -107,8 +107,11 @@ def _cell_items(scores: dict[str, float | None], hits: Hits, bench: str) -> dict
 
 def _stats(values: list[float]) -> dict[str, float]:
     array = np.array(values)
-    return {"mean": round(float(array.mean()), 4), "std": round(float(array.std(ddof=1)) if len(array) > 1 else 0.0, 4),
-            "n_seeds": len(values)}
+    return {
+        "mean": round(float(array.mean()), 4),
+        "std": round(float(array.std(ddof=1)) if len(array) > 1 else 0.0, 4),
+        "n_seeds": len(values),
+    }
 
 
 def _rec_losses(grid: Grid, arm: str, seed: int) -> list[float]:
@@ -163,22 +166,36 @@ def build_report(grid: Grid) -> dict[str, Any]:
         paired[arm] = {}
         for bench in grid.benchmarks:
             paired[arm][bench] = {}
-            seeds = [s for s in grid.seeds
-                     if bench in items.get((arm, s), {}) and bench in items.get((grid.baseline, s), {})]
+            seeds = [
+                s for s in grid.seeds if bench in items.get((arm, s), {}) and bench in items.get((grid.baseline, s), {})
+            ]
             if not seeds:
                 continue
             categories = set.intersection(*(set(items[a, s][bench]) for s in seeds for a in (arm, grid.baseline)))
             for category in sorted(categories, key=lambda c: (c != ALL, c)):
-                common = set.intersection(*(set(items[a, s][bench][category]) for s in seeds
-                                            for a in (arm, grid.baseline)))
+                common = set.intersection(
+                    *(set(items[a, s][bench][category]) for s in seeds for a in (arm, grid.baseline))
+                )
                 ids = sorted(common, key=str)
-                diffs = np.array([[items[arm, s][bench][category][i] - items[grid.baseline, s][bench][category][i]
-                                   for i in ids] for s in seeds]) * 100
+                diffs = (
+                    np.array(
+                        [
+                            [
+                                items[arm, s][bench][category][i] - items[grid.baseline, s][bench][category][i]
+                                for i in ids
+                            ]
+                            for s in seeds
+                        ]
+                    )
+                    * 100
+                )
                 low, high = paired_bootstrap(diffs, grid.config.bootstrap)
                 paired[arm][bench][category] = {
-                    "delta": round(float(diffs.mean()), 4), "ci95": [round(low, 4), round(high, 4)],
+                    "delta": round(float(diffs.mean()), 4),
+                    "ci95": [round(low, 4), round(high, 4)],
                     "per_seed": {s: round(float(d), 4) for s, d in zip(seeds, diffs.mean(1), strict=True)},
-                    "n_items": len(ids), "seeds": seeds,
+                    "n_items": len(ids),
+                    "seeds": seeds,
                 }
 
     probe_summary: dict[str, Any] = {}
@@ -188,9 +205,15 @@ def build_report(grid: Grid) -> dict[str, Any]:
             first = results[0]
             probe_summary[arm] = {
                 "mean": round(float(np.mean([mean_accuracy(r) for r in results])), 4),
-                "accuracy": {f: {a: round(float(np.mean([r["accuracy"][f][a] for r in results])), 4)
-                                 for a in first["attributes"]} for f in first["accuracy"]},
-                "chance": first["chance"], "attributes": first["attributes"], "n_seeds": len(results),
+                "accuracy": {
+                    f: {
+                        a: round(float(np.mean([r["accuracy"][f][a] for r in results])), 4) for a in first["attributes"]
+                    }
+                    for f in first["accuracy"]
+                },
+                "chance": first["chance"],
+                "attributes": first["attributes"],
+                "n_seeds": len(results),
             }
 
     collapse: dict[str, Any] = {}
@@ -203,15 +226,31 @@ def build_report(grid: Grid) -> dict[str, Any]:
                 drops.append(1 - losses[-1] / losses[0])
         drop = float(np.mean(drops)) if drops else None
         arm_probe = probe_summary.get(arm, {}).get("mean")
-        flag = bool(drop is not None and drop > COLLAPSE_DROP and arm_probe is not None and base_probe is not None
-                    and arm != grid.baseline and arm_probe <= base_probe)
-        collapse[arm] = {"rec_loss_drop": None if drop is None else round(drop, 4), "probe_mean": arm_probe,
-                         "baseline_probe_mean": base_probe, "flag": flag}
+        flag = bool(
+            drop is not None
+            and drop > COLLAPSE_DROP
+            and arm_probe is not None
+            and base_probe is not None
+            and arm != grid.baseline
+            and arm_probe <= base_probe
+        )
+        collapse[arm] = {
+            "rec_loss_drop": None if drop is None else round(drop, 4),
+            "probe_mean": arm_probe,
+            "baseline_probe_mean": base_probe,
+            "flag": flag,
+        }
 
     report = {
-        "grid": {"recipe": grid.recipe, "overrides": list(grid.overrides),
-                 "arms": {a.name: list(a.overrides) for a in grid.arms}, "baseline": grid.baseline,
-                 "seeds": list(grid.seeds), "benchmarks": list(grid.benchmarks), "out": str(grid.out)},
+        "grid": {
+            "recipe": grid.recipe,
+            "overrides": list(grid.overrides),
+            "arms": {a.name: list(a.overrides) for a in grid.arms},
+            "baseline": grid.baseline,
+            "seeds": list(grid.seeds),
+            "benchmarks": list(grid.benchmarks),
+            "out": str(grid.out),
+        },
         "cells": {f"{a}:{s}": str(grid.cell_dir(a, s)) for a, s in done},
         "missing": missing,
         "accuracy": accuracy,
@@ -242,34 +281,56 @@ def markdown(report: dict[str, Any]) -> str:
     columns = _columns(report)
     header = "| arm | " + " | ".join(f"{b}/{c}" for b, c in columns) + " |"
     rule = "|---" * (len(columns) + 1) + "|"
-    lines = [f"# Ablation: {grid['recipe']}", "",
-             f"Baseline `{grid['baseline']}`; seeds {', '.join(map(str, grid['seeds']))}; "
-             f"cells in `{grid['out']}/cells`.", ""]
+    lines = [
+        f"# Ablation: {grid['recipe']}",
+        "",
+        f"Baseline `{grid['baseline']}`; seeds {', '.join(map(str, grid['seeds']))}; cells in `{grid['out']}/cells`.",
+        "",
+    ]
     if report["missing"]:
         lines += [f"Not finished (left out): {', '.join(report['missing'])}", ""]
     lines += ["## Accuracy (%), mean ± std over seeds", "", header, rule]
     for arm, rows in report["accuracy"].items():
         cells = [rows.get(b, {}).get(c) for b, c in columns]
-        lines.append(f"| {arm} | " + " | ".join(
-            "-" if s is None else f"{s['mean']:.2f} ± {s['std']:.2f} (n={s['n_seeds']})" for s in cells) + " |")
-    lines += ["", f"## Paired difference to `{grid['baseline']}` (points), 95 % bootstrap interval over items "
-              "and seeds", "", header, rule]
+        lines.append(
+            f"| {arm} | "
+            + " | ".join("-" if s is None else f"{s['mean']:.2f} ± {s['std']:.2f} (n={s['n_seeds']})" for s in cells)
+            + " |"
+        )
+    lines += [
+        "",
+        f"## Paired difference to `{grid['baseline']}` (points), 95 % bootstrap interval over items and seeds",
+        "",
+        header,
+        rule,
+    ]
     for arm, rows in report["paired"].items():
         cells = [rows.get(b, {}).get(c) for b, c in columns]
-        lines.append(f"| {arm} | " + " | ".join(
-            "-" if d is None else f"{d['delta']:+.2f} [{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}]" for d in cells)
-            + " |")
+        lines.append(
+            f"| {arm} | "
+            + " | ".join(
+                "-" if d is None else f"{d['delta']:+.2f} [{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}]" for d in cells
+            )
+            + " |"
+        )
     if report["probe"]:
         attributes = next(iter(report["probe"].values()))["attributes"]
-        lines += ["", "## Linear probes (held-out accuracy, mean over features and seeds)", "",
-                  "| arm | " + " | ".join(attributes) + " | mean | rec-loss drop | collapse |",
-                  "|---" * (len(attributes) + 4) + "|"]
+        lines += [
+            "",
+            "## Linear probes (held-out accuracy, mean over features and seeds)",
+            "",
+            "| arm | " + " | ".join(attributes) + " | mean | rec-loss drop | collapse |",
+            "|---" * (len(attributes) + 4) + "|",
+        ]
         for arm, probe in report["probe"].items():
             per_attribute = [np.mean([row[a] for row in probe["accuracy"].values()]) for a in attributes]
             flag = report["collapse"][arm]
             drop = "-" if flag["rec_loss_drop"] is None else f"{100 * flag['rec_loss_drop']:.0f} %"
-            lines.append(f"| {arm} | " + " | ".join(f"{v:.3f}" for v in per_attribute)
-                         + f" | {probe['mean']:.3f} | {drop} | {'**yes**' if flag['flag'] else 'no'} |")
+            lines.append(
+                f"| {arm} | "
+                + " | ".join(f"{v:.3f}" for v in per_attribute)
+                + f" | {probe['mean']:.3f} | {drop} | {'**yes**' if flag['flag'] else 'no'} |"
+            )
         chance = next(iter(report["probe"].values()))["chance"]
         lines.append("| chance | " + " | ".join(f"{chance[a]:.3f}" for a in attributes) + " | | | |")
     return "\n".join(lines) + "\n"
@@ -289,8 +350,14 @@ def bar_chart(report: dict[str, Any], out: Path) -> None:
     for i, arm in enumerate(arms):
         stats = [report["accuracy"][arm].get(b, {}).get(c) for b, c in columns]
         xs = [j + (i - (len(arms) - 1) / 2) * width for j in range(len(columns))]
-        ax.bar(xs, [s["mean"] if s else 0 for s in stats], width, yerr=[s["std"] if s else 0 for s in stats],
-               capsize=3, label=arm)
+        ax.bar(
+            xs,
+            [s["mean"] if s else 0 for s in stats],
+            width,
+            yerr=[s["std"] if s else 0 for s in stats],
+            capsize=3,
+            label=arm,
+        )
     ax.set_xticks(range(len(columns)), [f"{b}\n{c}" for b, c in columns], fontsize=8)
     ax.set_ylabel("accuracy (%), mean ± std over seeds")
     ax.set_ylim(0, 100)

@@ -71,8 +71,15 @@ def probe_scenes(split: str, n: int, kind: str) -> list[Scene]:
     return [_sample_scene(rng, 1 if kind == "single" else MAX_COUNT) for _ in range(n)]
 
 
-def fit_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
-              steps: int = 100, l2: float = 1e-3, seed: int = 0) -> float:
+def fit_probe(
+    train_x: torch.Tensor,
+    train_y: torch.Tensor,
+    test_x: torch.Tensor,
+    test_y: torch.Tensor,
+    steps: int = 100,
+    l2: float = 1e-3,
+    seed: int = 0,
+) -> float:
     """Test accuracy of a multinomial logistic regression fitted on (train_x, train_y). Labels are 0..K-1."""
     torch.manual_seed(seed)
     train_x, test_x = train_x.float(), test_x.float()
@@ -81,8 +88,14 @@ def fit_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor
     classes = int(max(train_y.max(), test_y.max())) + 1
     weight = torch.zeros(train_x.shape[1], classes, requires_grad=True)
     bias = torch.zeros(classes, requires_grad=True)
-    optimizer = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=steps, line_search_fn="strong_wolfe",
-                                  tolerance_grad=1e-9, tolerance_change=1e-12)
+    optimizer = torch.optim.LBFGS(
+        [weight, bias],
+        lr=1.0,
+        max_iter=steps,
+        line_search_fn="strong_wolfe",
+        tolerance_grad=1e-9,
+        tolerance_change=1e-12,
+    )
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad()
@@ -109,8 +122,9 @@ def image_side(model: Any, processor: Any) -> int:
 
 
 @torch.no_grad()
-def extract_features(model: Any, processor: Any, scenes: list[Scene], per_patch: bool, batch_size: int,
-                     device: str) -> dict[str, torch.Tensor]:
+def extract_features(
+    model: Any, processor: Any, scenes: list[Scene], per_patch: bool, batch_size: int, device: str
+) -> dict[str, torch.Tensor]:
     """Feature name -> (n_scenes, dim): every encoder hidden state and the connector, mean-pooled over the
     image tokens (`/mean`) and flattened per patch (`/patch`) where that fits PER_PATCH_MAX_DIM."""
     config = model.config
@@ -118,11 +132,13 @@ def extract_features(model: Any, processor: Any, scenes: list[Scene], per_patch:
     drop_cls = config.vision_feature_select_strategy == "default"  # the LLM never sees CLIP's CLS token
     chunks: dict[str, list[torch.Tensor]] = {}
     for start in range(0, len(scenes), batch_size):
-        images = [render(scene, side) for scene in scenes[start:start + batch_size]]
+        images = [render(scene, side) for scene in scenes[start : start + batch_size]]
         pixels = processor.image_processor(images, return_tensors="pt")["pixel_values"].to(device, model.dtype)
         outputs = model.model.get_image_features(
-            pixel_values=pixels, vision_feature_layer=config.vision_feature_layer,
-            vision_feature_select_strategy=config.vision_feature_select_strategy, output_hidden_states=True,
+            pixel_values=pixels,
+            vision_feature_layer=config.vision_feature_layer,
+            vision_feature_select_strategy=config.vision_feature_select_strategy,
+            output_hidden_states=True,
         )
         states = {f"layer {i}": h[:, 1:] if drop_cls else h for i, h in enumerate(outputs.hidden_states)}
         states[CONNECTOR] = torch.stack(list(outputs.pooler_output))
@@ -144,8 +160,9 @@ def label_tensors(scenes_by_split: dict[str, dict[str, list[Scene]]]) -> dict[st
     return out
 
 
-def probe_model(model_path: str | Path, out_dir: str | Path, config: ProbeConfig = ProbeConfig(),
-                device: str | None = None) -> dict[str, Any]:
+def probe_model(
+    model_path: str | Path, out_dir: str | Path, config: ProbeConfig = ProbeConfig(), device: str | None = None
+) -> dict[str, Any]:
     """Probe a stripped model (or a run, stripped on the fly); write probe.json/.md/.png into `out_dir`."""
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
@@ -157,20 +174,31 @@ def probe_model(model_path: str | Path, out_dir: str | Path, config: ProbeConfig
     model = LlavaForConditionalGeneration.from_pretrained(path).to(device).eval()
     processor = AutoProcessor.from_pretrained(path)
     sizes = {"train": config.n_train, "test": config.n_test}
-    scenes = {split: {kind: probe_scenes(split, n, kind) for kind in ("single", "multi")}
-              for split, n in sizes.items()}
-    features = {split: {kind: extract_features(model, processor, kind_scenes, config.per_patch, config.batch_size,
-                                               device) for kind, kind_scenes in sets.items()}
-                for split, sets in scenes.items()}
+    scenes = {split: {kind: probe_scenes(split, n, kind) for kind in ("single", "multi")} for split, n in sizes.items()}
+    features = {
+        split: {
+            kind: extract_features(model, processor, kind_scenes, config.per_patch, config.batch_size, device)
+            for kind, kind_scenes in sets.items()
+        }
+        for split, sets in scenes.items()
+    }
     labels = label_tensors(scenes)
     accuracy: dict[str, dict[str, float]] = {}
     for name in features["train"]["single"]:
         accuracy[name] = {}
         for attribute, (kind, _) in ATTRIBUTES.items():
-            accuracy[name][attribute] = round(fit_probe(
-                features["train"][kind][name], labels[attribute]["train"],
-                features["test"][kind][name], labels[attribute]["test"],
-                steps=config.steps, l2=config.l2, seed=config.seed), 4)
+            accuracy[name][attribute] = round(
+                fit_probe(
+                    features["train"][kind][name],
+                    labels[attribute]["train"],
+                    features["test"][kind][name],
+                    labels[attribute]["test"],
+                    steps=config.steps,
+                    l2=config.l2,
+                    seed=config.seed,
+                ),
+                4,
+            )
         log.info("probe %s: %s", name, "  ".join(f"{a} {v:.3f}" for a, v in accuracy[name].items()))
     result = {
         "model": str(path),
@@ -215,8 +243,9 @@ def heatmap(result: dict[str, Any], out: Path, title: str) -> None:
     ax.set_yticks(range(len(rows)), rows)
     for i, row in enumerate(values):
         for j, value in enumerate(row):
-            ax.text(j, i, f"{value:.2f}", ha="center", va="center", color="white" if value < 0.6 else "black",
-                    fontsize=8)
+            ax.text(
+                j, i, f"{value:.2f}", ha="center", va="center", color="white" if value < 0.6 else "black", fontsize=8
+            )
     fig.colorbar(image, ax=ax, label="held-out accuracy")
     ax.set_title(title, fontsize=9)
     fig.tight_layout()

@@ -15,15 +15,24 @@ def ablate(
     recipe: str = typer.Argument(..., help="Bundled recipe name or YAML path (its `ablate:` section gives arms)."),
     overrides: list[str] = typer.Argument(None, help=f"Applied to every arm. {OVERRIDES_HELP}"),
     arm: list[str] = typer.Option(
-        None, "--arm", help="NAME=key=value,key=value (repeatable): one arm and its overrides; `NAME` alone or "
-        "`NAME=` is an arm of the recipe as it is."),
-    seeds: str | None = typer.Option(None, "--seeds", help="Comma-separated seeds, e.g. 0,1,2 (default: the "
-                                     "recipe's ablate.seeds)."),
-    baseline: str | None = typer.Option(None, "--baseline", help="The arm the others are compared with "
-                                        "(default: ablate.baseline, else the first arm)."),
+        None,
+        "--arm",
+        help="NAME=key=value,key=value (repeatable): one arm and its overrides; `NAME` alone or "
+        "`NAME=` is an arm of the recipe as it is.",
+    ),
+    seeds: str | None = typer.Option(
+        None, "--seeds", help="Comma-separated seeds, e.g. 0,1,2 (default: the recipe's ablate.seeds)."
+    ),
+    baseline: str | None = typer.Option(
+        None, "--baseline", help="The arm the others are compared with (default: ablate.baseline, else the first arm)."
+    ),
     out: Path | None = typer.Option(None, "--out", help="Grid directory (default: ablate.output_dir)."),
-    cell: str | None = typer.Option(None, "--cell", help="Run this one cell, ARM:SEED, and no report (for shell "
-                                    "loops, CI matrices, cluster fan-out). Prints the cell directory."),
+    cell: str | None = typer.Option(
+        None,
+        "--cell",
+        help="Run this one cell, ARM:SEED, and no report (for shell "
+        "loops, CI matrices, cluster fan-out). Prints the cell directory.",
+    ),
     report_only: bool = typer.Option(False, "--report-only", help="Only build the report from finished cells."),
     probe: bool | None = typer.Option(None, "--probe/--no-probe", help="Probe each cell (default: ablate.probe)."),
     device: str | None = typer.Option(None, "--device", help="Eval/probe device (default: cuda if available)."),
@@ -38,8 +47,15 @@ def ablate(
 
     if cell is not None and report_only:
         raise DsvlmError("--cell and --report-only exclude each other")
-    grid = build_grid(recipe, overrides or [], [parse_arm(a) for a in arm or []],
-                      parse_seeds(seeds) if seeds is not None else None, baseline, out, probe)
+    grid = build_grid(
+        recipe,
+        overrides or [],
+        [parse_arm(a) for a in arm or []],
+        parse_seeds(seeds) if seeds is not None else None,
+        baseline,
+        out,
+        probe,
+    )
     if cell is not None:
         name, seed = parse_cell(cell)
         grid.arm(name)

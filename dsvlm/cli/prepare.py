@@ -72,8 +72,9 @@ def _latent_request(recipe_name: str | None, overrides: list[str] | None) -> Lat
         return None
     vae = _load_vae(recipe)
     if vae is None:
-        console.print(f"recipe {recipe_name} diffuses in pixel space (no VAE): no latent cache needed, "
-                      "skipping --latents")
+        console.print(
+            f"recipe {recipe_name} diffuses in pixel space (no VAE): no latent cache needed, skipping --latents"
+        )
         return None
     from dsvlm.model.vlm import image_geometry
 
@@ -107,12 +108,14 @@ def synthetic(
     seed: int = typer.Option(0, help="Seed; the same seed gives the same files."),
     image_size: int = typer.Option(32, "--image-size", min=16, help="Image side in pixels."),
     question_types: str = typer.Option(
-        "colour,shape,count,position,relative_position,relative_size,count_small", "--question-types",
+        "colour,shape,count,position,relative_position,relative_size,count_small",
+        "--question-types",
         help="Comma-separated multiple-choice types of the instruct and eval sets (each an eval category): "
         "colour, shape, count, position, relative_position, relative_size, count_small (3-6 tiny shapes).",
     ),
     option_order: OptionOrder = typer.Option(
-        OptionOrder.canonical, "--option-order",
+        OptionOrder.canonical,
+        "--option-order",
         help="canonical: fixed option letters per question type (learnable in minutes); shuffled: random.",
     ),
     max_objects: int = typer.Option(2, "--max-objects", min=1, max=4, help="Shapes per image, at most."),
@@ -161,7 +164,13 @@ def llava(
         raise DataError("give at least one of --align FILE and --instruct FILE")
     request = _latent_request(latents, overrides)
     manifest = prepare_llava(
-        out, splits, image_root, strict=strict, allow_empty=allow_empty, workers=workers, overwrite=overwrite,
+        out,
+        splits,
+        image_root,
+        strict=strict,
+        allow_empty=allow_empty,
+        workers=workers,
+        overwrite=overwrite,
         latents=request,
     )
     _report(out, manifest, as_json)

@@ -36,9 +36,18 @@ def pretrain_diffusion(
     from dsvlm.diffusion.pretrain import INFO, PretrainOptions
     from dsvlm.diffusion.pretrain import pretrain_diffusion as run
 
-    options = PretrainOptions(steps=steps, vae_steps=vae_steps, batch_size=batch_size, lr=lr, resolution=resolution,
-                              width=width, prediction_type=prediction_type, seed=seed, split=split,
-                              checkpoint_every=checkpoint_every)
+    options = PretrainOptions(
+        steps=steps,
+        vae_steps=vae_steps,
+        batch_size=batch_size,
+        lr=lr,
+        resolution=resolution,
+        width=width,
+        prediction_type=prediction_type,
+        seed=seed,
+        split=split,
+        checkpoint_every=checkpoint_every,
+    )
     path = run(dataset, out, options, resume=resume, overwrite=overwrite, progress=progress)
     emit(json.dumps(json.loads((path / INFO).read_text())) if as_json else str(path))
 

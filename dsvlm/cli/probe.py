@@ -19,8 +19,9 @@ def probe(
     n_test: int = typer.Option(512, "--n-test", min=1, help="Held-out probe images per scene set."),
     steps: int = typer.Option(100, "--steps", min=1, help="L-BFGS iterations of each probe (full batch)."),
     l2: float = typer.Option(1e-3, "--l2", min=0.0, help="L2 penalty on the probe weights."),
-    per_patch: bool = typer.Option(True, "--per-patch/--no-per-patch",
-                                   help="Also probe flattened per-patch features where they are small enough."),
+    per_patch: bool = typer.Option(
+        True, "--per-patch/--no-per-patch", help="Also probe flattened per-patch features where they are small enough."
+    ),
     device: str | None = typer.Option(None, "--device", help="Torch device (default: cuda if available, else cpu)."),
     as_json: bool = typer.Option(False, "--json", help="Print probe.json on stdout instead of its path."),
 ) -> None:

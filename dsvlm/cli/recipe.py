@@ -39,9 +39,11 @@ app.command("ls", hidden=True)(list_recipes)
 
 
 @app.command()
-def show(recipe: str = typer.Argument(..., help="Bundled name or path."),
-         overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP),
-         resolved: bool = typer.Option(False, help="Print the validated recipe with every default filled in.")) -> None:
+def show(
+    recipe: str = typer.Argument(..., help="Bundled name or path."),
+    overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP),
+    resolved: bool = typer.Option(False, help="Print the validated recipe with every default filled in."),
+) -> None:
     """Print a recipe (the file as written, or --resolved with overrides and defaults applied)."""
     if resolved or overrides:
         from dsvlm.recipe.load import dump_recipe
@@ -52,10 +54,12 @@ def show(recipe: str = typer.Argument(..., help="Bundled name or path."),
 
 
 @app.command()
-def cp(recipe: str = typer.Argument(..., help="Bundled name."),
-       dest: Path = typer.Argument(..., help="File to write."),
-       overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing file."),
-       force: bool = typer.Option(False, "--force", hidden=True, help="Deprecated spelling of --overwrite.")) -> None:
+def cp(
+    recipe: str = typer.Argument(..., help="Bundled name."),
+    dest: Path = typer.Argument(..., help="File to write."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing file."),
+    force: bool = typer.Option(False, "--force", hidden=True, help="Deprecated spelling of --overwrite."),
+) -> None:
     """Copy a bundled recipe to a file you can edit."""
     if force:
         console.print("[yellow]warning:[/] --force is deprecated, use --overwrite")
@@ -73,14 +77,17 @@ def cp(recipe: str = typer.Argument(..., help="Bundled name."),
 
 
 @app.command()
-def validate(recipe: str = typer.Argument(..., help="Bundled name or path."),
-             overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP)) -> None:
+def validate(
+    recipe: str = typer.Argument(..., help="Bundled name or path."),
+    overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP),
+) -> None:
     """Validate a recipe (and overrides) without running anything."""
     parsed = load_recipe(recipe, overrides or [])
     warn_remote_code(parsed)
     stages = ", ".join(s.name for s in parsed.stages)
-    console.print(f"[green]ok[/] {recipe}: stages {stages}; supervision "
-                  f"{'on' if parsed.supervision.enabled else 'off'}")
+    console.print(
+        f"[green]ok[/] {recipe}: stages {stages}; supervision {'on' if parsed.supervision.enabled else 'off'}"
+    )
 
 
 @app.command()

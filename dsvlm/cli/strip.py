@@ -27,10 +27,12 @@ def strip(
     if force:
         console.print("[yellow]warning:[/] --force is deprecated, use --overwrite")
     report = run_strip(source, out, overwrite=overwrite or force)
-    console.print(f"[green]stripped[/] {report.params_removed:,} parameters removed "
-                  f"({report.params_before:,} -> {report.params_after:,}); "
-                  f"{report.bytes_before / 1e6:.1f} MB -> {report.bytes_after / 1e6:.1f} MB; "
-                  f"logits identical (max diff {report.max_logit_diff:.1e})")
+    console.print(
+        f"[green]stripped[/] {report.params_removed:,} parameters removed "
+        f"({report.params_before:,} -> {report.params_after:,}); "
+        f"{report.bytes_before / 1e6:.1f} MB -> {report.bytes_after / 1e6:.1f} MB; "
+        f"logits identical (max diff {report.max_logit_diff:.1e})"
+    )
     if push_to_hub:
         console.print(f"pushed: {push(out, push_to_hub)}")
     emit(json.dumps(asdict(report)) if as_json else str(out))

@@ -31,8 +31,9 @@ def train(
 
     parsed = load_recipe(recipe, overrides or [])
     warn_remote_code(parsed)
-    out = run_training(parsed, TrainOptions(stages=stage or None, init=init, resume=resume, overwrite=overwrite,
-                                            progress=progress))
+    out = run_training(
+        parsed, TrainOptions(stages=stage or None, init=init, resume=resume, overwrite=overwrite, progress=progress)
+    )
     from accelerate import PartialState
 
     if PartialState().is_main_process:

@@ -158,11 +158,14 @@ def prepare_hub(
     archive = archive or preset.archive
     image_root = image_root or preset.image_root
     if not files:
-        raise DataError(f"{repo_id}: name the file(s) to prepare with --align FILE and/or --instruct FILE "
-                        "(paths inside the repo)")
+        raise DataError(
+            f"{repo_id}: name the file(s) to prepare with --align FILE and/or --instruct FILE (paths inside the repo)"
+        )
     if archive is None and image_root is None:
-        raise DataError(f"{repo_id}: say where the images are: --archive FILE.zip (in the repo; extracted into "
-                        "OUT/images) or --image-root DIR (a folder in the repo, or a local absolute path)")
+        raise DataError(
+            f"{repo_id}: say where the images are: --archive FILE.zip (in the repo; extracted into "
+            "OUT/images) or --image-root DIR (a folder in the repo, or a local absolute path)"
+        )
     check_output(out, DATASET, overwrite)  # before a long download, not after it
 
     snapshot = _download(repo_id, out, files, archive, image_root, revision, download_dir)

@@ -50,8 +50,9 @@ def build_latent_cache(
     vae.eval()
     try:
         with atomic_dir(dataset.path / LATENTS_DIR, replace=True) as tmp:
-            shards, location, shape = _write_shards(tmp, dataset, paths, vae, resolution, geometry, batch_size,
-                                                    progress)
+            shards, location, shape = _write_shards(
+                tmp, dataset, paths, vae, resolution, geometry, batch_size, progress
+            )
             index = {
                 "version": CACHE_VERSION,
                 "fingerprint": fingerprint,
@@ -145,8 +146,9 @@ class LatentRequest:
     batch_size: int = 16
 
     def build(self, dataset_dir: Path, progress: bool = True) -> dict[str, Any]:
-        return build_latent_cache(dataset_dir, self.vae, self.resolution, self.fingerprint, self.geometry,
-                                  self.batch_size, progress)
+        return build_latent_cache(
+            dataset_dir, self.vae, self.resolution, self.fingerprint, self.geometry, self.batch_size, progress
+        )
 
 
 def rebuild_hint(dataset_dir: Path) -> str:
@@ -178,8 +180,10 @@ def _check_shards(directory: Path, index: dict[str, Any], hint: str) -> None:
     ]
     for image, (shard, row) in index["images"].items():
         if shard >= len(rows) or row >= rows[shard]:
-            raise DataError(f"{directory / INDEX}: image {brief(image)} points at shard {shard}, row {row}, which "
-                            f"does not exist ({len(rows)} shard(s)); {hint}")
+            raise DataError(
+                f"{directory / INDEX}: image {brief(image)} points at shard {shard}, row {row}, which "
+                f"does not exist ({len(rows)} shard(s)); {hint}"
+            )
 
 
 class LatentCache:
@@ -202,15 +206,20 @@ class LatentCache:
         try:
             index = json.loads((directory / INDEX).read_text())
         except FileNotFoundError:
-            raise DataError(f"{dataset_dir}: no latent cache ({directory / INDEX} missing); build one with "
-                            f"`dsvlm prepare latents {dataset_dir} RECIPE [overrides]`") from None
+            raise DataError(
+                f"{dataset_dir}: no latent cache ({directory / INDEX} missing); build one with "
+                f"`dsvlm prepare latents {dataset_dir} RECIPE [overrides]`"
+            ) from None
         except json.JSONDecodeError as exc:
-            raise DataError(f"{directory / INDEX}: malformed JSON at line {exc.lineno}; "
-                            f"{rebuild_hint(dataset_dir)}") from None
+            raise DataError(
+                f"{directory / INDEX}: malformed JSON at line {exc.lineno}; {rebuild_hint(dataset_dir)}"
+            ) from None
         version = index.get("version") if isinstance(index, dict) else None
         if version != CACHE_VERSION:
-            raise DataError(f"{directory}: latent cache version {brief(version)} is not "
-                            f"{CACHE_VERSION}; {rebuild_hint(dataset_dir)}")
+            raise DataError(
+                f"{directory}: latent cache version {brief(version)} is not "
+                f"{CACHE_VERSION}; {rebuild_hint(dataset_dir)}"
+            )
         check_schema(LatentIndex, index, directory / INDEX, rebuild_hint(dataset_dir))
         if index["fingerprint"] != fingerprint:
             raise DataError(
@@ -241,8 +250,10 @@ class LatentCache:
         try:
             shard, row = self.index["images"][image]
         except KeyError:
-            raise DataError(f"{self.directory}: no latent for image {image!r}; the cache is stale, "
-                            f"{rebuild_hint(self.directory.parent)}") from None
+            raise DataError(
+                f"{self.directory}: no latent for image {image!r}; the cache is stale, "
+                f"{rebuild_hint(self.directory.parent)}"
+            ) from None
         path = self.directory / self.index["shards"][shard]
         try:
             handle = self._handles.get(shard)
@@ -250,8 +261,9 @@ class LatentCache:
                 handle = self._handles[shard] = safe_open(str(path), "pt")
             return handle.get_slice("latents")[row]
         except (SafetensorError, OSError) as exc:  # replaced or cut short since the cache was opened
-            raise DataError(f"{path}: latent shard cannot be read ({exc}); {rebuild_hint(self.directory.parent)}"
-                            ) from None
+            raise DataError(
+                f"{path}: latent shard cannot be read ({exc}); {rebuild_hint(self.directory.parent)}"
+            ) from None
 
     def get(self, record_id: str) -> torch.Tensor:
         """The latent [C, h, w] of a record's image, by record id."""

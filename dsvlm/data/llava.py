@@ -315,8 +315,10 @@ def _check_split(
         kept.append(record)
     skips.sort(key=lambda s: s.index)
     if strict and skips:
-        raise DataError(skips[0].message() + "\n(--strict stops at the first bad record; without it bad records "
-                        "are skipped and listed in skipped.jsonl)")
+        raise DataError(
+            skips[0].message() + "\n(--strict stops at the first bad record; without it bad records "
+            "are skipped and listed in skipped.jsonl)"
+        )
     return kept, checks, skips
 
 
@@ -333,8 +335,11 @@ def _read_records(
             progress.update(reading, completed=index + 1)
         checked = check_record(obj, index, line)
         if isinstance(checked, Record) and checked.id in first_line:
-            checked = ("duplicate_id", f"id {brief(checked.id)} already used at line {first_line[checked.id]}",
-                       checked.id)
+            checked = (
+                "duplicate_id",
+                f"id {brief(checked.id)} already used at line {first_line[checked.id]}",
+                checked.id,
+            )
         if isinstance(checked, Record):
             first_line[checked.id] = line
             records.append(checked)
@@ -466,8 +471,9 @@ def _refuse_empty(written: dict[str, Any], sources: dict[str, Path], skips: list
             continue
         reasons = ", ".join(f"{reason} {count}" for reason, count in skipped.items())
         first = next(skip for skip in skips if skip.split == name)
-        problems.append(f"--{name}: all {sum(skipped.values())} records were skipped ({reasons}); the first: "
-                        f"{first.message()}")
+        problems.append(
+            f"--{name}: all {sum(skipped.values())} records were skipped ({reasons}); the first: {first.message()}"
+        )
     if problems:
         raise EmptyInputError("; ".join(problems) + " (--allow-empty writes the dataset anyway)", skips)
 
@@ -497,8 +503,10 @@ def report_empty_input(out: Path) -> Iterator[None]:
         if not exc.skips:
             raise DataError(f"{exc}; nothing was written") from None
         if report.exists() and not (report.is_file() and _is_skip_report(report)):
-            raise DataError(f"{exc}; nothing was written ({report} exists and is not a skipped report, so the "
-                            "report was not written over it)") from None
+            raise DataError(
+                f"{exc}; nothing was written ({report} exists and is not a skipped report, so the "
+                "report was not written over it)"
+            ) from None
         _write_skips(report, exc.skips)
         raise DataError(f"{exc}; no dataset written, every skip with its reason is in {report}") from None
 

@@ -116,8 +116,13 @@ class PreparedDataset:
         try:
             return write_arrow_copy(parquet, digest)
         except OSError as exc:
-            log.warning("%s: cannot write the Arrow copy of split %r (%s); every process reads the whole split "
-                        "into memory instead", self.path, split, exc)
+            log.warning(
+                "%s: cannot write the Arrow copy of split %r (%s); every process reads the whole split "
+                "into memory instead",
+                self.path,
+                split,
+                exc,
+            )
             return parquet
 
     def image_path(self, record: dict[str, Any]) -> Path:
@@ -145,8 +150,10 @@ class PreparedDataset:
                 "changed since `dsvlm prepare`?)"
             ) from None
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:  # truncated, not an image
-            raise DataError(f"{path}: image of record {record.get('id')!r} cannot be read ({exc}); it changed "
-                            "since `dsvlm prepare` checked it: restore it, or prepare the data again") from None
+            raise DataError(
+                f"{path}: image of record {record.get('id')!r} cannot be read ({exc}); it changed "
+                "since `dsvlm prepare` checked it: restore it, or prepare the data again"
+            ) from None
         finally:
             ImageFile.LOAD_TRUNCATED_IMAGES = truncated_ok
 

@@ -125,10 +125,16 @@ OPEN = {
     "count": ("How many shapes are there?", "There is one shape.", "There are {count} shapes."),
     "position": ("Where is the {colour} {shape}?", "It is {place}."),
     "size": ("Is the {colour} shape small or large?", "It is {size}."),
-    "larger": ("Which is larger, the {colour1} {shape1} or the {colour2} {shape2}?",
-               "The {colour} {shape} is larger.", "They are the same size."),
-    "same_shape": ("Do the {colour1} and {colour2} objects have the same shape?",
-                   "Yes, they have the same shape.", "No, they have different shapes."),
+    "larger": (
+        "Which is larger, the {colour1} {shape1} or the {colour2} {shape2}?",
+        "The {colour} {shape} is larger.",
+        "They are the same size.",
+    ),
+    "same_shape": (
+        "Do the {colour1} and {colour2} objects have the same shape?",
+        "Yes, they have the same shape.",
+        "No, they have different shapes.",
+    ),
     "exists": ("Is there a {colour} {shape} in the image?", "Yes.", "No."),
     "background": ("What colour is the background?", "The background is {background}."),
 }
@@ -253,21 +259,25 @@ def only_neighbour(scene: Scene, reference: Shape, relation: str) -> Shape | Non
 def _choice(rng: random.Random, scene: Scene, kind: str, order: str) -> Choice | None:
     """A multiple-choice item of type `kind` about the scene; None when the scene doesn't allow it."""
     if kind == "relative_position":
-        triples = [(ref, relation, other) for ref in scene.objects for relation in RELATIONS
-                   if (other := only_neighbour(scene, ref, relation)) is not None]
+        triples = [
+            (ref, relation, other)
+            for ref in scene.objects
+            for relation in RELATIONS
+            if (other := only_neighbour(scene, ref, relation)) is not None
+        ]
         if not triples:
             return None
         ref, relation, other = rng.choice(triples)
-        return _options(rng, MC_QUESTIONS[kind].format(relation=relation, colour=ref.colour), other.colour, kind,
-                        order)
+        return _options(rng, MC_QUESTIONS[kind].format(relation=relation, colour=ref.colour), other.colour, kind, order)
     if kind == "relative_size":
         pairs = [(a, b) for a in scene.objects for b in scene.objects if a.size != b.size]
         if not pairs:
             return None
         first, second = rng.choice(pairs)
         answer = "larger" if RADII[first.size] > RADII[second.size] else "smaller"
-        return _options(rng, MC_QUESTIONS[kind].format(colour1=first.colour, colour2=second.colour), answer, kind,
-                        order)
+        return _options(
+            rng, MC_QUESTIONS[kind].format(colour1=first.colour, colour2=second.colour), answer, kind, order
+        )
     if kind == "count_small":
         return _options(rng, MC_QUESTIONS[kind], COUNT_WORDS[len(scene.objects) - 1], kind, order)
     obj = rng.choice(scene.objects)

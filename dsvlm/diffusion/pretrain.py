@@ -53,9 +53,16 @@ CHECKPOINTS = "checkpoints"
 MAX_TOKENS = 77  # SD's text length: captions are padded to it, as StableDiffusionPipeline does
 SPECIALS = ("[UNK]", "[PAD]", "<|startoftext|>", "<|endoftext|>")
 # Stable Diffusion 1.5's training schedule (scheduler/scheduler_config.json of the hub repo).
-SD15_SCHEDULE = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
-                 "beta_schedule": "scaled_linear", "prediction_type": "epsilon", "clip_sample": False,
-                 "set_alpha_to_one": False, "steps_offset": 1}
+SD15_SCHEDULE = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "prediction_type": "epsilon",
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+    "steps_offset": 1,
+}
 
 
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
@@ -90,8 +97,17 @@ class PretrainOptions:
     eval_captions: int = 64
 
     def check(self) -> None:
-        for name in ("steps", "batch_size", "resolution", "width", "text_width", "checkpoint_every",
-                     "sample_steps", "eval_captions", "max_images"):
+        for name in (
+            "steps",
+            "batch_size",
+            "resolution",
+            "width",
+            "text_width",
+            "checkpoint_every",
+            "sample_steps",
+            "eval_captions",
+            "max_images",
+        ):
             if getattr(self, name) < 1:
                 raise DsvlmError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.vae_steps < 0:
@@ -99,8 +115,9 @@ class PretrainOptions:
         if self.resolution % 8:
             raise DsvlmError(f"--resolution must be a multiple of 8, got {self.resolution}")
         if self.prediction_type not in PREDICTION_TYPES:
-            raise DsvlmError(f"--prediction-type must be one of {', '.join(PREDICTION_TYPES)}, "
-                             f"got {self.prediction_type!r}")
+            raise DsvlmError(
+                f"--prediction-type must be one of {', '.join(PREDICTION_TYPES)}, got {self.prediction_type!r}"
+            )
         if not 0.0 <= self.caption_dropout < 1.0:
             raise DsvlmError(f"--caption-dropout must be in [0, 1), got {self.caption_dropout}")
 
@@ -113,25 +130,48 @@ def unet_config(options: PretrainOptions, channels: int) -> dict[str, Any]:
     """SD's UNet layout at toy scale: three levels, one block each, cross-attention on the lowest level only
     (attention at 16x16 doubled the CPU step time: its convolutions already dominate)."""
     w = options.width
-    return {"sample_size": options.resolution // (1 if options.pixel_space else 2), "in_channels": channels,
-            "out_channels": channels, "layers_per_block": 1, "block_out_channels": [w, 2 * w, 4 * w],
-            "down_block_types": ["DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"],
-            "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"],
-            "cross_attention_dim": options.text_width, "attention_head_dim": 8, "norm_num_groups": 8}
+    return {
+        "sample_size": options.resolution // (1 if options.pixel_space else 2),
+        "in_channels": channels,
+        "out_channels": channels,
+        "layers_per_block": 1,
+        "block_out_channels": [w, 2 * w, 4 * w],
+        "down_block_types": ["DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"],
+        "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"],
+        "cross_attention_dim": options.text_width,
+        "attention_head_dim": 8,
+        "norm_num_groups": 8,
+    }
 
 
 def vae_config(options: PretrainOptions) -> dict[str, Any]:
     """An AutoencoderKL with one downsampling (factor 2) and SD's 4 latent channels."""
-    return {"in_channels": 3, "out_channels": 3, "latent_channels": 4, "layers_per_block": 1,
-            "down_block_types": ["DownEncoderBlock2D"] * 2, "up_block_types": ["UpDecoderBlock2D"] * 2,
-            "block_out_channels": [16, 32], "norm_num_groups": 8, "sample_size": options.resolution}
+    return {
+        "in_channels": 3,
+        "out_channels": 3,
+        "latent_channels": 4,
+        "layers_per_block": 1,
+        "down_block_types": ["DownEncoderBlock2D"] * 2,
+        "up_block_types": ["UpDecoderBlock2D"] * 2,
+        "block_out_channels": [16, 32],
+        "norm_num_groups": 8,
+        "sample_size": options.resolution,
+    }
 
 
 def text_config(options: PretrainOptions, vocab_size: int) -> CLIPTextConfig:
     width = options.text_width
-    return CLIPTextConfig(vocab_size=vocab_size, hidden_size=width, intermediate_size=2 * width,
-                          num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=MAX_TOKENS,
-                          pad_token_id=1, bos_token_id=2, eos_token_id=3)
+    return CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=width,
+        intermediate_size=2 * width,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=MAX_TOKENS,
+        pad_token_id=1,
+        bos_token_id=2,
+        eos_token_id=3,
+    )
 
 
 def build_tokenizer(captions: list[str]) -> PreTrainedTokenizerFast:
@@ -141,8 +181,14 @@ def build_tokenizer(captions: list[str]) -> PreTrainedTokenizerFast:
     backend = Tokenizer(WordLevel({t: i for i, t in enumerate([*SPECIALS, *words])}, unk_token=SPECIALS[0]))
     backend.pre_tokenizer = pre
     backend.add_special_tokens([AddedToken(t, special=True) for t in SPECIALS])
-    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token=SPECIALS[0], pad_token=SPECIALS[1],
-                                   bos_token=SPECIALS[2], eos_token=SPECIALS[3], model_max_length=MAX_TOKENS)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        unk_token=SPECIALS[0],
+        pad_token=SPECIALS[1],
+        bos_token=SPECIALS[2],
+        eos_token=SPECIALS[3],
+        model_max_length=MAX_TOKENS,
+    )
 
 
 @dataclass
@@ -167,8 +213,10 @@ def load_corpus(dataset_dir: Path, options: PretrainOptions) -> Corpus:
         if len(images) == options.max_images:
             break
     if len(images) < options.batch_size:
-        raise DataError(f"{dataset_dir}: split {options.split!r} has {len(images)} captioned images, fewer than "
-                        f"one batch ({options.batch_size})")
+        raise DataError(
+            f"{dataset_dir}: split {options.split!r} has {len(images)} captioned images, fewer than "
+            f"one batch ({options.batch_size})"
+        )
     return Corpus(torch.stack(images), captions)
 
 
@@ -205,8 +253,9 @@ class Pipeline:
     scheduler_config: dict[str, Any]
 
     def encode_text(self, captions: list[str]) -> torch.Tensor:
-        ids = self.tokenizer(captions, padding="max_length", max_length=MAX_TOKENS, truncation=True,
-                             return_tensors="pt").input_ids
+        ids = self.tokenizer(
+            captions, padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt"
+        ).input_ids
         return self.text_encoder(ids).last_hidden_state
 
     def from_model_space(self, x: torch.Tensor) -> torch.Tensor:
@@ -219,8 +268,9 @@ class Pipeline:
         ddim.set_timesteps(steps)
         cond, uncond = self.encode_text(captions), self.encode_text([""] * len(captions))
         size = self.unet.config.sample_size
-        x = torch.randn(len(captions), self.unet.config.in_channels, size, size,
-                        generator=torch.Generator().manual_seed(seed))
+        x = torch.randn(
+            len(captions), self.unet.config.in_channels, size, size, generator=torch.Generator().manual_seed(seed)
+        )
         for t in ddim.timesteps:
             eps = self.unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([uncond, cond])).sample
             eps_uncond, eps_cond = eps.chunk(2)
@@ -228,8 +278,15 @@ class Pipeline:
         return ((self.from_model_space(x) + 1) / 2).clamp(0, 1)
 
 
-def pretrain_diffusion(dataset_dir: Path, out: Path, options: PretrainOptions = PretrainOptions(), *,
-                       resume: bool = False, overwrite: bool = False, progress: bool = True) -> Path:
+def pretrain_diffusion(
+    dataset_dir: Path,
+    out: Path,
+    options: PretrainOptions = PretrainOptions(),
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Path:
     """Train (or reuse) the diffusion model in `out`; returns `out`.
 
     A finished `out` trained with the same options on the same dataset is reused as it is; other contents are
@@ -247,8 +304,9 @@ def pretrain_diffusion(dataset_dir: Path, out: Path, options: PretrainOptions = 
         return _pretrain(Path(dataset_dir), out, options, fingerprint, resume, progress)
 
 
-def _pretrain(dataset_dir: Path, out: Path, options: PretrainOptions, fingerprint: dict[str, Any], resume: bool,
-              progress: bool) -> Path:
+def _pretrain(
+    dataset_dir: Path, out: Path, options: PretrainOptions, fingerprint: dict[str, Any], resume: bool, progress: bool
+) -> Path:
     corpus = load_corpus(dataset_dir, options)
     tokenizer = build_tokenizer(corpus.captions)
     models = Models(options, len(tokenizer))
@@ -271,8 +329,9 @@ def _pretrain(dataset_dir: Path, out: Path, options: PretrainOptions, fingerprin
                 continue
             optimizer = _optimizer(models, phase, options)
             if state and state["phase"] == phase:
-                optimizer.load_state_dict(torch.load(out / CHECKPOINTS / state["dir"] / "optimizer.pt",
-                                                     weights_only=True))
+                optimizer.load_state_dict(
+                    torch.load(out / CHECKPOINTS / state["dir"] / "optimizer.pt", weights_only=True)
+                )
             task = bar.add_task(f"pretrain {phase}", total=total, completed=done, info="")
             for step in range(done, total):
                 loss = _train_step(models, phase, corpus, targets, tokenizer, options, step, optimizer, total)
@@ -283,18 +342,33 @@ def _pretrain(dataset_dir: Path, out: Path, options: PretrainOptions, fingerprin
                     _save_checkpoint(out / CHECKPOINTS, models, optimizer, phase, steps, history)
             state = None
     wall = time.perf_counter() - started
-    pipeline = Pipeline(tokenizer, models.text_encoder.eval(), models.unet.eval(),
-                        models.vae.eval() if models.vae is not None else None, schedule(options))
+    pipeline = Pipeline(
+        tokenizer,
+        models.text_encoder.eval(),
+        models.unet.eval(),
+        models.vae.eval() if models.vae is not None else None,
+        schedule(options),
+    )
     figure = _evaluate(pipeline, options, out)
     _save(out, pipeline, options)
     _plot_history(history, out / "loss.png")
-    info = {"format": "dsvlm-pretrained-diffusion", "fingerprint": fingerprint, "wall_time_s": round(wall, 1),
-            "final_loss": {p: _tail_mean(history, p) for p, _ in phases}, "learned": figure,
-            "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    info = {
+        "format": "dsvlm-pretrained-diffusion",
+        "fingerprint": fingerprint,
+        "wall_time_s": round(wall, 1),
+        "final_loss": {p: _tail_mean(history, p) for p, _ in phases},
+        "learned": figure,
+        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
     atomic_write_json(out / INFO, info)
     shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
-    log.info("diffusion pretraining finished in %.0f s: caption match %.0f %% (random UNet %.0f %%) -> %s",
-             wall, 100 * figure["trained"]["both"], 100 * figure["random_unet"]["both"], out)
+    log.info(
+        "diffusion pretraining finished in %.0f s: caption match %.0f %% (random UNet %.0f %%) -> %s",
+        wall,
+        100 * figure["trained"]["both"],
+        100 * figure["random_unet"]["both"],
+        out,
+    )
     return out
 
 
@@ -347,9 +421,17 @@ def _batch_indices(options: PretrainOptions, phase: str, step: int, n: int) -> t
     return torch.randint(0, n, (options.batch_size,), generator=generator)
 
 
-def _train_step(models: Models, phase: str, corpus: Corpus, targets: torch.Tensor | None,
-                tokenizer: PreTrainedTokenizerFast, options: PretrainOptions, step: int,
-                optimizer: torch.optim.Optimizer, total: int) -> float:
+def _train_step(
+    models: Models,
+    phase: str,
+    corpus: Corpus,
+    targets: torch.Tensor | None,
+    tokenizer: PreTrainedTokenizerFast,
+    options: PretrainOptions,
+    step: int,
+    optimizer: torch.optim.Optimizer,
+    total: int,
+) -> float:
     for group in optimizer.param_groups:
         group["lr"] = options.lr * _lr_factor(step, total)
     index = _batch_indices(options, phase, step, len(corpus.captions))
@@ -361,10 +443,13 @@ def _train_step(models: Models, phase: str, corpus: Corpus, targets: torch.Tenso
         loss = F.l1_loss(reconstruction, images) + 1e-6 * posterior.kl().mean()
     else:
         target = targets[index]
-        captions = [c if random.Random(f"{options.seed}/{step}/{i}").random() >= options.caption_dropout else ""
-                    for i, c in enumerate(corpus.captions[j] for j in index.tolist())]
-        ids = tokenizer(captions, padding="max_length", max_length=MAX_TOKENS, truncation=True,
-                        return_tensors="pt").input_ids
+        captions = [
+            c if random.Random(f"{options.seed}/{step}/{i}").random() >= options.caption_dropout else ""
+            for i, c in enumerate(corpus.captions[j] for j in index.tolist())
+        ]
+        ids = tokenizer(
+            captions, padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt"
+        ).input_ids
         states = models.text_encoder(ids).last_hidden_state
         scheduler = _noise_schedule(options)
         noise = torch.randn(target.shape, generator=generator)
@@ -391,8 +476,10 @@ def _unet_targets(vae: AutoencoderKL | None, corpus: Corpus, chunk: int = 256) -
     """Every corpus image in the UNet's input space: pixels in [-1, 1], or scaled VAE latent means."""
     if vae is None:
         return to_unit(corpus.images)
-    parts = [vae.encode(to_unit(corpus.images[i:i + chunk])).latent_dist.mode()
-             for i in range(0, len(corpus.images), chunk)]
+    parts = [
+        vae.encode(to_unit(corpus.images[i : i + chunk])).latent_dist.mode()
+        for i in range(0, len(corpus.images), chunk)
+    ]
     return torch.cat(parts) * vae.config.scaling_factor
 
 
@@ -403,8 +490,14 @@ def _set_scaling_factor(vae: AutoencoderKL, corpus: Corpus) -> None:
     vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
 
 
-def _save_checkpoint(root: Path, models: Models, optimizer: torch.optim.Optimizer, phase: str,
-                     steps: dict[str, int], history: list[dict[str, Any]]) -> None:
+def _save_checkpoint(
+    root: Path,
+    models: Models,
+    optimizer: torch.optim.Optimizer,
+    phase: str,
+    steps: dict[str, int],
+    history: list[dict[str, Any]],
+) -> None:
     name = f"{phase}-{steps[phase]:06d}"
     with atomic_dir(root / name, replace=True) as tmp:
         save_file({k: v.contiguous() for k, v in models.state_dict().items()}, str(tmp / "models.safetensors"))
@@ -456,13 +549,22 @@ def _evaluate(pipeline: Pipeline, options: PretrainOptions, out: Path) -> dict[s
         found = [detect_object((img.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)) for img in images]
         colour = [f[0] == c for f, (_, c, _) in zip(found, scenes, strict=True)]
         shape = [f[1] == s for f, (_, _, s) in zip(found, scenes, strict=True)]
-        results[name] = {"colour": _share(colour), "shape": _share(shape),
-                         "both": _share([a and b for a, b in zip(colour, shape, strict=True)])}
+        results[name] = {
+            "colour": _share(colour),
+            "shape": _share(shape),
+            "both": _share([a and b for a, b in zip(colour, shape, strict=True)]),
+        }
         rows.append(images[:12])
     image_grid(rows, out / "samples.png")
-    return {"captions": len(scenes), "chance": {"colour": 0.25, "shape": round(1 / 3, 4), "both": round(1 / 12, 4)},
-            "detector": "dsvlm.data.detect.detect_object", "guidance_scale": options.guidance_scale,
-            "sampler_steps": options.sample_steps, "sample_captions": captions[:12], **results}
+    return {
+        "captions": len(scenes),
+        "chance": {"colour": 0.25, "shape": round(1 / 3, 4), "both": round(1 / 12, 4)},
+        "detector": "dsvlm.data.detect.detect_object",
+        "guidance_scale": options.guidance_scale,
+        "sampler_steps": options.sample_steps,
+        "sample_captions": captions[:12],
+        **results,
+    }
 
 
 def _share(flags: list[bool]) -> float:
@@ -471,8 +573,11 @@ def _share(flags: list[bool]) -> float:
 
 def _save(out: Path, pipeline: Pipeline, options: PretrainOptions) -> None:
     """The diffusers layout, each component written atomically."""
-    parts: list[tuple[str, Any]] = [("unet", pipeline.unet), ("text_encoder", pipeline.text_encoder),
-                                    ("tokenizer", pipeline.tokenizer)]
+    parts: list[tuple[str, Any]] = [
+        ("unet", pipeline.unet),
+        ("text_encoder", pipeline.text_encoder),
+        ("tokenizer", pipeline.tokenizer),
+    ]
     if pipeline.vae is not None:
         parts.append(("vae", pipeline.vae))
     for name, part in parts:
@@ -480,11 +585,18 @@ def _save(out: Path, pipeline: Pipeline, options: PretrainOptions) -> None:
             part.save_pretrained(tmp)
     with atomic_dir(out / "scheduler", replace=True) as tmp:
         DDPMScheduler.from_config(pipeline.scheduler_config).save_pretrained(tmp)
-    index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": _diffusers_version(),
-             "scheduler": ["diffusers", "DDPMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
-             "tokenizer": ["transformers", "PreTrainedTokenizerFast"], "unet": ["diffusers", "UNet2DConditionModel"],
-             "vae": ["diffusers", "AutoencoderKL"] if pipeline.vae is not None else [None, None],
-             "safety_checker": [None, None], "feature_extractor": [None, None], "requires_safety_checker": False}
+    index = {
+        "_class_name": "StableDiffusionPipeline",
+        "_diffusers_version": _diffusers_version(),
+        "scheduler": ["diffusers", "DDPMScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "PreTrainedTokenizerFast"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"] if pipeline.vae is not None else [None, None],
+        "safety_checker": [None, None],
+        "feature_extractor": [None, None],
+        "requires_safety_checker": False,
+    }
     atomic_write_json(out / "model_index.json", index)
 
 
@@ -501,4 +613,3 @@ def _plot_history(history: list[dict[str, Any]], out: Path) -> None:
         steps, losses = zip(*points, strict=True)
         curves[f"{phase} ({'L1' if phase == 'vae' else 'MSE'})"] = (list(steps), list(losses))
     plot_curves(curves, out, "diffusion pretraining", "step", log_scale=True)
-

@@ -116,9 +116,7 @@ BENCHMARKS: dict[str, Benchmark] = {
             judge=True,
             judge_role="rates every reply against a reference answer (GPT-4 review)",
         ),
-        Benchmark(
-            "scienceqa", "scienceqa_img", "scienceqa/scienceqa_img.yaml", "exact_match", "ScienceQA-IMG test"
-        ),
+        Benchmark("scienceqa", "scienceqa_img", "scienceqa/scienceqa_img.yaml", "exact_match", "ScienceQA-IMG test"),
         Benchmark("mme", "mme", "mme/mme.yaml", "mme_perception_score", "MME (perception score)"),
         # Not in the paper; the benchmarks where reconstruction-style methods report their largest gains.
         Benchmark("mmvp", "mmvp", "mmvp/mmvp.yaml", "mmvp_accuracy", "MMVP (CLIP-blind pairs), per-question accuracy"),
@@ -192,8 +190,7 @@ def resolve_data_file(bench: Benchmark, path: str | Path) -> Path:
         raise DataError(f"--data-files {bench.name}={path}: no such file")
     if path.suffix not in BUILDERS:
         raise DataError(
-            f"--data-files {bench.name}={path}: unsupported file type {path.suffix!r}; "
-            f"use one of {', '.join(BUILDERS)}"
+            f"--data-files {bench.name}={path}: unsupported file type {path.suffix!r}; use one of {', '.join(BUILDERS)}"
         )
     return path.resolve()
 
@@ -314,9 +311,7 @@ def write_task_yaml(
     config.update(task_yaml_fixes(original, local_data=data_file is not None))
     if max_new_tokens is not None:
         generation = dict(config.get("generation_kwargs") or original.get("generation_kwargs") or {})
-        generation["max_new_tokens"] = min(
-            max_new_tokens, int(generation.get("max_new_tokens", max_new_tokens))
-        )
+        generation["max_new_tokens"] = min(max_new_tokens, int(generation.get("max_new_tokens", max_new_tokens)))
         config["generation_kwargs"] = generation
     (folder / f"{bench.local_task}.yaml").write_text(yaml.dump(config, Dumper=_TaskDumper, sort_keys=False))
     return bench.local_task

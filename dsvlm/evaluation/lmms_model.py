@@ -48,8 +48,7 @@ class DsvlmLlava(lmms):
         super().__init__()
         if unknown:
             raise DsvlmError(
-                f"unknown dsvlm model args: {', '.join(sorted(unknown))}; "
-                "known: pretrained, batch_size, device, dtype"
+                f"unknown dsvlm model args: {', '.join(sorted(unknown))}; known: pretrained, batch_size, device, dtype"
             )
         # Covers `lmms-eval eval --model dsvlm` too, where dsvlm's runner is not involved.
         apply_workarounds()
@@ -104,9 +103,7 @@ class DsvlmLlava(lmms):
             inputs = self._encode(prompts, images)
             with torch.inference_mode():
                 tokens = self.model.generate(**inputs, **self._generation_args(gen_kwargs))
-            texts = self.tokenizer.batch_decode(
-                tokens[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True
-            )
+            texts = self.tokenizer.batch_decode(tokens[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
             until = gen_kwargs.get("until") or []
             for i, text in zip(batch, texts, strict=True):
                 outputs[i] = _cut(text, [until] if isinstance(until, str) else until)
@@ -148,9 +145,7 @@ class DsvlmLlava(lmms):
                     input_ids=input_ids.to(self.device),
                     attention_mask=attention_mask.to(self.device),
                     position_ids=position_ids.to(self.device),
-                    pixel_values=torch.cat(pixel_values).to(self.device, self.model.dtype)
-                    if pixel_values
-                    else None,
+                    pixel_values=torch.cat(pixel_values).to(self.device, self.model.dtype) if pixel_values else None,
                     logits_to_keep=keep,
                 ).logits.float()
             logprobs = torch.log_softmax(logits[:, :-1], dim=-1).cpu()
@@ -187,16 +182,12 @@ class DsvlmLlava(lmms):
             for start in range(0, len(indices), self.batch_size):
                 yield indices[start : start + self.batch_size]
 
-    def _visuals(
-        self, doc_to_visual: Callable | None, task: str, split: str, doc_id: int
-    ) -> list[Image.Image]:
+    def _visuals(self, doc_to_visual: Callable | None, task: str, split: str, doc_id: int) -> list[Image.Image]:
         visuals = doc_to_visual(self.task_dict[task][split][doc_id]) if doc_to_visual else None
         visuals = list(visuals or [])
         for visual in visuals:
             if not isinstance(visual, Image.Image):
-                raise DsvlmError(
-                    f"task {task}: dsvlm evaluates image tasks only, got a {type(visual).__name__}"
-                )
+                raise DsvlmError(f"task {task}: dsvlm evaluates image tasks only, got a {type(visual).__name__}")
         return visuals
 
     def _prompt(self, context: str, n_images: int) -> str:

@@ -90,6 +90,8 @@ def count_parameters(model_path: Path) -> int:
                     total += int(math.prod(shape))
         except (SafetensorError, OSError) as exc:
             detail = str(exc)[:1].lower() + str(exc)[1:]  # one "error" in the message, the CLI's
-            raise DsvlmError(f"{file}: the model's weights cannot be read ({detail}); the model directory is "
-                             "incomplete or corrupt: strip or download it again") from None
+            raise DsvlmError(
+                f"{file}: the model's weights cannot be read ({detail}); the model directory is "
+                "incomplete or corrupt: strip or download it again"
+            ) from None
     return total

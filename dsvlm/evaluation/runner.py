@@ -81,9 +81,7 @@ def evaluate(
         route_lmms_eval_logs()
         apply_workarounds()
         lm = load_model(model, model_path, batch_size, device, dtype, model_args)
-        task_manager = TaskManager(
-            "WARNING", include_path=include_dir, include_defaults=False, model_name=model
-        )
+        task_manager = TaskManager("WARNING", include_path=include_dir, include_defaults=False, model_name=model)
         start = time.perf_counter()
         # Task aggregations print() their reports; stdout belongs to the caller's pipeline.
         with contextlib.redirect_stdout(sys.stderr):
@@ -100,7 +98,15 @@ def evaluate(
         seconds = time.perf_counter() - start
     run_facts = {"device": device, "dtype": dtype} if model == "dsvlm" else {}
     summary = _write_outputs(
-        results, plan, tasks, out, model_path, model, seconds, limit, getattr(lm, "batch_size", None),
+        results,
+        plan,
+        tasks,
+        out,
+        model_path,
+        model,
+        seconds,
+        limit,
+        getattr(lm, "batch_size", None),
         {**run_facts, "max_new_tokens": max_new_tokens},
     )
     Console(stderr=True).print(summary_table(summary))

@@ -128,4 +128,3 @@ def _messages(example: dict[str, Any]) -> list[dict[str, str]]:
             raise DataError(f"example {example.get('id')!r}: an image but no human turn to attach it to")
         first_user["content"] = f"{IMAGE_TOKEN}\n{first_user['content']}"
     return messages
-

@@ -71,8 +71,12 @@ class DSVLM(nn.Module):
         self.processor = processor
         self._captured: dict[str, torch.Tensor] | None = None
         # What FSDP's transformer auto-wrap shards as units (accelerate reads this attribute).
-        self._no_split_modules = sorted({type(encoder_layers(vlm.model.vision_tower)[0]).__name__,
-                                         type(vlm.model.language_model.layers[0]).__name__})
+        self._no_split_modules = sorted(
+            {
+                type(encoder_layers(vlm.model.vision_tower)[0]).__name__,
+                type(vlm.model.language_model.layers[0]).__name__,
+            }
+        )
         if supervision is not None:
             self._install_hooks(supervision)
 
@@ -213,8 +217,9 @@ def _branch(recipe: Recipe, vlm: LlavaForConditionalGeneration) -> DiffusionSupe
     )
 
 
-def build_model(recipe: Recipe, init: Path | None = None, words: Iterable[str] | None = None,
-                llm_lora: LLMLoraConfig | None = None) -> DSVLM:
+def build_model(
+    recipe: Recipe, init: Path | None = None, words: Iterable[str] | None = None, llm_lora: LLMLoraConfig | None = None
+) -> DSVLM:
     """A fresh DS-VLM from the recipe, or the one `save_model` wrote to `init` (an earlier LoRA stage's adapter
     merged); with `llm_lora`, fresh LoRA adapters in its LLM. `words`: the vocabulary of an inline LLM's
     word-level tokenizer (see `build_vlm`)."""
@@ -271,7 +276,7 @@ def save_model(model: DSVLM, out_dir: Path, state_dict: dict[str, torch.Tensor] 
 
 
 def _sub_state(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
 
 
 def load_vlm(directory: Path, recipe: Recipe, merge_lora: bool = True) -> DSVLM:

@@ -54,8 +54,12 @@ def add_unet_lora(unet: UNet2DConditionModel, rank: int, seed: int) -> None:
     """LoRA of `rank` (alpha = rank: scale 1) on to_q/to_k/to_v/to_out of every attention layer (self and cross).
     B starts at zero, so the UNet is unchanged at init. Only the attention layers' own projections: the extra K/V
     of MoE processors are named after them but are not targets."""
-    targets = [f"{name}.{layer}" for name, module in unet.named_modules() if isinstance(module, Attention)
-               for layer in UNET_LORA_LAYERS]
+    targets = [
+        f"{name}.{layer}"
+        for name, module in unet.named_modules()
+        if isinstance(module, Attention)
+        for layer in UNET_LORA_LAYERS
+    ]
     with _keeping_requires_grad(unet), torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=targets))
@@ -64,8 +68,13 @@ def add_unet_lora(unet: UNet2DConditionModel, rank: int, seed: int) -> None:
 def _llm_peft_config(config: LLMLoraConfig) -> LoraConfig:
     # A regex (peft full-matches it against module names) that keeps the vision tower's q/k/v_proj out.
     names = "|".join(re.escape(name) for name in config.target_modules)
-    return LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout, bias="none",
-                      target_modules=rf"model\.language_model\..*\.({names})")
+    return LoraConfig(
+        r=config.rank,
+        lora_alpha=config.alpha,
+        lora_dropout=config.dropout,
+        bias="none",
+        target_modules=rf"model\.language_model\..*\.({names})",
+    )
 
 
 def add_llm_lora(vlm: LlavaForConditionalGeneration, config: LLMLoraConfig, seed: int) -> None:
@@ -114,8 +123,10 @@ def load_llm_lora(vlm: LlavaForConditionalGeneration, directory: Path) -> None:
     result = set_peft_model_state_dict(vlm, weights)
     missing = [k for k in result.missing_keys if is_lora_key(k)]
     if missing or result.unexpected_keys:
-        raise ValueError(f"the LoRA adapter in {directory} does not fit the model: missing {missing[:3]}, "
-                         f"unexpected {result.unexpected_keys[:3]}")
+        raise ValueError(
+            f"the LoRA adapter in {directory} does not fit the model: missing {missing[:3]}, "
+            f"unexpected {result.unexpected_keys[:3]}"
+        )
 
 
 def merge_llm_lora(vlm: LlavaForConditionalGeneration) -> None:

@@ -95,4 +95,3 @@ def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase, template: ChatTemplate
             setattr(tokenizer, flag, False)
     tokenizer.padding_side = "right"
     tokenizer.chat_template = template.jinja
-

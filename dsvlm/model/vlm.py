@@ -119,12 +119,16 @@ def _build_vision(cfg: ModelConfig) -> tuple[str, PreTrainedModel]:
     vision = cfg.vision
     kwargs = _load_kwargs(cfg, vision.revision)
     if vision.pretrained is not None:
-        loaded = _loading("model.vision.pretrained", vision.pretrained,
-                          lambda: AutoConfig.from_pretrained(vision.pretrained, **_config_kwargs(cfg, vision.revision)))
+        loaded = _loading(
+            "model.vision.pretrained",
+            vision.pretrained,
+            lambda: AutoConfig.from_pretrained(vision.pretrained, **_config_kwargs(cfg, vision.revision)),
+        )
         family = _vision_family(loaded.model_type)
         _, model_cls, _ = _VISION[family]
-        encoder = _loading("model.vision.pretrained", vision.pretrained,
-                           lambda: model_cls.from_pretrained(vision.pretrained, **kwargs))
+        encoder = _loading(
+            "model.vision.pretrained", vision.pretrained, lambda: model_cls.from_pretrained(vision.pretrained, **kwargs)
+        )
         if cfg.image_size is not None and cfg.image_size != encoder.config.image_size:
             raise RecipeError(
                 f"model.image_size {cfg.image_size} differs from the pretrained encoder's "
@@ -153,16 +157,24 @@ def _vision_family(model_type: str) -> str:
 def _build_tokenizer(cfg: ModelConfig, template: ChatTemplate, words: Iterable[str] | None) -> PreTrainedTokenizerBase:
     llm = cfg.llm
     if llm.tokenizer is not None:
-        tokenizer = _loading("model.llm.tokenizer", llm.tokenizer,
-                             lambda: AutoTokenizer.from_pretrained(llm.tokenizer, **_config_kwargs(cfg, None)))
+        tokenizer = _loading(
+            "model.llm.tokenizer",
+            llm.tokenizer,
+            lambda: AutoTokenizer.from_pretrained(llm.tokenizer, **_config_kwargs(cfg, None)),
+        )
     elif llm.pretrained is not None:
-        tokenizer = _loading("model.llm.pretrained", llm.pretrained,
-                             lambda: AutoTokenizer.from_pretrained(llm.pretrained, **_config_kwargs(cfg, llm.revision)))
+        tokenizer = _loading(
+            "model.llm.pretrained",
+            llm.pretrained,
+            lambda: AutoTokenizer.from_pretrained(llm.pretrained, **_config_kwargs(cfg, llm.revision)),
+        )
     elif words is not None:
         tokenizer = build_word_tokenizer(template, words)
     else:
-        raise RecipeError("model.llm: an inline LLM without `tokenizer` gets a word-level one over the training "
-                          "data's words, and none were given; set model.llm.tokenizer or model.llm.pretrained")
+        raise RecipeError(
+            "model.llm: an inline LLM without `tokenizer` gets a word-level one over the training "
+            "data's words, and none were given; set model.llm.tokenizer or model.llm.pretrained"
+        )
     prepare_tokenizer(tokenizer, template)
     return tokenizer
 
@@ -170,8 +182,11 @@ def _build_tokenizer(cfg: ModelConfig, template: ChatTemplate, words: Iterable[s
 def _build_llm(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
     llm = cfg.llm
     if llm.pretrained is not None:
-        return _loading("model.llm.pretrained", llm.pretrained,
-                        lambda: AutoModelForCausalLM.from_pretrained(llm.pretrained, **_load_kwargs(cfg, llm.revision)))
+        return _loading(
+            "model.llm.pretrained",
+            llm.pretrained,
+            lambda: AutoModelForCausalLM.from_pretrained(llm.pretrained, **_load_kwargs(cfg, llm.revision)),
+        )
     config_cls = _LLM_CONFIGS[llm.type]
     options: dict[str, Any] = {
         **(llm.config or {}),
@@ -245,9 +260,7 @@ def _image_processor(cfg: ModelConfig, family: str, image_size: int) -> Any:
     """The encoder's own preprocessing when its directory ships one, else the family default at its size."""
     if cfg.vision.pretrained is not None:
         try:
-            return AutoImageProcessor.from_pretrained(
-                cfg.vision.pretrained, **_config_kwargs(cfg, cfg.vision.revision)
-            )
+            return AutoImageProcessor.from_pretrained(cfg.vision.pretrained, **_config_kwargs(cfg, cfg.vision.revision))
         except OSError:
             pass  # a bare encoder checkpoint without preprocessor_config.json
     if family == "clip":

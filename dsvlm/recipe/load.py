@@ -82,8 +82,10 @@ def _check_expansion(root: yaml.Node, source: str) -> None:
             sizes[key] = 1 + sum(sizes[id(child)] for child in _children(node))
             if sizes[key] > MAX_YAML_NODES:
                 line = node.start_mark.line + 1
-                raise RecipeError(f"{source}: the YAML aliases at line {line} expand to more than {MAX_YAML_NODES} "
-                                  "values; a recipe is small: write its values out")
+                raise RecipeError(
+                    f"{source}: the YAML aliases at line {line} expand to more than {MAX_YAML_NODES} "
+                    "values; a recipe is small: write its values out"
+                )
             continue
         if key in sizes:
             continue
@@ -182,8 +184,10 @@ def warn_remote_code(recipe: Recipe) -> list[str]:
     if not model.trust_remote_code:
         return []
     repos = list(dict.fromkeys(r for r in (model.vision.pretrained, model.llm.pretrained, model.llm.tokenizer) if r))
-    log.warning("model.trust_remote_code is on: code from %s will run on this machine when they load",
-                ", ".join(repos) or "(no pretrained repository: nothing)")
+    log.warning(
+        "model.trust_remote_code is on: code from %s will run on this machine when they load",
+        ", ".join(repos) or "(no pretrained repository: nothing)",
+    )
     return repos
 
 

@@ -86,8 +86,9 @@ class ModelConfig(Strict):
         "mlp2x_gelu", description="Projector from vision features to the LLM's embedding space."
     )
     image_size: PositiveInt | None = Field(
-        None, description="Input resolution of an inline encoder (overrides its config's image_size); a pretrained "
-        "encoder keeps its own (a different value is an error)."
+        None,
+        description="Input resolution of an inline encoder (overrides its config's image_size); a pretrained "
+        "encoder keeps its own (a different value is an error).",
     )
     image_aspect_ratio: Literal["pad", "crop"] = Field(
         "pad",
@@ -133,8 +134,9 @@ class DiffusionConfig(Strict):
         "pretrained VAE exists offline; image-space losses then compare pixels directly.",
     )
     num_train_timesteps: PositiveInt = Field(
-        1000, description="Length of the default DDPM noise schedule, used when `pretrained` is null (a "
-        "pretrained model brings its own scheduler/)."
+        1000,
+        description="Length of the default DDPM noise schedule, used when `pretrained` is null (a "
+        "pretrained model brings its own scheduler/).",
     )
 
 
@@ -174,8 +176,9 @@ class SupervisionConfig(Strict):
     )
     weight: float = Field(1.0, ge=0.0, description="λ in L = L_text + λ·L_rec.")
     timestep_range: tuple[int, int] = Field(
-        (0, 999), description="Inclusive range of the uniformly sampled diffusion timesteps (a lower maximum "
-        "keeps image-space losses off images decoded from near-pure noise)."
+        (0, 999),
+        description="Inclusive range of the uniformly sampled diffusion timesteps (a lower maximum "
+        "keeps image-space losses off images decoded from near-pure noise).",
     )
     timestep_weighting: Literal["none", "min_snr"] = Field(
         "none",
@@ -225,8 +228,11 @@ class SupervisionConfig(Strict):
             raise ValueError("supervision.loss needs at least one loss")
         if self.enabled and not (self.connector or self.vision_layers):
             raise ValueError("supervision needs a condition: set connector: true or some vision_layers")
-        if self.enabled and self.diffusion.pixel_space and self.perceptual_network == "vae_features" and (
-            "perceptual" in self.loss
+        if (
+            self.enabled
+            and self.diffusion.pixel_space
+            and self.perceptual_network == "vae_features"
+            and ("perceptual" in self.loss)
         ):
             raise ValueError("the `perceptual` loss over `vae_features` needs a VAE (pixel_space: false)")
         if self.perceptual_network == "vgg16" and "perceptual" in self.loss and not self.perceptual_weights:
@@ -235,15 +241,14 @@ class SupervisionConfig(Strict):
 
 
 class DataConfig(Strict):
-    dataset: str = Field(
-        "data/synthetic", description="Prepared dataset directory (the output of `dsvlm prepare`)."
-    )
+    dataset: str = Field("data/synthetic", description="Prepared dataset directory (the output of `dsvlm prepare`).")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
     use_latent_cache: bool = Field(
         True, description="Read precomputed VAE latents when the dataset has a matching cache."
     )
     group_by_length: bool = Field(
-        False, description="Per epoch, fill each global batch with records of one modality (image or text-only) "
+        False,
+        description="Per epoch, fill each global batch with records of one modality (image or text-only) "
         "and similar length (LLaVA's group_by_modality_length): less padding; the order stays seeded and resumable.",
     )
     max_length: PositiveInt = Field(2048, description="Truncate tokenised conversations to this length.")
@@ -256,7 +261,8 @@ class LLMLoraConfig(Strict):
     alpha: PositiveFloat = Field(256.0, description="LoRA alpha: updates are scaled by alpha / rank (LLaVA-1.5: 256).")
     dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA branch's input (LLaVA-1.5: 0.05).")
     lr: PositiveFloat | None = Field(
-        None, description="Learning rate of the adapters (LLaVA-1.5 -lora: 2e-4 while its projector takes 2e-5); "
+        None,
+        description="Learning rate of the adapters (LLaVA-1.5 -lora: 2e-4 while its projector takes 2e-5); "
         "default the stage's lr.",
     )
     target_modules: list[str] = Field(
@@ -338,8 +344,8 @@ class StageConfig(Strict):
                 f"stage {self.name}: global_batch_size {self.global_batch_size} is not divisible by "
                 f"per_device_batch_size {self.per_device_batch_size} x {world_size} processes; set "
                 f"stages.N.per_device_batch_size to a divisor of {self.global_batch_size // world_size or 1}"
-                if self.global_batch_size % world_size == 0 else
-                f"stage {self.name}: global_batch_size {self.global_batch_size} is not divisible by the "
+                if self.global_batch_size % world_size == 0
+                else f"stage {self.name}: global_batch_size {self.global_batch_size} is not divisible by the "
                 f"{world_size} launched processes"
             )
         return self.global_batch_size // per_step
@@ -365,8 +371,9 @@ class RunConfig(Strict):
         "tensorboard package: pip install 'dsvlm[tensorboard]').",
     )
     peak_tflops: PositiveFloat | None = Field(
-        None, description="Peak TFLOP/s of one device for the `mfu` metric (default: known GPUs' dense bf16 peak; "
-        "none on CPU)."
+        None,
+        description="Peak TFLOP/s of one device for the `mfu` metric (default: known GPUs' dense bf16 peak; "
+        "none on CPU).",
     )
 
 

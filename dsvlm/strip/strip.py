@@ -97,16 +97,36 @@ def strip(source: Path, out: Path, overwrite: bool = False) -> StripReport:
             model.vlm.save_pretrained(tmp, safe_serialization=True)
             model.processor.save_pretrained(tmp)
             tokenizer = model.processor.tokenizer
-            GenerationConfig(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                             bos_token_id=tokenizer.bos_token_id, do_sample=False).save_pretrained(tmp)
+            GenerationConfig(
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+                bos_token_id=tokenizer.bos_token_id,
+                do_sample=False,
+            ).save_pretrained(tmp)
             stages = _stage_infos(final)
             (tmp / "README.md").write_text(model_card(final, stages, params_after))
             max_diff = verify(tmp, batch, expected, tolerance=MERGE_TOLERANCE if merged else EXACT_TOLERANCE)
             write_marker(tmp, STRIPPED_MODEL)
-    report = StripReport(str(final), str(out), params_before, params_after, params_before - params_after,
-                         dir_bytes(final), dir_bytes(out), max_diff)
-    log.info("stripped %s -> %s: removed %d parameters (%d -> %d), %.1f MB -> %.1f MB", final, out,
-             report.params_removed, params_before, params_after, report.bytes_before / 1e6, report.bytes_after / 1e6)
+    report = StripReport(
+        str(final),
+        str(out),
+        params_before,
+        params_after,
+        params_before - params_after,
+        dir_bytes(final),
+        dir_bytes(out),
+        max_diff,
+    )
+    log.info(
+        "stripped %s -> %s: removed %d parameters (%d -> %d), %.1f MB -> %.1f MB",
+        final,
+        out,
+        report.params_removed,
+        params_before,
+        params_after,
+        report.bytes_before / 1e6,
+        report.bytes_after / 1e6,
+    )
     return report
 
 
@@ -128,8 +148,9 @@ def stripped_model(path: Path) -> Path:
     return stripped.resolve()
 
 
-def verify(directory: Path, batch: dict[str, torch.Tensor], expected: torch.Tensor,
-           tolerance: float = EXACT_TOLERANCE) -> float:
+def verify(
+    directory: Path, batch: dict[str, torch.Tensor], expected: torch.Tensor, tolerance: float = EXACT_TOLERANCE
+) -> float:
     """The output loads with no missing/unexpected keys, holds only LLaVA tensors, and gives the same logits."""
     stray = []
     for shard in directory.glob("*.safetensors"):
@@ -162,12 +183,15 @@ def push_to_hub(directory: Path, repo_id: str, private: bool = False) -> str:
     from huggingface_hub import HfApi, is_offline_mode
 
     if is_offline_mode():
-        raise DsvlmError(f"cannot push to {repo_id}: the hub is offline (HF_HUB_OFFLINE=1); the model is in "
-                         f"{directory}, upload it later with `hf upload {repo_id} {directory}`")
+        raise DsvlmError(
+            f"cannot push to {repo_id}: the hub is offline (HF_HUB_OFFLINE=1); the model is in "
+            f"{directory}, upload it later with `hf upload {repo_id} {directory}`"
+        )
     try:
         api = HfApi()
         api.create_repo(repo_id, private=private, exist_ok=True)
-        return str(api.upload_folder(repo_id=repo_id, folder_path=str(directory),
-                                     ignore_patterns=[STRIPPED_MODEL.marker]))
+        return str(
+            api.upload_folder(repo_id=repo_id, folder_path=str(directory), ignore_patterns=[STRIPPED_MODEL.marker])
+        )
     except Exception as exc:  # network and auth errors all end the same way for the user
         raise DsvlmError(f"cannot push to {repo_id}: {exc}") from exc

@@ -111,12 +111,16 @@ def load_latest(accelerator: Accelerator, directory: Path) -> dict[str, Any] | N
         try:
             accelerator.load_state(str(path))
         except Exception as exc:  # its files read back, yet it does not fit: the model may be half loaded
-            raise DsvlmError(f"checkpoint {path} does not fit this run ({_reason(exc)}); nothing else was tried "
-                             "because the model may be partly loaded; start the stage over with --overwrite") from exc
+            raise DsvlmError(
+                f"checkpoint {path} does not fit this run ({_reason(exc)}); nothing else was tried "
+                "because the model may be partly loaded; start the stage over with --overwrite"
+            ) from exc
         log.info("resumed from %s (step %d)", path, state["step"])
         return state
     if failures:
         listed = "\n  ".join(failures)
-        raise DsvlmError(f"no checkpoint in {directory} loads:\n  {listed}\nremove them to start the stage over, "
-                         "or pass --overwrite instead of --resume")
+        raise DsvlmError(
+            f"no checkpoint in {directory} loads:\n  {listed}\nremove them to start the stage over, "
+            "or pass --overwrite instead of --resume"
+        )
     return None

@@ -107,26 +107,29 @@ class LengthGroupedPermutation(EpochPermutation):
             members = [i for i in range(self.size) if self.has_image[i] == image]
             shuffled = [members[j] for j in torch.randperm(len(members), generator=generator).tolist()]
             full = len(shuffled) - len(shuffled) % self.group_size
-            groups += [sorted(shuffled[start:start + self.group_size], **longest_first)
-                       for start in range(0, full, self.group_size)]
+            groups += [
+                sorted(shuffled[start : start + self.group_size], **longest_first)
+                for start in range(0, full, self.group_size)
+            ]
             remainder += shuffled[full:]
         order = torch.randperm(len(groups), generator=generator).tolist()
         return iter([i for g in order for i in groups[g]] + sorted(remainder, **longest_first))
 
 
-def epoch_sampler(split: PreparedSplit | Subset, seed: int, group_by_length: bool,
-                  group_size: int) -> EpochPermutation:
+def epoch_sampler(split: PreparedSplit | Subset, seed: int, group_by_length: bool, group_size: int) -> EpochPermutation:
     """The training sampler: a plain permutation, or grouped by modality and length (`data.group_by_length`)."""
     if not group_by_length:
         return EpochPermutation(len(split), seed)
     base, indices = (split.dataset, split.indices) if isinstance(split, Subset) else (split, range(len(split)))
     selected = list(indices)
-    return LengthGroupedPermutation(base.lengths[selected].tolist(), base.has_image[selected].tolist(), seed,
-                                    group_size)
+    return LengthGroupedPermutation(
+        base.lengths[selected].tolist(), base.has_image[selected].tolist(), seed, group_size
+    )
 
 
-def epoch_batches(accelerator: Accelerator, loader: DataLoader, sampler: EpochPermutation, epoch: int,
-                  skip: int) -> Iterator[dict]:
+def epoch_batches(
+    accelerator: Accelerator, loader: DataLoader, sampler: EpochPermutation, epoch: int, skip: int
+) -> Iterator[dict]:
     """This process's batches of `epoch`, the first `skip` left out (a resume inside the epoch).
 
     accelerate's prepared loader re-seeds the sampler with its own iteration counter on every `iter()`, and
@@ -154,8 +157,9 @@ def train(recipe: Recipe, options: TrainOptions) -> Path:
     for stage in stages:  # the world size is known now: refuse a batch layout it cannot make, before any work
         _check_batch_layout(stage, state.num_processes)
     with writer_lock(Path(recipe.run.output_dir), enabled=state.is_main_process):
-        run = RunDir.open(Path(recipe.run.output_dir), recipe, names, options.resume, options.overwrite,
-                          main=state.is_main_process)
+        run = RunDir.open(
+            Path(recipe.run.output_dir), recipe, names, options.resume, options.overwrite, main=state.is_main_process
+        )
         state.wait_for_everyone()
         output = run.root
         for stage in stages:
@@ -181,20 +185,26 @@ def _check_batch_layout(stage: StageConfig, world: int) -> None:
     dsvlm accumulates explicitly (no_sync, a loss normalised over the whole step): accumulation must be 1 there."""
     accumulation = stage.accumulation_steps(world)
     if _launched_with_deepspeed() and accumulation > 1:
-        raise DsvlmError(f"stage {stage.name}: under DeepSpeed dsvlm needs gradient accumulation 1 (it would be "
-                         f"{accumulation}); set per_device_batch_size = global_batch_size / {world}")
+        raise DsvlmError(
+            f"stage {stage.name}: under DeepSpeed dsvlm needs gradient accumulation 1 (it would be "
+            f"{accumulation}); set per_device_batch_size = global_batch_size / {world}"
+        )
 
 
 def _check_data(recipe: Recipe, stage: StageConfig) -> None:
     path = Path(stage.dataset or recipe.data.dataset)
     dataset = PreparedDataset(path)
     if stage.split_name not in dataset.splits:
-        raise DsvlmError(f"stage {stage.name}: the prepared dataset {path} has no split {stage.split_name!r} "
-                         f"(it has {', '.join(dataset.splits)}); set stages.N.split or prepare that split")
+        raise DsvlmError(
+            f"stage {stage.name}: the prepared dataset {path} has no split {stage.split_name!r} "
+            f"(it has {', '.join(dataset.splits)}); set stages.N.split or prepare that split"
+        )
     records = dataset.manifest["splits"][stage.split_name]["records"]
     if stage.max_records is not None and stage.max_records > records:
-        raise DsvlmError(f"stage {stage.name}: max_records {stage.max_records} exceeds the {records} records of "
-                         f"split {stage.split_name!r} in {path}")
+        raise DsvlmError(
+            f"stage {stage.name}: max_records {stage.max_records} exceeds the {records} records of "
+            f"split {stage.split_name!r} in {path}"
+        )
 
 
 def _previous_output(recipe: Recipe, run: RunDir, stage: StageConfig) -> Path | None:
@@ -249,8 +259,10 @@ def _accelerator(stage: StageConfig, tensorboard: Path | None = None) -> Acceler
         accelerator.state.deepspeed_plugin.deepspeed_config["gradient_clipping"] = stage.max_grad_norm or 0.0
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if accelerator.num_processes != launched:
-        raise DsvlmError(f"launched {launched} processes but accelerate set up {accelerator.num_processes}; "
-                         "check the accelerate config (on CPU: `accelerate launch --multi_gpu --cpu ...`)")
+        raise DsvlmError(
+            f"launched {launched} processes but accelerate set up {accelerator.num_processes}; "
+            "check the accelerate config (on CPU: `accelerate launch --multi_gpu --cpu ...`)"
+        )
     return accelerator
 
 
@@ -263,8 +275,12 @@ def _hold_frozen_diffusion_in_stage_precision(model: DSVLM, stage: StageConfig, 
         return
     dtype = torch.bfloat16 if stage.precision == "bf16" else torch.float16
     cast = model.supervision.hold_frozen_in(dtype)
-    log.info("frozen pretrained UNet/VAE weights held in %s: %.1f M parameters, %.2f GB saved", stage.precision,
-             cast / 1e6, cast * 2 / 1e9)
+    log.info(
+        "frozen pretrained UNet/VAE weights held in %s: %.1f M parameters, %.2f GB saved",
+        stage.precision,
+        cast / 1e6,
+        cast * 2 / 1e9,
+    )
 
 
 def _latent_cache(recipe: Recipe, model: DSVLM, dataset_dir: Path, geometry: SquareGeometry) -> LatentCache | None:
@@ -302,7 +318,9 @@ def run_stage(recipe: Recipe, stage: StageConfig, run: RunDir, init: Path | None
     model_flops, branch_flops = ModelFlops.of(model), BranchFlops(model)
     dataset_dir = Path(stage.dataset or recipe.data.dataset)
     collator = Collator(
-        model.processor, stage.template_name, recipe.data.max_length,
+        model.processor,
+        stage.template_name,
+        recipe.data.max_length,
         rec_resolution=recipe.supervision.resolution if supervise else None,
         image_aspect_ratio=recipe.model.image_aspect_ratio,
     )
@@ -316,19 +334,30 @@ def run_stage(recipe: Recipe, stage: StageConfig, run: RunDir, init: Path | None
     # Persistent workers: started once per stage, not once per epoch; pinned batches copy to the GPU faster.
     # Its own generator: each iter() draws the workers' base seed, which from the global RNG would shift the
     # dropout masks (LoRA's) of a resumed run against an uninterrupted one.
-    loader = DataLoader(split, batch_size=stage.per_device_batch_size, sampler=sampler, collate_fn=collator,
-                        drop_last=True, num_workers=workers, persistent_workers=workers > 0,
-                        pin_memory=torch.cuda.is_available(), generator=torch.Generator().manual_seed(recipe.run.seed))
+    loader = DataLoader(
+        split,
+        batch_size=stage.per_device_batch_size,
+        sampler=sampler,
+        collate_fn=collator,
+        drop_last=True,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        pin_memory=torch.cuda.is_available(),
+        generator=torch.Generator().manual_seed(recipe.run.seed),
+    )
     steps_per_epoch = len(split) // stage.global_batch_size
     if steps_per_epoch == 0:
-        raise DsvlmError(f"stage {stage.name}: split {stage.split_name!r} has {len(split)} records, fewer than "
-                         f"one global batch ({stage.global_batch_size})")
+        raise DsvlmError(
+            f"stage {stage.name}: split {stage.split_name!r} has {len(split)} records, fewer than "
+            f"one global batch ({stage.global_batch_size})"
+        )
     total = stage.max_steps or max(1, math.floor(stage.epochs * steps_per_epoch))
 
     optimizer = torch.optim.AdamW(_param_groups(model, stage), lr=stage.lr, weight_decay=stage.weight_decay)
     schedule = "constant_with_warmup" if stage.schedule == "constant" else stage.schedule
-    scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=round(stage.warmup_ratio * total),
-                              num_training_steps=total)
+    scheduler = get_scheduler(
+        schedule, optimizer, num_warmup_steps=round(stage.warmup_ratio * total), num_training_steps=total
+    )
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
     trainable = [p for p in model.parameters() if p.requires_grad]
     peak = peak_tflops(recipe.run.peak_tflops, stage.precision, accelerator.device)
@@ -345,8 +374,15 @@ def run_stage(recipe: Recipe, stage: StageConfig, run: RunDir, init: Path | None
         _truncate_metrics(metrics_path, step)
     preview = _preview_batch(split, collator, recipe) if supervise else None
 
-    log.info("stage %s: %d steps, global batch %d = %d per device x %d accumulation x %d processes",
-             stage.name, total, stage.global_batch_size, stage.per_device_batch_size, accum, world)
+    log.info(
+        "stage %s: %d steps, global batch %d = %d per device x %d accumulation x %d processes",
+        stage.name,
+        total,
+        stage.global_batch_size,
+        stage.per_device_batch_size,
+        accum,
+        world,
+    )
     started = time.perf_counter()
     with progress_bar(options.progress and accelerator.is_main_process, info=True) as progress:
         task = progress.add_task(stage.name, total=total, completed=step, info="")
@@ -356,15 +392,40 @@ def run_stage(recipe: Recipe, stage: StageConfig, run: RunDir, init: Path | None
             for _ in range(steps_per_epoch - within):
                 micro = [next(batches) for _ in range(accum)]
                 tick = time.perf_counter()
-                record = _optimizer_step(accelerator, model, optimizer, scheduler, trainable, micro, stage,
-                                         supervise, recipe.run.seed, step, branch_flops)
+                record = _optimizer_step(
+                    accelerator,
+                    model,
+                    optimizer,
+                    scheduler,
+                    trainable,
+                    micro,
+                    stage,
+                    supervise,
+                    recipe.run.seed,
+                    step,
+                    branch_flops,
+                )
                 step += 1
-                record.update(stage=stage.name, step=step, epoch=round(step / steps_per_epoch, 4),
-                              step_time_s=round(time.perf_counter() - tick, 4),
-                              elapsed_s=round(time.perf_counter() - started, 2))
+                record.update(
+                    stage=stage.name,
+                    step=step,
+                    epoch=round(step / steps_per_epoch, 4),
+                    step_time_s=round(time.perf_counter() - tick, 4),
+                    elapsed_s=round(time.perf_counter() - started, 2),
+                )
                 record["samples_per_s"] = round(stage.global_batch_size / record["step_time_s"], 2)
-                record.update(throughput_fields(record.pop("tokens"), record.pop("images"), record.pop("reconstructed"),
-                                                record["step_time_s"], world, model_flops, branch_flops, peak))
+                record.update(
+                    throughput_fields(
+                        record.pop("tokens"),
+                        record.pop("images"),
+                        record.pop("reconstructed"),
+                        record["step_time_s"],
+                        world,
+                        model_flops,
+                        branch_flops,
+                        peak,
+                    )
+                )
                 if accelerator.is_main_process:
                     _append_metrics(metrics_path, record, run.checkpoints_dir(stage.name))
                     accelerator.log(scalars(record), step=step)  # no-op without run.tensorboard
@@ -376,9 +437,13 @@ def run_stage(recipe: Recipe, stage: StageConfig, run: RunDir, init: Path | None
                 if supervise and recipe.run.preview_every and step % recipe.run.preview_every == 0:
                     _write_preview(accelerator, model, preview, recipe, stage_dir / "previews" / f"step-{step:07d}.png")
                 if step % recipe.run.checkpoint_every == 0 and step < total:
-                    checkpoint.save_checkpoint(accelerator, run.checkpoints_dir(stage.name), step,
-                                               {"stage": stage.name, "total_steps": total},
-                                               recipe.run.keep_checkpoints)
+                    checkpoint.save_checkpoint(
+                        accelerator,
+                        run.checkpoints_dir(stage.name),
+                        step,
+                        {"stage": stage.name, "total_steps": total},
+                        recipe.run.keep_checkpoints,
+                    )
                 if step >= total:
                     break
 
@@ -396,11 +461,22 @@ def run_stage(recipe: Recipe, stage: StageConfig, run: RunDir, init: Path | None
     if accelerator.is_main_process:
         metrics = read_metrics(metrics_path)
         plot_losses(metrics, stage_dir / "loss.png", f"{recipe.description[:60]} - stage {stage.name}")
-        info = {"stage": stage.name, "steps": total, "wall_time_s": round(wall, 2), "init": str(init or ""),
-                "dataset": str(dataset_dir), "split": stage.split_name, "records": len(split), "supervision": supervise,
-                "world_size": world, "distributed": accelerator.distributed_type.value, "rank_checksums": checksums,
-                "peak_memory_mb": _peak_memory_mb(accelerator), "last_metrics": metrics[-1] if metrics else {},
-                "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        info = {
+            "stage": stage.name,
+            "steps": total,
+            "wall_time_s": round(wall, 2),
+            "init": str(init or ""),
+            "dataset": str(dataset_dir),
+            "split": stage.split_name,
+            "records": len(split),
+            "supervision": supervise,
+            "world_size": world,
+            "distributed": accelerator.distributed_type.value,
+            "rank_checksums": checksums,
+            "peak_memory_mb": _peak_memory_mb(accelerator),
+            "last_metrics": metrics[-1] if metrics else {},
+            "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
         try:
             with atomic_dir(output, replace=True) as tmp:
                 save_model(accelerator.unwrap_model(model), tmp, state_dict=full_state)
@@ -416,10 +492,15 @@ def run_stage(recipe: Recipe, stage: StageConfig, run: RunDir, init: Path | None
 def _not_finite(stage: str, step: int, loss: float, checkpoints: Path) -> str:
     """Why the run stopped, and what is left to resume from."""
     kept = checkpoint.latest_names(checkpoints)
-    left = (f"the last good checkpoint, {checkpoints / kept[0]}, is kept (--resume continues from it)" if kept
-            else "no checkpoint was written before it")
-    return (f"stage {stage}: the loss at step {step} is {loss} (not finite); training stopped and no final output "
-            f"was written; {left}. Lower the learning rate or enable gradient clipping (max_grad_norm)")
+    left = (
+        f"the last good checkpoint, {checkpoints / kept[0]}, is kept (--resume continues from it)"
+        if kept
+        else "no checkpoint was written before it"
+    )
+    return (
+        f"stage {stage}: the loss at step {step} is {loss} (not finite); training stopped and no final output "
+        f"was written; {left}. Lower the learning rate or enable gradient clipping (max_grad_norm)"
+    )
 
 
 def _param_groups(model: DSVLM, stage: StageConfig) -> list[dict[str, Any]]:
@@ -427,21 +508,44 @@ def _param_groups(model: DSVLM, stage: StageConfig) -> list[dict[str, Any]]:
     new = {id(p) for p in model.supervision.new_parameters()} if model.supervision is not None else set()
     lora = {id(p) for p in lora_parameters(model.vlm)}
     trainable = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in trainable if id(p) not in new | lora]},
-              {"params": [p for p in trainable if id(p) in new], "lr": stage.new_module_lr or stage.lr},
-              {"params": [p for p in trainable if id(p) in lora],
-               "lr": (stage.llm_lora.lr if stage.llm_lora else None) or stage.lr}]
+    groups = [
+        {"params": [p for p in trainable if id(p) not in new | lora]},
+        {"params": [p for p in trainable if id(p) in new], "lr": stage.new_module_lr or stage.lr},
+        {
+            "params": [p for p in trainable if id(p) in lora],
+            "lr": (stage.llm_lora.lr if stage.llm_lora else None) or stage.lr,
+        },
+    ]
     return [g for g in groups if g["params"]]
 
 
-def _optimizer_step(accelerator: Accelerator, model: torch.nn.Module, optimizer, scheduler, trainable: list,
-                    micro: list[dict], stage: StageConfig, supervise: bool, seed: int, step: int,
-                    branch_flops: BranchFlops) -> dict:
+def _optimizer_step(
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    optimizer,
+    scheduler,
+    trainable: list,
+    micro: list[dict],
+    stage: StageConfig,
+    supervise: bool,
+    seed: int,
+    step: int,
+    branch_flops: BranchFlops,
+) -> dict:
     """One optimizer step over `micro` (this process's micro-batches), normalised over all processes."""
     world = accelerator.num_processes
-    counts = torch.tensor([[float((b["labels"][:, 1:] != -100).sum()), float(_reconstructed(b, model, supervise)),
-                            float(b["attention_mask"].sum()), float(b["image_mask"].sum())] for b in micro],
-                          device=accelerator.device).sum(0)
+    counts = torch.tensor(
+        [
+            [
+                float((b["labels"][:, 1:] != -100).sum()),
+                float(_reconstructed(b, model, supervise)),
+                float(b["attention_mask"].sum()),
+                float(b["image_mask"].sum()),
+            ]
+            for b in micro
+        ],
+        device=accelerator.device,
+    ).sum(0)
     text_tokens, rec_images, tokens, images = accelerator.reduce(counts, reduction="sum").tolist()
     text_loss = torch.zeros((), device=accelerator.device)
     rec_loss = torch.zeros((), device=accelerator.device)
@@ -452,8 +556,12 @@ def _optimizer_step(accelerator: Accelerator, model: torch.nn.Module, optimizer,
         with sync:
             with accelerator.autocast(), branch_flops.measuring(_reconstructed(batch, model, supervise)):
                 # DDP averages gradients over processes: scale by world size to get the global sum / count.
-                out = model(batch, supervise=supervise, text_normalizer=max(text_tokens, 1.0) / world,
-                            rec_normalizer=max(rec_images, 1.0) / world)
+                out = model(
+                    batch,
+                    supervise=supervise,
+                    text_normalizer=max(text_tokens, 1.0) / world,
+                    rec_normalizer=max(rec_images, 1.0) / world,
+                )
             accelerator.backward(out.loss)
         text_loss += out.text_loss.detach()
         rec_loss += out.rec_loss.detach()
@@ -467,12 +575,20 @@ def _optimizer_step(accelerator: Accelerator, model: torch.nn.Module, optimizer,
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     # One all-reduce per step: the two losses and the per-noise-level (sum, count) pairs travel together.
-    reduced = accelerator.reduce(torch.cat([torch.stack([text_loss, rec_loss]), rec_buckets.flatten()]),
-                                 reduction="sum").tolist()
+    reduced = accelerator.reduce(
+        torch.cat([torch.stack([text_loss, rec_loss]), rec_buckets.flatten()]), reduction="sum"
+    ).tolist()
     text, rec = reduced[0] / world, reduced[1] / world
-    record = {"loss": text + (rec * _weight(model) if supervise else 0.0), "text_loss": text,
-              "rec_loss": rec if supervise else None, "lr": scheduler.get_last_lr()[0],
-              "grad_norm": float(grad_norm), "tokens": tokens, "images": images, "reconstructed": rec_images}
+    record = {
+        "loss": text + (rec * _weight(model) if supervise else 0.0),
+        "text_loss": text,
+        "rec_loss": rec if supervise else None,
+        "lr": scheduler.get_last_lr()[0],
+        "grad_norm": float(grad_norm),
+        "tokens": tokens,
+        "images": images,
+        "reconstructed": rec_images,
+    }
     if supervise:
         # Mean per-image reconstruction loss by noise level, for the buckets this step drew.
         n_timesteps = len(_unwrapped(model).supervision.alphas_cumprod)
@@ -520,8 +636,9 @@ def _write_preview(accelerator: Accelerator, model: torch.nn.Module, batch: dict
     if sharded:
         model.unshard()
     with torch.no_grad(), accelerator.autocast():  # the stage's precision, as in training
-        rows = accelerator.unwrap_model(model).reconstruct(batch, recipe.run.preview_images,
-                                                           recipe.supervision.sampler_steps)
+        rows = accelerator.unwrap_model(model).reconstruct(
+            batch, recipe.run.preview_images, recipe.supervision.sampler_steps
+        )
     if sharded:
         model.reshard()
     if accelerator.is_main_process:
@@ -568,4 +685,3 @@ def _progress_info(record: dict) -> str:
         parts.append(f"rec {record['rec_loss']:.4f}")
     parts.append(f"{record['samples_per_s']:.1f} samples/s")
     return "  ".join(parts)
-

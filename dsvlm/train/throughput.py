@@ -88,16 +88,25 @@ class BranchFlops:
         with FlopCounterMode(display=False) as counter:
             yield
         # Forward attribution by module is exact; the root's name depends on the wrapper (DDP, FSDP).
-        branch = [sum(ops.values()) for name, ops in counter.get_flop_counts().items()
-                  if name.split(".")[-1] == "supervision"]
+        branch = [
+            sum(ops.values()) for name, ops in counter.get_flop_counts().items() if name.split(".")[-1] == "supervision"
+        ]
         self.per_image = (max(branch) if branch else 0.0) * self.backward_factor / reconstructed
 
     def step_flops(self, reconstructed: float) -> float | None:
         return None if self.per_image is None else self.per_image * reconstructed
 
 
-def throughput_fields(tokens: float, images: float, reconstructed: float, step_time_s: float, world: int,
-                      model: ModelFlops, branch: BranchFlops, peak: float | None) -> dict[str, float | None]:
+def throughput_fields(
+    tokens: float,
+    images: float,
+    reconstructed: float,
+    step_time_s: float,
+    world: int,
+    model: ModelFlops,
+    branch: BranchFlops,
+    peak: float | None,
+) -> dict[str, float | None]:
     """The metric line's throughput: global and per-device tokens/s, TFLOPs of the step, MFU when the peak is known."""
     flops = model.step_flops(tokens, images)
     branch_flops = branch.step_flops(reconstructed)

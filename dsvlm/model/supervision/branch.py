@@ -55,9 +55,7 @@ def vision_condition(layer: int) -> str:
 class DiffusionSupervision(nn.Module):
     """UNet (+ frozen VAE) conditioned on vision-layer and connector features through linear adapters."""
 
-    def __init__(
-        self, config: SupervisionConfig, vision_hidden_size: int, llm_hidden_size: int, seed: int = 0
-    ) -> None:
+    def __init__(self, config: SupervisionConfig, vision_hidden_size: int, llm_hidden_size: int, seed: int = 0) -> None:
         super().__init__()
         self.config = config
         diffusion = config.diffusion
@@ -88,7 +86,8 @@ class DiffusionSupervision(nn.Module):
             self.unet.requires_grad_(False)
         self.moe: list[MoECrossAttnProcessor] = (
             install_moe(self.unet, len(widths), routed=config.cross_attention == "moe")
-            if config.cross_attention in ("moe", "shared_matched") else []
+            if config.cross_attention in ("moe", "shared_matched")
+            else []
         )
         if config.lora_rank:
             add_unet_lora(self.unet, config.lora_rank, seed + 3)
@@ -159,8 +158,9 @@ class DiffusionSupervision(nn.Module):
         missing, unexpected = self.load_state_dict(state, strict=False)
         missing = [k for k in missing if k not in self._pristine]
         if missing or unexpected:
-            raise ValueError(f"supervision weights do not match the recipe: missing {missing[:5]}, "
-                             f"unexpected {unexpected[:5]}")
+            raise ValueError(
+                f"supervision weights do not match the recipe: missing {missing[:5]}, unexpected {unexpected[:5]}"
+            )
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
@@ -218,8 +218,10 @@ class DiffusionSupervision(nn.Module):
             if "ssim" in self.config.loss:
                 terms["ssim"] = ssim_loss(reconstruction, target)
         image_weight, eps_weight = self._snr_weights(alpha.flatten())
-        total = sum(self.config.loss[name] * (eps_weight if name == "eps_mse" else image_weight) * term
-                    for name, term in terms.items())
+        total = sum(
+            self.config.loss[name] * (eps_weight if name == "eps_mse" else image_weight) * term
+            for name, term in terms.items()
+        )
         return {"loss": total, **terms, "timesteps": timesteps}
 
     def _clamp(self, x0: torch.Tensor) -> torch.Tensor:
@@ -249,9 +251,7 @@ class DiffusionSupervision(nn.Module):
         # MoE processors take the conditions apart; `shared*` feed all tokens to every K/V of the cross-attention.
         return tuple(adapted) if self.config.cross_attention == "moe" else torch.cat(adapted, dim=1)
 
-    def _draw(
-        self, seeds: torch.Tensor, shape: torch.Size, device: torch.device
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _draw(self, seeds: torch.Tensor, shape: torch.Size, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """Timestep and noise of each sample from its own CPU generator: independent of batch layout/device."""
         lo, hi = self.timestep_range
         timesteps, noise = [], []
@@ -280,8 +280,9 @@ class DiffusionSupervision(nn.Module):
         raise RecipeError(f"unsupported scheduler prediction_type {kind!r}")
 
     @torch.no_grad()
-    def denoise(self, conditions: dict[str, torch.Tensor], images: torch.Tensor, timestep: int,
-                seed: int = 0) -> torch.Tensor:
+    def denoise(
+        self, conditions: dict[str, torch.Tensor], images: torch.Tensor, timestep: int, seed: int = 0
+    ) -> torch.Tensor:
         """x̂0 from one UNet call on the images noised to `timestep`: what the training loss sees, in [-1, 1]."""
         latents = self.encode(images).float()
         noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed)).to(latents.device)
@@ -309,4 +310,3 @@ class DiffusionSupervision(nn.Module):
             prediction = self.unet(ddim.scale_model_input(x, t), t, encoder_hidden_states=states).sample
             x = ddim.step(prediction, t, x).prev_sample
         return self.decode(x).clamp(-1, 1)
-
