@@ -140,8 +140,10 @@ def test_the_lock_is_released_on_ctrl_c(tmp_path):
 
 
 HOLD = """
+import signal
 import sys
 from dsvlm.outputs import writer_lock
+signal.signal(signal.SIGINT, signal.default_int_handler)  # a pytest-xdist worker's children inherit SIGINT ignored
 with writer_lock(sys.argv[1]):
     print("locked", flush=True)
     sys.stdin.read()

@@ -69,6 +69,7 @@ def test_a_micro_batch_forward_does_not_keep_the_previous_logits_alive():
     from test_model_fixtures import tiny_recipe
 
     from dsvlm.train.loop import _optimizer_step
+    from dsvlm.train.throughput import BranchFlops
 
     recipe = tiny_recipe()
     stage = recipe.stages[0]
@@ -83,5 +84,8 @@ def test_a_micro_batch_forward_does_not_keep_the_previous_logits_alive():
     model.register_forward_pre_hook(lambda *_: alive_at_forward.append(any(r() is not None for r in previous)))
     model.register_forward_hook(lambda _m, _a, out: previous.append(weakref.ref(out.logits)))
     micro = [batch_for(model, n=2) for _ in range(3)]
-    _optimizer_step(accelerator, model, optimizer, scheduler, list(model.parameters()), micro, stage, True, 0, 0)
+    branch_flops = BranchFlops(accelerator.unwrap_model(model))
+    _optimizer_step(
+        accelerator, model, optimizer, scheduler, list(model.parameters()), micro, stage, True, 0, 0, branch_flops
+    )
     assert alive_at_forward == [False, False, False]
