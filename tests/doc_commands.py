@@ -19,6 +19,7 @@ import re
 import shlex
 import subprocess
 import sys
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -301,7 +302,11 @@ def shim(program: str, argv: list[str]) -> int:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     if program == "dsvlm":
         run_argv = dsvlm_argv(argv)
-        proc = subprocess.run([sys.executable, "-m", "dsvlm", *run_argv], stderr=subprocess.PIPE, text=True, env=env)
+        if os.environ.get("DOCCMD_ZYGOTE"):  # the module's fork server: the CLI without the import time
+            proc = _forked_dsvlm(os.environ["DOCCMD_ZYGOTE"], run_argv)
+        else:
+            command = [sys.executable, "-m", "dsvlm", *run_argv]
+            proc = subprocess.run(command, stderr=subprocess.PIPE, text=True, env=env)
         stdout = ""
     else:
         run_argv = lmms_eval_argv(argv, os.environ["DOCCMD_LMMS_TASK"], os.environ["DOCCMD_LMMS_TASKS_DIR"])
@@ -324,11 +329,31 @@ def shim(program: str, argv: list[str]) -> int:
     return proc.returncode
 
 
-def install_shims(bin_dir: Path) -> Path:
+def _forked_dsvlm(server: str, argv: list[str]) -> subprocess.CompletedProcess:
+    """`dsvlm ARGV` run by the fork server (tests/doc_zygote.py) with this process's stdin and stdout and a pipe
+    for stderr, read while the command runs."""
+    from doc_zygote import request
+
+    read_end, write_end = os.pipe()
+    chunks: list[bytes] = []
+    reader = threading.Thread(target=lambda: chunks.extend(iter(lambda: os.read(read_end, 65536), b"")))
+    reader.start()
+    try:
+        code = request(server, argv, 0, 1, write_end)
+    finally:
+        os.close(write_end)
+        reader.join()
+        os.close(read_end)
+    return subprocess.CompletedProcess(argv, code, None, b"".join(chunks).decode(errors="replace"))
+
+
+def install_shims(bin_dir: Path, server: str | None = None) -> Path:
+    """`dsvlm` and `lmms-eval` shims in `bin_dir`; with `server` (a doc_zygote socket), dsvlm runs there."""
     bin_dir.mkdir(parents=True, exist_ok=True)
+    env = f"DOCCMD_ZYGOTE={shlex.quote(server)} " if server else ""
     for program in ("dsvlm", "lmms-eval"):
         path = bin_dir / program
-        path.write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} {shlex.quote(__file__)} {program} "$@"\n')
+        path.write_text(f'#!/bin/sh\n{env}exec {shlex.quote(sys.executable)} {shlex.quote(__file__)} {program} "$@"\n')
         path.chmod(0o755)
     return bin_dir
 

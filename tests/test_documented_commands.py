@@ -15,6 +15,10 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -57,8 +61,28 @@ dsvlm eval models/x --bench synthetic --data-files synthetic=data/synthetic --ou
 
 
 @pytest.fixture(scope="module")
-def shims(tmp_path_factory) -> Path:
-    return install_shims(tmp_path_factory.mktemp("bin"))
+def shims(tmp_path_factory) -> Iterator[Path]:
+    """The shims, with dsvlm commands run by a fork server that has imported the libraries once (doc_zygote.py)."""
+    bin_dir = tmp_path_factory.mktemp("bin")
+    # a short path: a Unix socket's name is limited to about 100 bytes
+    socket_dir = Path(tempfile.mkdtemp(prefix="doczyg-"))
+    server = subprocess.Popen(
+        [sys.executable, str(Path(__file__).with_name("doc_zygote.py")), str(socket_dir / "s")],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+            "COLUMNS": "160",  # as run_script sets it: the stderr console reads it once, at import
+        },
+    )
+    try:
+        assert server.stdout.readline() == "ready\n", "the doc-commands fork server did not start"
+        yield install_shims(bin_dir, str(socket_dir / "s"))
+    finally:
+        server.kill()
+        server.wait()
+        shutil.rmtree(socket_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
