@@ -187,6 +187,17 @@ def test_latents_not_needed_for_pixel_space(tmp_path: Path, monkeypatch: pytest.
     assert not (out / "latents").exists() and "latents" not in PreparedDataset(out).manifest
 
 
+def test_llava_inputs_are_checked_before_the_vae_loads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # --latents may load a VAE from the hub (minutes): a mistyped input file must fail before that
+    loaded = []
+    monkeypatch.setattr(prepare_cli, "_load_vae", lambda recipe: loaded.append(recipe) or tiny_vae())
+    (tmp_path / "images").mkdir()
+    args = ["--align", str(tmp_path / "typo.json"), "--image-root", str(tmp_path / "images")]
+    result = run("llava", str(tmp_path / "out"), *args, "--latents", "tiny-synthetic")
+    assert_user_error(result, "typo.json: no such file")
+    assert not loaded and not (tmp_path / "out").exists()
+
+
 def test_bad_invocations(tmp_path: Path) -> None:
     result = run("synthetic", str(tmp_path / "a"), "supervision.resolution=16", *SMALL)
     assert_user_error(result, "without --latents")

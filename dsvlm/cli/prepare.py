@@ -157,11 +157,12 @@ def llava(
     as_json: bool = AS_JSON,
 ) -> None:
     """Validate and prepare LLaVA-format data; bad records are skipped and reported (or --strict stops)."""
-    from dsvlm.data.llava import prepare_llava
+    from dsvlm.data.llava import check_llava_inputs, prepare_llava
 
     splits = {name: path for name, path in (("align", align), ("instruct", instruct)) if path is not None}
     if not splits:
         raise DataError("give at least one of --align FILE and --instruct FILE")
+    check_llava_inputs(out, splits, image_root)  # before --latents loads a VAE (from the hub, maybe)
     request = _latent_request(latents, overrides)
     manifest = prepare_llava(
         out,

@@ -526,6 +526,20 @@ def _image_pool(workers: int) -> Iterator[Executor | None]:
         pool.shutdown(wait=True, cancel_futures=True)
 
 
+def check_llava_inputs(out: Path, splits: dict[str, Path], image_root: Path) -> Path:
+    """DataError for a missing input file or image root (cheap: callers check before loading a VAE for the
+    latent cache); returns the image root, user-expanded."""
+    image_root = Path(image_root).expanduser()
+    if not image_root.is_dir():
+        raise DataError(f"--image-root {image_root} is not a directory")
+    if image_root.resolve().is_relative_to(Path(out).resolve()):
+        raise DataError(f"--image-root {image_root} is inside OUT {out}, which prepare replaces; move the images")
+    for name, source in splits.items():
+        if not Path(source).is_file():
+            raise DataError(f"--{name} {source}: no such file")
+    return image_root
+
+
 def prepare_llava(
     out: Path,
     splits: dict[str, Path],
@@ -543,14 +557,7 @@ def prepare_llava(
     `latents` also builds the VAE latent cache inside the new dataset before it is moved into place.
     """
     out = Path(out)
-    image_root = Path(image_root).expanduser()
-    if not image_root.is_dir():
-        raise DataError(f"--image-root {image_root} is not a directory")
-    if image_root.resolve().is_relative_to(out.resolve()):
-        raise DataError(f"--image-root {image_root} is inside OUT {out}, which prepare replaces; move the images")
-    for name, source in splits.items():
-        if not Path(source).is_file():
-            raise DataError(f"--{name} {source}: no such file")
+    image_root = check_llava_inputs(out, splits, image_root)
     options = {
         "splits": {name: str(Path(src).resolve()) for name, src in splits.items()},
         "image_root": str(image_root.resolve()),
