@@ -363,7 +363,7 @@ def test_a_bf16_stage_holds_the_frozen_unet_in_bf16_and_still_writes_its_preview
     )
     with caplog.at_level("INFO", logger="dsvlm.train.loop"):
         train(recipe, TrainOptions(stages=["align"], progress=False))
-    assert "frozen pretrained UNet/VAE weights held in bf16" in caplog.text
+    assert "frozen UNet/VAE weights held in 16 bits" in caplog.text
     # the preview samples with the bf16 UNet outside the training forward: under the stage's autocast too
     assert (out / "align" / "reconstructions.png").is_file()
     assert all(record["loss"] == record["loss"] for record in metrics(out, "align"))  # not NaN

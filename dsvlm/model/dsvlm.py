@@ -24,6 +24,7 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration, LlavaProc
 from dsvlm.errors import DsvlmError, RecipeError
 from dsvlm.model.collate import IGNORE_INDEX
 from dsvlm.model.lora import add_llm_lora, has_llm_lora, load_llm_lora, merge_llm_lora, save_llm_lora, save_plain_vlm
+from dsvlm.model.precision import HALF_TYPES, full_precision_state
 from dsvlm.model.supervision.branch import (
     CONNECTOR,
     TIMESTEP_BUCKETS,
@@ -243,6 +244,8 @@ def save_model(model: DSVLM, out_dir: Path, state_dict: dict[str, torch.Tensor] 
     `state_dict`: the model's full state dict when `model` holds only shards (FSDP gathers it on every rank)."""
     out_dir = Path(out_dir)
     vlm_state = _sub_state(state_dict, "vlm.") if state_dict is not None else None
+    if any(p.dtype in HALF_TYPES for p in model.vlm.parameters()):  # frozen weights held in 16 bits, losslessly
+        vlm_state = full_precision_state(vlm_state if vlm_state is not None else model.vlm.state_dict())
     if has_llm_lora(model.vlm):  # the base weights as a plain LLaVA, the adapter beside them
         vlm_state = vlm_state if vlm_state is not None else model.vlm.state_dict()
         save_plain_vlm(model.vlm, out_dir / VLM_DIR, vlm_state)

@@ -47,6 +47,7 @@ from dsvlm.model.collate import Collator
 from dsvlm.model.dsvlm import DSVLM, build_model, save_model
 from dsvlm.model.freeze import freeze_for_stage
 from dsvlm.model.lora import lora_parameters
+from dsvlm.model.precision import hold_frozen_vlm_weights
 from dsvlm.model.supervision.branch import TIMESTEP_BUCKETS, timestep_buckets
 from dsvlm.model.supervision.vae import vae_fingerprint
 from dsvlm.outputs import writer_lock
@@ -266,21 +267,23 @@ def _accelerator(stage: StageConfig, tensorboard: Path | None = None) -> Acceler
     return accelerator
 
 
-def _hold_frozen_diffusion_in_stage_precision(model: DSVLM, stage: StageConfig, accelerator: Accelerator) -> None:
-    """Under bf16/fp16, the frozen pretrained UNet/VAE Linear/Conv weights are held in that precision: autocast
-    computes them in it anyway, so results are unchanged and the branch's frozen part takes half the memory. Not
-    under FSDP (its mixed-precision policy owns parameter dtypes) nor DeepSpeed (which casts the whole model)."""
+def _hold_frozen_in_stage_precision(model: DSVLM, stage: StageConfig, accelerator: Accelerator) -> None:
+    """Under bf16/fp16, frozen Linear/Conv weights are held in 16 bits (dsvlm.model.precision): autocast computes
+    them in 16 bits anyway, so results are unchanged in less memory. The frozen pretrained UNet/VAE in the stage's
+    type; the VLM's only where lossless, and saved as fp32. Not under FSDP (its mixed-precision policy owns
+    parameter dtypes) nor DeepSpeed (which casts the whole model)."""
     sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
-    if model.supervision is None or stage.precision == "fp32" or sharded:
+    if stage.precision == "fp32" or sharded:
         return
     dtype = torch.bfloat16 if stage.precision == "bf16" else torch.float16
-    cast = model.supervision.hold_frozen_in(dtype)
-    log.info(
-        "frozen pretrained UNet/VAE weights held in %s: %.1f M parameters, %.2f GB saved",
-        stage.precision,
-        cast / 1e6,
-        cast * 2 / 1e9,
-    )
+    held = {"VLM": hold_frozen_vlm_weights(model.vlm, dtype)}
+    if model.supervision is not None:
+        held["UNet/VAE"] = model.supervision.hold_frozen_in(dtype)
+    for part, cast in held.items():
+        if cast:
+            log.info(
+                "frozen %s weights held in 16 bits: %.1f M parameters, %.2f GB saved", part, cast / 1e6, cast * 2 / 1e9
+            )
 
 
 def _latent_cache(recipe: Recipe, model: DSVLM, dataset_dir: Path, geometry: SquareGeometry) -> LatentCache | None:
@@ -325,7 +328,7 @@ def run_stage(recipe: Recipe, stage: StageConfig, run: RunDir, init: Path | None
         image_aspect_ratio=recipe.model.image_aspect_ratio,
     )
     latents = _latent_cache(recipe, model, dataset_dir, collator.geometry)
-    _hold_frozen_diffusion_in_stage_precision(model, stage, accelerator)  # after the cache's VAE fingerprint
+    _hold_frozen_in_stage_precision(model, stage, accelerator)  # after the cache's VAE fingerprint
     split = PreparedSplit(dataset_dir, stage.split_name, latents=latents)
     if stage.max_records is not None:
         split = fixed_subset(split, stage.max_records)  # the same records for every run seed

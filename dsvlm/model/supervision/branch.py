@@ -14,6 +14,7 @@ from torch import nn
 
 from dsvlm.errors import RecipeError
 from dsvlm.model.lora import add_unet_lora, lora_parameters
+from dsvlm.model.precision import frozen_lower_precision_weights, hold_in
 from dsvlm.model.supervision.adapters import ConditionAdapters
 from dsvlm.model.supervision.attention import MoECrossAttnProcessor, install_moe
 from dsvlm.model.supervision.components import load_scheduler, load_unet, load_vae
@@ -30,10 +31,6 @@ from dsvlm.recipe.schema import SupervisionConfig
 
 CONNECTOR = "connector"
 TIMESTEP_BUCKETS = 4  # reconstruction-loss logging: equal slices of the noise schedule
-
-
-# The modules autocast runs in its lower precision (on CPU and CUDA alike).
-LOWER_PRECISION_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 def timestep_bucket(timesteps: torch.Tensor, n_timesteps: int) -> torch.Tensor:
@@ -128,15 +125,10 @@ class DiffusionSupervision(nn.Module):
         """
         cast = 0
         for prefix, part in (("unet", self.unet), ("vae", self.vae)):
-            for name, module in part.named_modules() if part is not None else ():
-                if not isinstance(module, LOWER_PRECISION_MODULES):
-                    continue
-                params = list(module.named_parameters(recurse=False))
-                if any(p.requires_grad or f"{prefix}.{name}.{key}" not in self._pristine for key, p in params):
-                    continue
-                for _, param in params:
-                    param.data = param.data.to(dtype)
-                    cast += param.numel()
+            if part is None:
+                continue
+            weights = frozen_lower_precision_weights(part)
+            cast += hold_in(((n, p) for n, p in weights if f"{prefix}.{n}" in self._pristine), lambda _: dtype)
         return cast
 
     @property
