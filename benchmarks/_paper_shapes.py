@@ -290,3 +290,19 @@ def stable_diffusion(
     (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(SD15_SCHEDULER, indent=2))
     (out / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}, indent=2))
     return out
+
+
+def recipe_overrides(vision: Path, llm: Path, diffusion: Path, data: Path, run_dir: Path, *extra: str) -> list[str]:
+    """A bundled paper recipe pointed at the built components and data, with a one-image, two-step preview (the
+    recipe's 4-image, 50-step grid would outlast the measured steps), metrics on every step, then `extra`."""
+    return [
+        f"model.vision.pretrained={vision}",
+        f"model.llm.pretrained={llm}",
+        f"supervision.diffusion.pretrained={diffusion}",
+        f"data.dataset={data}",
+        f"run.output_dir={run_dir}",
+        "run.log_every=1",
+        "run.preview_images=1",
+        "supervision.sampler_steps=2",
+        *extra,
+    ]

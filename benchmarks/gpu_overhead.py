@@ -98,17 +98,7 @@ def main() -> None:
     }
     for arm, extra in arms.items():
         run_dir = work / "runs" / arm
-        common = [
-            f"model.vision.pretrained={vision}",
-            f"model.llm.pretrained={llm}",
-            f"supervision.diffusion.pretrained={diffusion}",
-            f"data.dataset={data}",
-            f"run.output_dir={run_dir}",
-            "run.log_every=1",
-            "run.preview_images=1",
-            "supervision.sampler_steps=2",
-            *extra,
-        ]
+        common = shapes.recipe_overrides(vision, llm, diffusion, data, run_dir, *extra)
         for i in range(2):
             common += [
                 f"stages.{i}.max_steps={args.steps}",

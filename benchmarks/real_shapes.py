@@ -255,17 +255,7 @@ def run_recipe(
     result: dict[str, Any] = {"vision": str(vision), "llm": str(llm), "llm_config": cut, "arms": {}}
     for arm in args.arms.split(","):
         run_dir = work / "runs" / f"{name}-{arm}"
-        common = [
-            f"model.vision.pretrained={vision}",
-            f"model.llm.pretrained={llm}",
-            f"supervision.diffusion.pretrained={diffusion}",
-            f"data.dataset={data}",
-            f"run.output_dir={run_dir}",
-            "run.log_every=1",
-            "run.preview_images=1",
-            "supervision.sampler_steps=2",
-            *ARMS[arm],
-        ]
+        common = shapes.recipe_overrides(vision, llm, diffusion, data, run_dir, *ARMS[arm])
         for i in range(len(STAGES)):
             common += [
                 f"stages.{i}.max_steps={args.steps}",

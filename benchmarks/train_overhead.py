@@ -49,6 +49,7 @@ from _common import (
     stderr_console,
     write_report,
 )
+from _paper_shapes import CLIP_L14_336, SD15_UNET, SD15_VAE, VICUNA_7B
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -430,29 +431,6 @@ def memory_child(job: dict[str, Any]) -> None:
 
 # ------------------------------------------------------------------------------- paper setting, meta device
 
-SD15_UNET_256PX = {  # SD 1.5's UNet at 256 px (32x32 latents)
-    "sample_size": 32,
-    "in_channels": 4,
-    "out_channels": 4,
-    "layers_per_block": 2,
-    "block_out_channels": [320, 640, 1280, 1280],
-    "cross_attention_dim": 768,
-    "attention_head_dim": 8,
-    "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
-    "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
-}
-SD_VAE = {
-    "in_channels": 3,
-    "out_channels": 3,
-    "latent_channels": 4,
-    "block_out_channels": [128, 256, 512, 512],
-    "layers_per_block": 2,
-    "sample_size": 256,
-    "scaling_factor": 0.18215,
-    "down_block_types": ["DownEncoderBlock2D"] * 4,
-    "up_block_types": ["UpDecoderBlock2D"] * 4,
-}
-
 
 def _tflops(fn: Callable[[], Any]) -> float:
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
@@ -471,31 +449,13 @@ def paper_flops(tokens: int) -> dict[str, Any]:
     meta = torch.device("meta")
     image_tokens = 576
     with meta:
-        llm = LlamaForCausalLM(
-            LlamaConfig(
-                hidden_size=4096,
-                intermediate_size=11008,
-                num_hidden_layers=32,
-                num_attention_heads=32,
-                num_key_value_heads=32,
-                vocab_size=32000,
-            )
-        )
-        vision = CLIPVisionModel(
-            CLIPVisionConfig(
-                hidden_size=1024,
-                intermediate_size=4096,
-                num_hidden_layers=24,
-                num_attention_heads=16,
-                image_size=336,
-                patch_size=14,
-            )
-        )
+        llm = LlamaForCausalLM(LlamaConfig(**VICUNA_7B))
+        vision = CLIPVisionModel(CLIPVisionConfig(**CLIP_L14_336))
         projector = torch.nn.Sequential(torch.nn.Linear(1024, 4096), torch.nn.GELU(), torch.nn.Linear(4096, 4096))
         branches = {
             loss: DiffusionSupervision(
                 SupervisionConfig(
-                    diffusion={"pretrained": None, "unet_config": SD15_UNET_256PX, "vae_config": SD_VAE},
+                    diffusion={"pretrained": None, "unet_config": SD15_UNET, "vae_config": SD15_VAE},
                     loss={loss: 1.0},
                     resolution=256,
                 ),
