@@ -17,7 +17,7 @@ from torch import nn
 
 from dsvlm.model.dsvlm import save_model
 from dsvlm.model.freeze import freeze_for_stage
-from dsvlm.model.precision import frozen_lower_precision_weights, hold_frozen_vlm_weights
+from dsvlm.model.precision import frozen_lower_precision_layers, hold_frozen_vlm_weights
 from dsvlm.recipe import load_recipe
 from dsvlm.train.loop import TrainOptions, train
 
@@ -86,7 +86,7 @@ def test_random_or_tied_weights_are_not_held():
     tied = nn.Sequential(nn.Embedding(8, 4), nn.Linear(4, 8, bias=False))
     tied[1].weight = tied[0].weight  # an LM head tied to the token embeddings
     tied.requires_grad_(False)
-    assert list(frozen_lower_precision_weights(tied, (nn.Linear,))) == []
+    assert list(frozen_lower_precision_layers(tied, (nn.Linear,))) == []
 
 
 def saved_vlm(directory):

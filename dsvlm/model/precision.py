@@ -10,8 +10,7 @@ so a frozen weight held in 16 bits gives the same output. Two rules, by who owns
 
 from __future__ import annotations
 
-from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch import nn
@@ -21,30 +20,25 @@ LOWER_PRECISION_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 HALF_TYPES = (torch.bfloat16, torch.float16)
 
 
-def frozen_lower_precision_weights(
+def frozen_lower_precision_layers(
     module: nn.Module, kinds: tuple[type[nn.Module], ...] = LOWER_PRECISION_MODULES
-) -> Iterator[tuple[str, nn.Parameter]]:
-    """(qualified name, parameter) of the frozen parameters of `module`'s `kinds` of layers, except those shared
-    with any other kind of module (an LM head tied to the token embeddings: the embedding's output would change)."""
+) -> Iterator[tuple[str, dict[str, nn.Parameter]]]:
+    """(qualified name, {parameter name: parameter}) of each frozen layer of `kinds` in `module`, except layers with
+    a parameter shared with any other kind of module (an LM head tied to the token embeddings: the embedding's
+    output would change)."""
     shared = {id(p) for m in module.modules() if not isinstance(m, kinds) for p in m.parameters(recurse=False)}
-    for name, sub in module.named_modules():
-        if not isinstance(sub, kinds):
-            continue
-        params = list(sub.named_parameters(recurse=False))
-        if any(p.requires_grad or id(p) in shared for _, p in params):
-            continue
-        yield from ((f"{name}.{key}" if name else key, p) for key, p in params)
+    for name, layer in module.named_modules():
+        params = dict(layer.named_parameters(recurse=False))
+        if isinstance(layer, kinds) and not any(p.requires_grad or id(p) in shared for p in params.values()):
+            yield name, params
 
 
-def hold_in(
-    params: Iterable[tuple[str | None, nn.Parameter]], dtype: Callable[[torch.Tensor], torch.dtype | None]
-) -> int:
-    """Cast each parameter to `dtype(its data)` (None: leave it); returns how many elements were cast."""
+def hold_in(params: Iterable[nn.Parameter], dtype: torch.dtype) -> int:
+    """Cast the parameters to `dtype` in place; returns how many elements were cast."""
     cast = 0
-    for _, param in params:
-        target = dtype(param.data)
-        if target is not None and param.dtype != target:
-            param.data = param.data.to(target)
+    for param in params:
+        if param.dtype != dtype:
+            param.data = param.data.to(dtype)
             cast += param.numel()
     return cast
 
@@ -53,15 +47,13 @@ def hold_frozen_vlm_weights(vlm: nn.Module, stage_dtype: torch.dtype) -> int:
     """The VLM's frozen Linear layers held losslessly in 16 bits (see the module docstring): each layer whose weight
     and bias a 16-bit type holds exactly, the stage's type first. Not its patch embedding (a convolution): CLIP and
     SigLIP cast the pixels to that weight's type before autocast would."""
-    layers: dict[str, list[nn.Parameter]] = defaultdict(list)
-    for name, param in frozen_lower_precision_weights(vlm, (nn.Linear,)):
-        layers[name.rpartition(".")[0]].append(param)
     candidates = (stage_dtype, *(t for t in HALF_TYPES if t != stage_dtype))
     cast = 0
-    for params in layers.values():
-        exact = next((t for t in candidates if all(torch.equal(p.data.to(t).float(), p.data) for p in params)), None)
-        if exact is not None:
-            cast += hold_in(((None, p) for p in params), lambda _, t=exact: t)
+    for _, params in frozen_lower_precision_layers(vlm, (nn.Linear,)):
+        exact = (t for t in candidates if all(torch.equal(p.data.to(t).float(), p.data) for p in params.values()))
+        dtype = next(exact, None)
+        if dtype is not None:
+            cast += hold_in(params.values(), dtype)
     return cast
 
 

@@ -14,7 +14,7 @@ from torch import nn
 
 from dsvlm.errors import RecipeError
 from dsvlm.model.lora import add_unet_lora, lora_parameters
-from dsvlm.model.precision import frozen_lower_precision_weights, hold_in
+from dsvlm.model.precision import frozen_lower_precision_layers, hold_in
 from dsvlm.model.supervision.adapters import ConditionAdapters
 from dsvlm.model.supervision.attention import MoECrossAttnProcessor, install_moe
 from dsvlm.model.supervision.components import load_scheduler, load_unet, load_vae
@@ -127,8 +127,9 @@ class DiffusionSupervision(nn.Module):
         for prefix, part in (("unet", self.unet), ("vae", self.vae)):
             if part is None:
                 continue
-            weights = frozen_lower_precision_weights(part)
-            cast += hold_in(((n, p) for n, p in weights if f"{prefix}.{n}" in self._pristine), lambda _: dtype)
+            for name, params in frozen_lower_precision_layers(part):
+                if all(f"{prefix}.{name}.{key}" in self._pristine for key in params):
+                    cast += hold_in(params.values(), dtype)
         return cast
 
     @property
