@@ -29,9 +29,7 @@ replicate: install
 # Lint, format check, then the whole suite on TEST_WORKERS xdist workers (one torch thread each); each test module
 # stays on one worker (tests/conftest.py). `pytest -m "not slow"` skips the long end-to-end tests.
 TEST_WORKERS ?= 2
-test: install
-	$(VENV)/bin/ruff check dsvlm tests benchmarks
-	$(VENV)/bin/ruff format --check dsvlm tests benchmarks
+test: lint
 	OMP_WAIT_POLICY=PASSIVE OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
 
 lint: install

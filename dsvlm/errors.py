@@ -36,7 +36,7 @@ def brief(value: object, limit: int = 80) -> str:
         text = shortener.repr(value)
     except Exception:  # e.g. an int too long to print (ValueError), a self-containing value
         text = f"<{type(value).__name__}>"
-    return text if len(text) <= limit else f"{text[: limit - 3]}..."
+    return shorten(text, limit)
 
 
 def shorten(text: str, limit: int = 80) -> str:

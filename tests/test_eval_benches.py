@@ -199,9 +199,9 @@ def test_a_large_model_on_cpu_gets_a_warning(tmp_path, monkeypatch, caplog):
     assert model_dir.count_parameters(tmp_path) == 17
     monkeypatch.setattr(model_dir, "LARGE_ON_CPU", 17)  # the real threshold is a billion parameters
     with caplog.at_level("WARNING"):
-        model_dir.warn_if_large_on_cpu(tmp_path, "cuda")
+        model_dir.warn_if_large_on_cpu(17, "cuda")
         assert not caplog.records
-        model_dir.warn_if_large_on_cpu(tmp_path, "cpu")
+        model_dir.warn_if_large_on_cpu(17, "cpu")
     assert "on the CPU will be very slow" in caplog.text
 
 

@@ -61,6 +61,8 @@ def _results_on_stdout(command: click.Command) -> None:
         for sub in command.commands.values():
             _results_on_stdout(sub)
         return
+    if getattr(command, "_results_on_stdout", False):  # wrapped once already: a second wrap would emit to stderr
+        return
     invoke = command.invoke
 
     def invoke_with_results_on_stdout(ctx: click.Context) -> object:
@@ -72,6 +74,7 @@ def _results_on_stdout(command: click.Command) -> None:
             common.STATE.results = None
 
     command.invoke = invoke_with_results_on_stdout  # type: ignore[method-assign]
+    command._results_on_stdout = True  # type: ignore[attr-defined]
 
 
 def _own_message(exc: common.DsvlmError) -> str:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 import warnings
+from collections.abc import Iterator
 from typing import NamedTuple
 
 from PIL import Image, ImageFile
@@ -82,9 +84,16 @@ def check_image(root: str, rel: str, dirs: dict[str, str] | None = None) -> Imag
 def check_images(root: str, rels: list[str]) -> list[ImageCheck]:
     """Check a chunk of images (one task of the process pool)."""
     dirs: dict[str, str] = {}
-    # lmms-eval, once imported in this process, lets PIL pad truncated images with grey: undo it for the check
+    with strict_truncation():
+        return [check_image(root, rel, dirs) for rel in rels]
+
+
+@contextlib.contextmanager
+def strict_truncation() -> Iterator[None]:
+    """A cut image file is an error inside this block: lmms-eval, once imported, lets PIL pad truncated images
+    with grey (`ImageFile.LOAD_TRUNCATED_IMAGES`), process-wide."""
     truncated_ok, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
     try:
-        return [check_image(root, rel, dirs) for rel in rels]
+        yield
     finally:
         ImageFile.LOAD_TRUNCATED_IMAGES = truncated_ok

@@ -10,9 +10,10 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from PIL import Image, ImageFile
+from PIL import Image
 
 from dsvlm.data.common import FORMAT_VERSION, MANIFEST, SKIPPED, prepare_hint, sha256_file
+from dsvlm.data.images import strict_truncation
 from dsvlm.data.manifest import validate_manifest
 from dsvlm.errors import DataError
 
@@ -139,10 +140,8 @@ class PreparedDataset:
     def load_image(self, record: dict[str, Any]) -> Image.Image:
         """The record's image as an RGB PIL image."""
         path = self.image_path(record)
-        # lmms-eval, once imported, lets PIL pad truncated images with grey: here a cut file is an error
-        truncated_ok, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
         try:
-            with Image.open(path) as image:
+            with strict_truncation(), Image.open(path) as image:
                 return image.convert("RGB")
         except FileNotFoundError:
             raise DataError(
@@ -154,8 +153,6 @@ class PreparedDataset:
                 f"{path}: image of record {record.get('id')!r} cannot be read ({exc}); it changed "
                 "since `dsvlm prepare` checked it: restore it, or prepare the data again"
             ) from None
-        finally:
-            ImageFile.LOAD_TRUNCATED_IMAGES = truncated_ok
 
     @property
     def eval_files(self) -> dict[str, Path]:

@@ -64,15 +64,12 @@ def resolve_device(device: str = "auto", dtype: str = "auto") -> tuple[str, str]
 LARGE_ON_CPU = 1_000_000_000  # parameters; a 7B model takes hours per benchmark on a CPU
 
 
-def warn_if_large_on_cpu(model_path: Path, device: str) -> None:
+def warn_if_large_on_cpu(n_parameters: int, device: str) -> None:
     """Log a warning when a billion-parameter model is about to be evaluated on a CPU."""
-    if device != "cpu":
-        return
-    n = count_parameters(model_path)
-    if n >= LARGE_ON_CPU:
+    if device == "cpu" and n_parameters >= LARGE_ON_CPU:
         log.warning(
             "evaluating a %.1fB-parameter model on the CPU will be very slow; pass --device cuda on a GPU machine",
-            n / 1e9,
+            n_parameters / 1e9,
         )
 
 

@@ -21,9 +21,9 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
 from rich.table import Table
 
+from dsvlm.console import console
 from dsvlm.errors import DsvlmError, RunFailure
 from dsvlm.evaluation.benches import (
     Benchmark,
@@ -67,9 +67,9 @@ def evaluate(
     model_path = resolve_model(model_dir)
     plan = _plan(benches, data_files or {})
     device, dtype = resolve_device(device, dtype)
-    count_parameters(model_path)  # reads every weights file's header: one cut short fails here, naming it
+    n_parameters = count_parameters(model_path)  # reads every weights file's header: one cut short fails here
     if model == "dsvlm":
-        warn_if_large_on_cpu(model_path, device)
+        warn_if_large_on_cpu(n_parameters, device)
     out = Path(out_dir).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
 
@@ -109,7 +109,7 @@ def evaluate(
         getattr(lm, "batch_size", None),
         {**run_facts, "max_new_tokens": max_new_tokens},
     )
-    Console(stderr=True).print(summary_table(summary))
+    console.print(summary_table(summary))
     return summary
 
 
