@@ -18,7 +18,7 @@ from dsvlm.data.prepared import PreparedDataset
 from dsvlm.errors import DataError, DsvlmError
 
 
-def test_offline_fails_immediately_with_instructions(tmp_path: Path) -> None:
+def test_offline_fails_before_any_download_with_instructions(tmp_path: Path) -> None:
     # conftest sets HF_HUB_OFFLINE=1 and an empty HF_HOME: nothing is cached, nothing may be fetched
     out = tmp_path / "lcs"
     with pytest.raises(DataError) as info:

@@ -164,9 +164,7 @@ def test_exemption_lists_are_current():
     commands = [c for s in SNIPPETS for c in s.commands]
     assert [p for p, _ in EXEMPT if not any(re.search(p, c.text) for c in commands)] == []
     assert set(MENTIONS) - inline_mentions() == set()
-    assert [p for p, _, _ in EXPECTED_FAILURES if not any(re.search(p, c.run) for c in commands)] == [
-        r"--push-to-hub\b"  # not quoted in the docs today; kept so a quoted upload is judged at once
-    ]
+    assert [p for p, _, _ in EXPECTED_FAILURES if not any(re.search(p, c.run) for c in commands)] == []
     assert len(RUNNABLE) >= 10 and sum(len(s.runnable) for s in RUNNABLE) >= 30
 
 

@@ -9,7 +9,6 @@ import shutil
 import torch
 from fixtures_runs import shared_run
 from helpers import tiny_model, tiny_overrides
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from test_model_dsvlm import batch_for
 from test_model_fixtures import tiny_recipe
@@ -63,17 +62,9 @@ def test_the_stage_output_keeps_the_exact_fp32_values(tmp_path):
     original = {k: v.clone() for k, v in model.vlm.state_dict().items()}
     assert hold_frozen_vlm_weights(model.vlm, torch.bfloat16) > 0
     save_model(model, tmp_path)
-    saved = {}
-    for file in (tmp_path / "vlm").glob("*.safetensors"):
-        with safe_open(str(file), "pt") as weights:
-            saved.update({k: weights.get_tensor(k) for k in weights.keys()})  # noqa: SIM118
+    saved = saved_vlm(tmp_path / "vlm")
     assert {t.dtype for t in saved.values()} == {torch.float32}
     assert model.vlm.model.language_model.layers[0].self_attn.q_proj.weight.dtype == torch.float16
-
-    # saved in LLaVA's classic layout (language_model.model.layers...): matched by the part from "layers."
-    def llm_projections(state):
-        return {k[k.index("layers.") :]: v for k, v in state.items() if "language_model" in k and "proj.weight" in k}
-
     before, after = llm_projections(original), llm_projections(saved)
     assert before and before.keys() == after.keys()
     assert all(torch.equal(after[k], before[k]) for k in before)
@@ -97,7 +88,8 @@ def saved_vlm(directory):
 
 
 def llm_projections(state):
-    """The LLM's Linear weights by their name from "layers." on (the saved layout's prefixes differ)."""
+    """The LLM's Linear weights by their name from "layers." on: saved in LLaVA's classic layout
+    (language_model.model.layers...), in memory as model.language_model.layers..."""
     return {k[k.index("layers.") :]: v for k, v in state.items() if "language_model" in k and "proj.weight" in k}
 
 

@@ -224,11 +224,8 @@ def build_model(
     """A fresh DS-VLM from the recipe, or the one `save_model` wrote to `init` (an earlier LoRA stage's adapter
     merged); with `llm_lora`, fresh LoRA adapters in its LLM. `words`: the vocabulary of an inline LLM's
     word-level tokenizer (see `build_vlm`)."""
-    if init is not None:
-        try:
-            model = load_model(init, recipe)
-        except (OSError, ValueError) as exc:
-            raise DsvlmError(f"{init} does not load as a DS-VLM stage output: {exc}") from exc
+    if init is not None:  # a load error is the caller's to explain (the stage it was meant to start)
+        model = load_model(init, recipe)
     else:
         vlm, processor = build_vlm(recipe.model, seed=recipe.run.seed, words=words)
         model = DSVLM(vlm, processor, _branch(recipe, vlm))

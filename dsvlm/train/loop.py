@@ -511,8 +511,9 @@ def _param_groups(model: DSVLM, stage: StageConfig) -> list[dict[str, Any]]:
     new = {id(p) for p in model.supervision.new_parameters()} if model.supervision is not None else set()
     lora = {id(p) for p in lora_parameters(model.vlm)}
     trainable = [p for p in model.parameters() if p.requires_grad]
+    own_lr = new | lora
     groups = [
-        {"params": [p for p in trainable if id(p) not in new | lora]},
+        {"params": [p for p in trainable if id(p) not in own_lr]},
         {"params": [p for p in trainable if id(p) in new], "lr": stage.new_module_lr or stage.lr},
         {
             "params": [p for p in trainable if id(p) in lora],
@@ -537,19 +538,22 @@ def _optimizer_step(
 ) -> dict:
     """One optimizer step over `micro` (this process's micro-batches), normalised over all processes."""
     world = accelerator.num_processes
-    counts = torch.tensor(
+    # Per micro-batch: text tokens, reconstructed images, attended tokens, images; copied to the host once.
+    per_batch = torch.stack(
         [
-            [
-                float((b["labels"][:, 1:] != -100).sum()),
-                float(_reconstructed(b, model, supervise)),
-                float(b["attention_mask"].sum()),
-                float(b["image_mask"].sum()),
-            ]
+            torch.stack(
+                [
+                    (b["labels"][:, 1:] != -100).sum(),
+                    _reconstructed(b["image_mask"].sum(), model, supervise),
+                    b["attention_mask"].sum(),
+                    b["image_mask"].sum(),
+                ]
+            )
             for b in micro
-        ],
-        device=accelerator.device,
-    ).sum(0)
-    text_tokens, rec_images, tokens, images = accelerator.reduce(counts, reduction="sum").tolist()
+        ]
+    ).float()
+    reconstructed = per_batch[:, 1].tolist()
+    text_tokens, rec_images, tokens, images = accelerator.reduce(per_batch.sum(0), reduction="sum").tolist()
     text_loss = torch.zeros((), device=accelerator.device)
     rec_loss = torch.zeros((), device=accelerator.device)
     rec_buckets = torch.zeros(TIMESTEP_BUCKETS, 2, device=accelerator.device)
@@ -557,7 +561,7 @@ def _optimizer_step(
         batch["noise_seeds"] = noise_seeds(seed, step, batch["sample_index"])
         sync = contextlib.nullcontext() if i == len(micro) - 1 else accelerator.no_sync(model)
         with sync:
-            with accelerator.autocast(), branch_flops.measuring(_reconstructed(batch, model, supervise)):
+            with accelerator.autocast(), branch_flops.measuring(int(reconstructed[i])):
                 # DDP averages gradients over processes: scale by world size to get the global sum / count.
                 out = model(
                     batch,
@@ -610,12 +614,12 @@ def _weight(model: torch.nn.Module) -> float:
     return _unwrapped(model).supervision.config.weight
 
 
-def _reconstructed(batch: dict, model: torch.nn.Module, supervise: bool) -> int:
+def _reconstructed(images: torch.Tensor, model: torch.nn.Module, supervise: bool) -> torch.Tensor:
+    """How many of a micro-batch's `images` the branch reconstructs (a device tensor: no wait for the device)."""
     if not supervise:
-        return 0
-    images = int(batch["image_mask"].sum())
+        return torch.zeros_like(images)
     limit = _unwrapped(model).supervision.config.reconstruct_per_batch
-    return min(images, limit) if limit else images
+    return images.clamp(max=limit) if limit else images
 
 
 def _preview_batch(split: PreparedSplit, collator: Collator, recipe: Recipe) -> dict:
