@@ -38,3 +38,28 @@ def test_metric_lines_carry_per_device_tokens_and_an_mfu_from_the_documented_for
         assert 0 < line["mfu"] < 1
         assert line["mfu"] == pytest.approx(line["model_tflops"] / line["step_time_s"] / 1.0, rel=2e-3)
         assert line["branch_tflops"] > 0
+
+
+def test_the_llm_term_counts_what_each_stage_really_computes():
+    from test_model_fixtures import tiny_recipe
+
+    from dsvlm.model.freeze import freeze_for_stage
+    from dsvlm.recipe.schema import LLMLoraConfig
+    from dsvlm.train.throughput import ModelFlops
+
+    def llm_params(model):
+        vlm = model.vlm
+        params = {id(p): p for p in [*vlm.model.language_model.parameters(), *vlm.lm_head.parameters()]}.values()
+        return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
+
+    lora = tiny_model(tiny_recipe(), llm_lora=LLMLoraConfig(rank=4, alpha=8))
+    freeze_for_stage(lora, ["connector", "llm"])
+    total, adapters = llm_params(lora)
+    assert 0 < adapters < total
+    # frozen base weights: forward and activation gradients only; weight gradients for the adapters alone
+    assert ModelFlops.of(lora).llm_per_token == 4 * total + 2 * adapters
+
+    only_branch = tiny_model(tiny_recipe())
+    freeze_for_stage(only_branch, ["supervision"])
+    total, _ = llm_params(only_branch)
+    assert ModelFlops.of(only_branch).llm_per_token == 2 * total  # no gradient reaches the LLM

@@ -1,13 +1,13 @@
 """Training throughput as users compare it: tokens/s per device and model FLOPs utilisation (MFU).
 
-Model FLOPs per optimizer step count the encoder and the LLM with the usual 2·N FLOPs per token per pass over N
-parameters (PaLM's MFU, without attention's sequence-length term and without activation-checkpointing
-recomputation): forward 2·N, the backward's activation gradients 2·N when a gradient flows through the tower,
-its weight gradients 2·N when the tower trains. So a trained tower costs 6·N per token, a frozen LLM that the
-connector's gradient crosses 4·N, a frozen encoder (forward only) 2·N. The LLM sees every attended token (text
-and image tokens), the encoder `positions` tokens per image. The diffusion branch (convolutions: no per-token
-formula) is measured once with torch's FLOP counter on a forward and reported apart (`branch_tflops`), with the
-same backward rule; MFU counts encoder + LLM only.
+Model FLOPs per optimizer step count the encoder and the LLM with the usual 2 FLOPs per parameter per token per
+pass (PaLM's MFU, without attention's sequence-length term and without activation-checkpointing recomputation):
+forward 2·N, the backward's activation gradients 2·N when a gradient flows through the tower, weight gradients 2
+per trained parameter. So a trained tower costs 6·N per token, a frozen LLM that the connector's gradient crosses
+4·N, one trained through LoRA adapters 4·N + 2·N_lora, a frozen encoder (forward only) 2·N. The LLM sees every
+attended token (text and image tokens), the encoder `positions` tokens per image. The diffusion branch
+(convolutions: no per-token formula) is measured once with torch's FLOP counter on a forward and reported apart
+(`branch_tflops`), with the same backward rule; MFU counts encoder + LLM only.
 """
 
 from __future__ import annotations
@@ -37,38 +37,38 @@ def peak_tflops(configured: float | None, precision: str, device: torch.device) 
     return next((peak for key, peak in PEAK_HALF_PRECISION_TFLOPS.items() if key in name), None)
 
 
-def _pass_factor(trains: bool, gradient_crosses: bool) -> int:
-    """FLOPs per parameter per token: forward 2, activation gradients 2, weight gradients 2."""
-    return 2 + (2 if gradient_crosses or trains else 0) + (2 if trains else 0)
+def _flops_per_token(params: list[torch.nn.Parameter], crossed: bool) -> int:
+    """FLOPs per token of one tower: forward 2 per parameter; activation gradients 2 per parameter when a gradient
+    flows through it (from a trained part before it, `crossed`, or inside it: LoRA adapters); weight gradients 2 per
+    trained parameter."""
+    total = sum(p.numel() for p in params)
+    trained = sum(p.numel() for p in params if p.requires_grad)
+    return 2 * total + (2 * total if crossed or trained else 0) + 2 * trained
 
 
 @dataclass(frozen=True)
 class ModelFlops:
     """Encoder + LLM FLOPs of a step from its token and image counts."""
 
-    llm_params: int
-    llm_factor: int
-    vision_params: int
-    vision_factor: int
+    llm_per_token: int
+    vision_per_position: int
     positions: int  # encoder tokens per image
 
     @classmethod
     def of(cls, model: DSVLM) -> ModelFlops:
         vlm = model.vlm
-        llm = {id(p): p for p in [*vlm.model.language_model.parameters(), *vlm.lm_head.parameters()]}.values()
+        llm = list({id(p): p for p in [*vlm.model.language_model.parameters(), *vlm.lm_head.parameters()]}.values())
         vision = reached_vision_parameters(model)
+        # The text loss's gradient crosses the LLM when anything before it (connector, encoder) trains.
+        upstream = [*vlm.model.multi_modal_projector.parameters(), *vision]
         return cls(
-            llm_params=sum(p.numel() for p in llm),
-            # The text loss's gradient crosses the LLM whenever anything before it (connector, encoder) trains.
-            llm_factor=_pass_factor(any(p.requires_grad for p in llm), gradient_crosses=True),
-            vision_params=sum(p.numel() for p in vision),
-            vision_factor=_pass_factor(any(p.requires_grad for p in vision), gradient_crosses=False),
+            llm_per_token=_flops_per_token(llm, crossed=any(p.requires_grad for p in upstream)),
+            vision_per_position=_flops_per_token(vision, crossed=False),
             positions=vlm.model.vision_tower.embeddings.num_positions,
         )
 
     def step_flops(self, tokens: float, images: float) -> float:
-        llm = self.llm_factor * self.llm_params * tokens
-        return llm + self.vision_factor * self.vision_params * self.positions * images
+        return self.llm_per_token * tokens + self.vision_per_position * self.positions * images
 
 
 class BranchFlops:
