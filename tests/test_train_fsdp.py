@@ -12,44 +12,20 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from helpers import REPO, cli, prepare_small_synthetic, tiny_overrides
 from test_train import assert_same_weights
 
 pytestmark = pytest.mark.slow
 
-FSDP_CPU = """compute_environment: LOCAL_MACHINE
-distributed_type: FSDP
-num_machines: 1
-num_processes: 2
-machine_rank: 0
-mixed_precision: "no"
-use_cpu: true
-main_process_port: 29547
-fsdp_config:
-  fsdp_version: 2
-  fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP
-  fsdp_state_dict_type: FULL_STATE_DICT
-  fsdp_cpu_ram_efficient_loading: false
-  fsdp_reshard_after_forward: true
-  fsdp_activation_checkpointing: false
-"""
 
-# recipes/accelerate/deepspeed_zero2.yaml on 2 CPU processes.
-DEEPSPEED_CPU = """compute_environment: LOCAL_MACHINE
-distributed_type: DEEPSPEED
-deepspeed_config:
-  zero_stage: 2
-  offload_optimizer_device: none
-  offload_param_device: none
-  gradient_accumulation_steps: 1
-  gradient_clipping: 1.0
-num_machines: 1
-num_processes: 2
-machine_rank: 0
-mixed_precision: "no"
-use_cpu: true
-main_process_port: 29548
-"""
+def cpu_config(shipped: str, port: int) -> str:
+    """A bundled accelerate config (recipes/accelerate/) on 2 CPU processes; everything else as shipped. fp32:
+    the comparison with one process is exact there."""
+    config = yaml.safe_load((REPO / "recipes" / "accelerate" / shipped).read_text())
+    config.update(num_processes=2, use_cpu=True, main_process_port=port, mixed_precision="no")
+    return yaml.safe_dump(config)
+
 
 # Every image reconstructed: a per-device sub-batch limit would differ between the two layouts.
 COMMON = ["supervision.reconstruct_per_batch=null", "run.preview_every=2", "--stage", "align", "--no-progress"]
@@ -109,10 +85,12 @@ def _sharded_run_matches_one_process_and_resumes(
 
 
 def test_fsdp_on_two_processes_matches_one_process_and_resumes(single, tmp_path):
-    _sharded_run_matches_one_process_and_resumes(single, tmp_path, FSDP_CPU, "FSDP")
+    _sharded_run_matches_one_process_and_resumes(single, tmp_path, cpu_config("fsdp.yaml", 29547), "FSDP")
 
 
 def test_deepspeed_zero2_on_two_processes_matches_one_process_and_resumes(single, tmp_path):
     # Not a dsvlm dependency; on CPU its gloo collectives JIT-build a small C++ op once (needs a compiler).
     pytest.importorskip("deepspeed")
-    _sharded_run_matches_one_process_and_resumes(single, tmp_path, DEEPSPEED_CPU, "DEEPSPEED")
+    _sharded_run_matches_one_process_and_resumes(
+        single, tmp_path, cpu_config("deepspeed_zero2.yaml", 29548), "DEEPSPEED"
+    )
