@@ -452,10 +452,14 @@ def run_stage(recipe: Recipe, stage: StageConfig, run: RunDir, init: Path | None
 
     wall = time.perf_counter() - started
     finish_trackers(accelerator)
-    # Every rank takes part: under FSDP this gathers the shards into one full state dict (a collective).
-    full_state = accelerator.get_state_dict(model)
-    checksums = _rank_checksums(accelerator, model, full_state)
-    if len(set(checksums)) > 1:
+    fsdp = accelerator.distributed_type == DistributedType.FSDP
+    # Sharded (FSDP, DeepSpeed): every rank takes part in gathering the full state dict (a collective); replicated
+    # (DDP): only the main process, which saves, needs it.
+    gathering = fsdp or accelerator.distributed_type == DistributedType.DEEPSPEED or accelerator.is_main_process
+    full_state = accelerator.get_state_dict(model) if gathering else None
+    # FSDP's ranks hold shards of one copy: nothing to compare. Replicas (DDP, ZeRO-2) must be identical.
+    checksums = None if fsdp else _rank_checksums(accelerator, model)
+    if checksums is not None and len(set(checksums)) > 1:
         raise RunFailure(f"stage {stage.name}: the weights of the {world} processes diverged ({checksums})")
     if supervise:
         _write_preview(accelerator, model, preview, recipe, stage_dir / "reconstructions.png")
@@ -653,15 +657,12 @@ def _write_preview(accelerator: Accelerator, model: torch.nn.Module, batch: dict
     accelerator.wait_for_everyone()
 
 
-def _rank_checksums(accelerator: Accelerator, model: torch.nn.Module, full_state: dict) -> list[float]:
-    """A weighted parameter sum per process: DDP replicas must hold identical weights. Under FSDP the ranks
-    hold shards of one copy: the sum is over the gathered state dict, on the ranks that received it."""
-    fsdp = accelerator.distributed_type == DistributedType.FSDP
-    tensors = list(full_state.values()) if fsdp else list(_unwrapped(model).parameters())
+def _rank_checksums(accelerator: Accelerator, model: torch.nn.Module) -> list[float]:
+    """A weighted parameter sum per process: replicas (DDP, DeepSpeed ZeRO-2) must hold identical weights."""
     with torch.no_grad():
-        total = sum(float((p.double() * (i % 7 + 1)).sum()) for i, p in enumerate(tensors))
-    pairs = accelerator.gather(torch.tensor([[total, len(tensors)]], dtype=torch.float64, device=accelerator.device))
-    return [t for t, n in pairs.tolist() if n > 0]
+        params = _unwrapped(model).parameters()
+        total = sum(float((p.double() * (i % 7 + 1)).sum()) for i, p in enumerate(params))
+    return accelerator.gather(torch.tensor([total], dtype=torch.float64, device=accelerator.device)).tolist()
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
