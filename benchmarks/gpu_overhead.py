@@ -7,8 +7,8 @@ UNet + VAE; random weights, `_paper_shapes.py`, built on the GPU in bf16), prepa
 px). Reports per arm the median `step_time_s` after `--warmup` steps, the child's peak RSS, and ds / plain.
 Overridden: pretrained paths, data, output dir, step counts, batch sizes, the preview size.
 
-    bash benchmarks/gpu_overhead.sh gpu_overhead.json          # one GPU (an H200 holds stage 1 at batch 16)
-    .venv/bin/python benchmarks/gpu_overhead.py --smoke --json /tmp/smoke.json   # tiny shapes, CPU, ~2 min
+    bash benchmarks/gpu_overhead.sh gpu_overhead.json          # one GPU; not yet run on one
+    .venv/bin/python benchmarks/gpu_overhead.py --smoke --json /tmp/smoke.json   # tiny shapes, CPU, 30 s here
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # DS vs plain step time of llava15-vicuna7b-ds at the paper's real shapes on one GPU (bf16, SD 1.5 at 256 and
 # 512 px), in one call. Usage: bash benchmarks/gpu_overhead.sh [REPORT.json] [extra gpu_overhead.py options]
-# Needs about 45 GB of disk for the bf16 components and ~10 min on an H200 (build, 3 arms x 8 steps).
+# Not yet run on a GPU. The bf16 components hold about 8 B parameters (16 GB by count); its time is unmeasured.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 report="${1:-gpu_overhead.json}"
