@@ -49,15 +49,9 @@ def reached_vision_parameters(model: DSVLM) -> list[nn.Parameter]:
     read = [k % (len(layers) + 1) for k in (feature if isinstance(feature, list) else [feature])]
     if model.supervision is not None:
         read += model.supervision.config.vision_layers
-    kept = {id(p) for p in tower.parameters()} - {id(p) for layer in layers for p in layer.parameters()}
-    kept -= {
-        id(p)
-        for name, module in tower.named_modules()
-        if name.split(".")[-1] in ("post_layernorm", "head")
-        for p in module.parameters()
-    }
-    kept |= {id(p) for layer in layers[: max(read)] for p in layer.parameters()}
-    return [p for p in tower.parameters() if id(p) in kept]
+    tail = [module for name, module in tower.named_modules() if name.split(".")[-1] in ("post_layernorm", "head")]
+    unreached = {id(p) for module in [*layers[max(read) :], *tail] for p in module.parameters()}
+    return [p for p in tower.parameters() if id(p) not in unreached]
 
 
 def _count(params: Iterable[nn.Parameter]) -> tuple[int, int]:
