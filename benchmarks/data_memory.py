@@ -76,7 +76,7 @@ def write_text_only_set(out: Path, records: int, chunk: int = 50_000) -> Path:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from dsvlm.data.common import PARQUET_SCHEMA
+    from dsvlm.data.common import FORMAT_VERSION, PARQUET_SCHEMA
     from dsvlm.data.prepared import write_arrow_copy
 
     manifest = out / "manifest.json"
@@ -117,7 +117,7 @@ def write_text_only_set(out: Path, records: int, chunk: int = 50_000) -> Path:
     manifest.write_text(
         json.dumps(
             {
-                "format_version": 1,
+                "format_version": FORMAT_VERSION,
                 "kind": "llava",
                 "image_root": "images",
                 "splits": {SPLIT: {"file": parquet.name, "records": records, "skipped": {}}},
@@ -189,12 +189,13 @@ def tiny_collator(supervise: bool) -> Any:
 
     from train_overhead import RECIPE, TINY
 
+    from dsvlm.data.synthetic import synthetic_vocabulary
     from dsvlm.model.collate import Collator
     from dsvlm.model.dsvlm import build_model
     from dsvlm.recipe import load_recipe
 
     recipe = load_recipe(RECIPE, list(TINY))
-    model = build_model(recipe)
+    model = build_model(recipe, words=synthetic_vocabulary())  # the inline LLM's word-level tokenizer
     stage = recipe.stage(SPLIT)
     collator = Collator(
         model.processor,

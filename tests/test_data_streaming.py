@@ -15,7 +15,7 @@ import torch
 from helpers import prepare_small_synthetic
 from torch.utils.data import DataLoader
 
-from dsvlm.data.common import PARQUET_SCHEMA
+from dsvlm.data.common import FORMAT_VERSION, PARQUET_SCHEMA
 from dsvlm.data.dataset import PreparedSplit, fixed_subset
 from dsvlm.data.prepared import SOURCE_KEY
 from dsvlm.train.loop import LengthGroupedPermutation, epoch_sampler
@@ -43,7 +43,7 @@ def text_only_dataset(out: Path, records: int, salt: str = "") -> Path:
     (out / "manifest.json").write_text(
         json.dumps(
             {
-                "format_version": 1,
+                "format_version": FORMAT_VERSION,
                 "kind": "llava",
                 "image_root": "images",
                 "splits": {"instruct": {"file": "instruct.parquet", "records": records, "skipped": {}}},
