@@ -60,13 +60,9 @@ class RunDir:
     root: Path
 
     @classmethod
-    def open(
-        cls, root: Path, recipe: Recipe, stages: list[str], resume: bool, overwrite: bool, main: bool = True
-    ) -> RunDir:
-        """Create or reopen a run directory, refusing to clobber another run's stages.
-
-        Every process runs the checks; only the main one (`main`) writes.
-        """
+    def open(cls, root: Path, recipe: Recipe, stages: list[str], resume: bool, overwrite: bool) -> RunDir:
+        """Create or reopen a run directory, refusing to clobber another run's stages. In a distributed run only
+        the main process calls this (see `train.loop`): another one checking meanwhile would see a half-made run."""
         root = Path(root)
         if overwrite:  # it deletes stages: only ever inside a dsvlm run (or an empty folder)
             check_output(root, RUN, overwrite)
@@ -96,19 +92,19 @@ class RunDir:
         for stage in stages:
             stage_dir = run.stage_dir(stage)
             if stage_dir.exists() and any(stage_dir.iterdir()):
-                if overwrite and main:
+                if overwrite:
                     shutil.rmtree(stage_dir)
                 elif not resume:
                     raise DsvlmError(
                         f"{stage_dir} already holds stage {stage!r} of a run; pass --resume to continue it "
                         "or --overwrite to replace it"
                     )
-        if main:  # under the run's writer lock (train): what other processes left is theirs no more
-            remove_dead_temporaries(root.rglob(".*"))
-            for stage in stages:
-                remove_checkpoint_temporaries(run.checkpoints_dir(stage))
-            write_marker(root, RUN)
-            atomic_write_text(stored, dump_recipe(recipe))
+        # Under the run's writer lock (train): what other processes left is theirs no more
+        remove_dead_temporaries(root.rglob(".*"))
+        for stage in stages:
+            remove_checkpoint_temporaries(run.checkpoints_dir(stage))
+        write_marker(root, RUN)
+        atomic_write_text(stored, dump_recipe(recipe))
         return run
 
     def stage_dir(self, stage: str) -> Path:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import atexit
+import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -25,6 +28,18 @@ def cli(*args: object, check: bool = False, env: dict | None = None) -> Result:
         raise AssertionError(
             f"dsvlm {' '.join(map(str, args))} failed ({result.exit_code}):\n{result.stderr[-3000:]}"
         ) from result.exception
+    return result
+
+
+def launch(launcher: list[str], *args: object, check: bool = True) -> subprocess.CompletedProcess:
+    """`python -m LAUNCHER... -m dsvlm ARGS` (torch.distributed.run or accelerate launch), one thread per process.
+    On a failure (`check`) the message shows what the ranks printed, not the launcher's report after it."""
+    cmd = [sys.executable, "-m", *launcher, "-m", "dsvlm", *map(str, args)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
+    if check and result.returncode != 0:
+        ranks = result.stderr.split("\nTraceback (most recent call last):")[0]  # the launcher's own, unprefixed
+        raise AssertionError(f"{' '.join(cmd)} failed ({result.returncode}):\n{ranks[-4000:]}")
     return result
 
 

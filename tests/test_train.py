@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from fixtures_runs import TinyRun, shared_run
-from helpers import REPO, cli, prepare_small_synthetic, tiny_model, tiny_overrides
+from helpers import REPO, cli, launch, prepare_small_synthetic, tiny_model, tiny_overrides
 from safetensors.torch import load_file
 
 from dsvlm.errors import DsvlmError
@@ -153,16 +153,8 @@ def test_two_processes_match_one_process_at_the_same_global_batch(data, tmp_path
     single = tmp_path / "single"
     _run_cli_train(data, single, "supervision.reconstruct_per_batch=null", steps=3)
     ddp = tmp_path / "ddp"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        "29531",
-        "-m",
-        "dsvlm",
+    launch(
+        ["torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531"],
         "train",
         "tiny-synthetic",
         *tiny_overrides(data, ddp, steps=3),
@@ -171,12 +163,7 @@ def test_two_processes_match_one_process_at_the_same_global_batch(data, tmp_path
         "--stage",
         "align",
         "--no-progress",
-    ]
-    result = subprocess.run(
-        cmd, capture_output=True, text=True, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600
     )
-    # Without rank 1's traceback (it only saw rank 0 leave): the tail then holds rank 0's own error.
-    assert result.returncode == 0, "\n".join(x for x in result.stderr.splitlines() if "[rank1]" not in x)[-3000:]
     info = json.loads((ddp / "align" / "final" / "stage.json").read_text())
     assert info["world_size"] == 2
     assert len(set(info["rank_checksums"])) == 1, "ranks diverged"
@@ -185,6 +172,23 @@ def test_two_processes_match_one_process_at_the_same_global_batch(data, tmp_path
     for a, b in zip(metrics(single, "align"), metrics(ddp, "align"), strict=True):
         assert a["text_loss"] == pytest.approx(b["text_loss"], rel=1e-4)
         assert a["rec_loss"] == pytest.approx(b["rec_loss"], rel=1e-4)
+
+
+@pytest.mark.slow  # torch.distributed.run launches two processes
+def test_every_process_stops_with_the_main_ones_refusal_of_the_output_dir(data, tmp_path):
+    # Only the main process checks and makes the run directory (another checking meanwhile would see a half-made
+    # run and refuse it); its refusal reaches every rank, which all stop with the same user error.
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("a user's file")
+    launcher = ["torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29532", "--tee", "2"]
+    overrides = [*tiny_overrides(data, out), "stages.0.per_device_batch_size=4", "stages.1.per_device_batch_size=4"]
+    result = launch(launcher, "train", "tiny-synthetic", *overrides, "--no-progress", check=False)
+    assert result.returncode != 0
+    for rank in (0, 1):
+        assert f"[default{rank}]:error: {out} is not empty and is not a dsvlm run" in result.stderr, rank
+    assert "Connection closed" not in result.stderr and "[rank" not in result.stderr  # no rank crashed
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
 
 
 def test_missing_data_fails_before_building_anything(tmp_path):

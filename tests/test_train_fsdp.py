@@ -5,15 +5,12 @@ at the same global batch, and `--resume` from a sharded checkpoint equal to the 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from helpers import REPO, cli, prepare_small_synthetic, tiny_overrides
+from helpers import REPO, cli, launch, prepare_small_synthetic, tiny_overrides
 from test_train import assert_same_weights
 
 pytestmark = pytest.mark.slow
@@ -47,23 +44,9 @@ def _sharded_run_matches_one_process_and_resumes(
     config = tmp_path / "accelerate.yaml"
     config.write_text(accelerate_config)
     sharded = tmp_path / "sharded"
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        str(config),
-        "-m",
-        "dsvlm",
-        "train",
-        "tiny-synthetic",
-        *tiny_overrides(data, sharded, steps=3),
-        "stages.0.per_device_batch_size=4",
-        *COMMON,
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    args = ["train", "tiny-synthetic", *tiny_overrides(data, sharded, steps=3), "stages.0.per_device_batch_size=4"]
+    launcher = ["accelerate.commands.launch", "--config_file", str(config)]
+    launch(launcher, *args, *COMMON)
     final = sharded / "align" / "final"
     info = json.loads((final / "stage.json").read_text())
     assert info["world_size"] == 2 and info["distributed"] == distributed
@@ -76,8 +59,7 @@ def _sharded_run_matches_one_process_and_resumes(
     # optimizer, scheduler, RNG on both ranks) and redoes step 3.
     uninterrupted = tmp_path / "uninterrupted"
     shutil.move(final, uninterrupted)
-    resumed = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    resumed = launch(launcher, *args, *COMMON, "--resume")
     assert "resumed from" in resumed.stderr and "skipping" not in resumed.stderr
     assert_same_weights(uninterrupted, final, atol=1e-6)
     steps = [json.loads(line)["step"] for line in (sharded / "align" / "metrics.jsonl").read_text().splitlines()]

@@ -30,7 +30,7 @@ from accelerate import (
     PartialState,
 )
 from accelerate.state import AcceleratorState
-from accelerate.utils import DeepSpeedPlugin, DistributedType
+from accelerate.utils import DeepSpeedPlugin, DistributedType, broadcast_object_list
 from torch.distributed.fsdp import FSDPModule
 from torch.utils.data import DataLoader, Sampler, Subset
 from transformers import get_scheduler
@@ -143,6 +143,26 @@ def epoch_batches(
     return iter(accelerator.skip_first_batches(loader, skip) if skip else loader)
 
 
+def _open_run_dir(state: PartialState, recipe: Recipe, names: list[str], options: TrainOptions) -> RunDir:
+    """The main process checks and makes the run directory; the others wait for its verdict and share it.
+    Checking on every process would race: another one would see the main one's half-made run (a non-empty
+    folder without its marker yet) and refuse it."""
+    root = Path(recipe.run.output_dir)
+    refusal: DsvlmError | None = None
+    if state.is_main_process:
+        try:
+            RunDir.open(root, recipe, names, options.resume, options.overwrite)
+        except DsvlmError as exc:
+            refusal = exc
+    if state.num_processes > 1:
+        message = broadcast_object_list([None if refusal is None else str(refusal)])[0]
+        if message is not None and refusal is None:
+            refusal = DsvlmError(message)
+    if refusal is not None:
+        raise refusal
+    return RunDir(root)
+
+
 def train(recipe: Recipe, options: TrainOptions) -> Path:
     """Run the selected stages in order; each starts from the previous one's output. Returns the last output."""
     names = options.stages or [s.name for s in recipe.stages]
@@ -158,10 +178,7 @@ def train(recipe: Recipe, options: TrainOptions) -> Path:
     for stage in stages:  # the world size is known now: refuse a batch layout it cannot make, before any work
         _check_batch_layout(stage, state.num_processes)
     with writer_lock(Path(recipe.run.output_dir), enabled=state.is_main_process):
-        run = RunDir.open(
-            Path(recipe.run.output_dir), recipe, names, options.resume, options.overwrite, main=state.is_main_process
-        )
-        state.wait_for_everyone()
+        run = _open_run_dir(state, recipe, names, options)
         output = run.root
         for stage in stages:
             if init is None:
