@@ -14,7 +14,6 @@ guidance). Checkpoints make it resumable; `pretrain.json`, written last, marks a
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import math
@@ -43,6 +42,7 @@ from dsvlm.data.prepared import PreparedDataset
 from dsvlm.data.synthetic import _caption, _sample_scene
 from dsvlm.errors import DataError, DsvlmError
 from dsvlm.io import atomic_dir, atomic_write_json
+from dsvlm.model.supervision.vae import encode
 from dsvlm.outputs import DIFFUSION_MODEL, check_output, write_marker, writer_lock
 from dsvlm.plots import image_grid, plot_curves
 
@@ -451,7 +451,7 @@ def _train_step(
             captions, padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt"
         ).input_ids
         states = models.text_encoder(ids).last_hidden_state
-        scheduler = _noise_schedule(options)
+        scheduler = DDPMScheduler.from_config(schedule(options))  # half a millisecond
         noise = torch.randn(target.shape, generator=generator)
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(target),), generator=generator)
         noisy = scheduler.add_noise(target, noise, timesteps)
@@ -466,21 +466,12 @@ def _train_step(
     return float(loss.detach())
 
 
-@functools.cache
-def _noise_schedule(options: PretrainOptions) -> DDPMScheduler:
-    return DDPMScheduler.from_config(schedule(options))
-
-
 @torch.no_grad()
 def _unet_targets(vae: AutoencoderKL | None, corpus: Corpus, chunk: int = 256) -> torch.Tensor:
-    """Every corpus image in the UNet's input space: pixels in [-1, 1], or scaled VAE latent means."""
+    """Every corpus image in the UNet's input space: pixels in [-1, 1], or latents encoded as training encodes."""
     if vae is None:
         return to_unit(corpus.images)
-    parts = [
-        vae.encode(to_unit(corpus.images[i : i + chunk])).latent_dist.mode()
-        for i in range(0, len(corpus.images), chunk)
-    ]
-    return torch.cat(parts) * vae.config.scaling_factor
+    return torch.cat([encode(vae, to_unit(corpus.images[i : i + chunk])) for i in range(0, len(corpus.images), chunk)])
 
 
 @torch.no_grad()
