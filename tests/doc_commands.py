@@ -23,22 +23,11 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from helpers import REPO, tiny_sizes
 
 # Sizes appended to the documented command lines (the last value of an option or override wins), so that a
 # documented command trains, prepares, evaluates and probes in seconds. Flags and arguments stay as documented.
-TRAIN_SIZES = [
-    *(
-        f"stages.{i}.{key}={value}"
-        for i in (0, 1)
-        for key, value in (("max_steps", 2), ("global_batch_size", 8), ("per_device_batch_size", 8))
-    ),
-    "run.checkpoint_every=2",
-    "run.log_every=1",
-    "run.preview_images=2",
-    "supervision.sampler_steps=2",
-    "supervision.reconstruct_per_batch=4",
-]
+TRAIN_SIZES = tiny_sizes(steps=2)
 ABLATE_SIZES = ["ablate.probe_train=32", "ablate.probe_test=32", "ablate.probe_steps=5"]
 PRETRAIN_SIZES = ["--steps", "2", "--batch-size", "4"]
 SYNTHETIC_SIZES = ["--n-align", "32", "--n-instruct", "32", "--n-eval", "16"]

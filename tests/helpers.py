@@ -86,12 +86,10 @@ def tiny_diffusion(prediction_type: str = "sample") -> Path:
     return _TINY_DIFFUSION[prediction_type]
 
 
-def tiny_overrides(data: Path, out: Path, steps: int = 4, batch: int = 8, **extra: object) -> list[str]:
-    """The tiny-synthetic recipe shrunk to a few steps of a small batch, on the tiny pretrained diffusion model."""
+def tiny_sizes(steps: int = 4, batch: int = 8) -> list[str]:
+    """Overrides that shrink the tiny-synthetic recipe (or a documented command on it) to a few steps of a small
+    batch, with short previews and sampling."""
     values: dict[str, object] = {
-        "data.dataset": data,
-        "run.output_dir": out,
-        "supervision.diffusion.pretrained": tiny_diffusion(),
         "run.checkpoint_every": 2,
         "run.log_every": 1,
         "run.preview_images": 2,
@@ -106,8 +104,13 @@ def tiny_overrides(data: Path, out: Path, steps: int = 4, batch: int = 8, **extr
                 f"stages.{i}.per_device_batch_size": batch,
             }
         )
-    values.update(extra)
     return [f"{k}={v}" for k, v in values.items()]
+
+
+def tiny_overrides(data: Path, out: Path, steps: int = 4, batch: int = 8, **extra: object) -> list[str]:
+    """The tiny-synthetic recipe shrunk by `tiny_sizes`, on `data` and the tiny pretrained diffusion model."""
+    paths = {"data.dataset": data, "run.output_dir": out, "supervision.diffusion.pretrained": tiny_diffusion()}
+    return [f"{k}={v}" for k, v in paths.items()] + tiny_sizes(steps, batch) + [f"{k}={v}" for k, v in extra.items()]
 
 
 def tiny_vlm(cfg, seed: int = 0):
