@@ -175,20 +175,37 @@ def test_two_processes_match_one_process_at_the_same_global_batch(data, tmp_path
 
 
 @pytest.mark.slow  # torch.distributed.run launches two processes
-def test_every_process_stops_with_the_main_ones_refusal_of_the_output_dir(data, tmp_path):
-    # Only the main process checks and makes the run directory (another checking meanwhile would see a half-made
-    # run and refuse it); its refusal reaches every rank, which all stop with the same user error.
-    out = tmp_path / "mine"
-    out.mkdir()
-    (out / "notes.txt").write_text("a user's file")
-    launcher = ["torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29532", "--tee", "2"]
+@pytest.mark.parametrize("case", ["not a run", "locked"])
+def test_every_process_stops_with_the_main_ones_refusal_of_the_output_dir(data, tmp_path, case):
+    # Only the main process takes, checks and makes the run directory (another checking meanwhile would see a
+    # half-made run and refuse it); its refusal reaches every rank, which all stop with the same user error.
+    out = tmp_path / "run"
+    if case == "not a run":
+        out.mkdir()
+        (out / "notes.txt").write_text("a user's file")
+        message = f"{out} is not empty and is not a dsvlm run"
+    else:
+        lock_path(out).write_text(f"{os.getpid()} {socket.gethostname()}\n")  # a live process holds the run
+        message = f"{out} is being written by another dsvlm process (pid {os.getpid()}"
+    port = {"not a run": "29532", "locked": "29533"}[case]
+    launcher = ["torch.distributed.run", "--nproc_per_node", "2", "--master_port", port, "--tee", "2"]
     overrides = [*tiny_overrides(data, out), "stages.0.per_device_batch_size=4", "stages.1.per_device_batch_size=4"]
     result = launch(launcher, "train", "tiny-synthetic", *overrides, "--no-progress", check=False)
     assert result.returncode != 0
     for rank in (0, 1):
-        assert f"[default{rank}]:error: {out} is not empty and is not a dsvlm run" in result.stderr, rank
+        assert f"[default{rank}]:error: {message}" in result.stderr, (rank, result.stderr[-3000:])
     assert "Connection closed" not in result.stderr and "[rank" not in result.stderr  # no rank crashed
-    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    if case == "not a run":
+        assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    else:
+        assert not out.exists()
+
+
+def test_an_init_inside_a_stage_that_overwrite_deletes_is_refused(tiny_run, tmp_path):
+    run = tiny_run.copy(tmp_path / "run")
+    result = cli("train", "tiny-synthetic", *run.overrides(), "--stage", "align", "--init", run.final, "--overwrite")
+    assert result.exit_code == 2 and "which --overwrite would delete first" in result.stderr
+    assert (run.final / "stage.json").is_file()
 
 
 def test_missing_data_fails_before_building_anything(tmp_path):

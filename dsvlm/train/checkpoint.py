@@ -17,6 +17,7 @@ from accelerate import Accelerator
 
 from dsvlm.errors import DsvlmError, RunFailure
 from dsvlm.io import atomic_write_json
+from dsvlm.train.collective import decided_on_main
 
 log = logging.getLogger(__name__)
 STATE_FILE = "trainer_state.json"
@@ -97,7 +98,25 @@ def _reason(exc: BaseException, limit: int = 200) -> str:
 
 def load_latest(accelerator: Accelerator, directory: Path) -> dict[str, Any] | None:
     """Load the newest checkpoint whose files all read back; warn about and skip corrupt ones. None if there
-    is none; an error listing each checkpoint and why when there are some and none loads."""
+    is none; an error listing each checkpoint and why when there are some and none loads. The main process
+    chooses it, so every process loads the same one."""
+    chosen = decided_on_main(lambda: _latest_readable(directory))
+    if chosen is None:
+        return None
+    path, state = chosen
+    try:
+        accelerator.load_state(str(path))
+    except Exception as exc:  # its files read back, yet it does not fit: the model may be half loaded
+        raise DsvlmError(
+            f"checkpoint {path} does not fit this run ({_reason(exc)}); nothing else was tried "
+            "because the model may be partly loaded; start the stage over with --overwrite"
+        ) from exc
+    log.info("resumed from %s (step %d)", path, state["step"])
+    return state
+
+
+def _latest_readable(directory: Path) -> tuple[Path, dict[str, Any]] | None:
+    """The newest checkpoint whose files all read back, and its trainer state."""
     failures = []
     for name in latest_names(directory):
         path = directory / name
@@ -108,15 +127,7 @@ def load_latest(accelerator: Accelerator, directory: Path) -> dict[str, Any] | N
             log.warning("skipping checkpoint %s: it does not load (%s)", path, _reason(exc))
             failures.append(f"{name}: {_reason(exc)}")
             continue
-        try:
-            accelerator.load_state(str(path))
-        except Exception as exc:  # its files read back, yet it does not fit: the model may be half loaded
-            raise DsvlmError(
-                f"checkpoint {path} does not fit this run ({_reason(exc)}); nothing else was tried "
-                "because the model may be partly loaded; start the stage over with --overwrite"
-            ) from exc
-        log.info("resumed from %s (step %d)", path, state["step"])
-        return state
+        return path, state
     if failures:
         listed = "\n  ".join(failures)
         raise DsvlmError(

@@ -30,7 +30,7 @@ from accelerate import (
     PartialState,
 )
 from accelerate.state import AcceleratorState
-from accelerate.utils import DeepSpeedPlugin, DistributedType, broadcast_object_list
+from accelerate.utils import DeepSpeedPlugin, DistributedType
 from torch.distributed.fsdp import FSDPModule
 from torch.utils.data import DataLoader, Sampler, Subset
 from transformers import get_scheduler
@@ -56,6 +56,7 @@ from dsvlm.recipe.load import dump_recipe
 from dsvlm.recipe.schema import Recipe, StageConfig
 from dsvlm.rundir import STAGE_INFO, RunDir, environment, is_final, resolve_init
 from dsvlm.train import checkpoint
+from dsvlm.train.collective import decided_on_main
 from dsvlm.train.throughput import BranchFlops, ModelFlops, peak_tflops, throughput_fields
 from dsvlm.train.tracking import check_tensorboard, finish_trackers, scalars, tensorboard_dir
 
@@ -143,24 +144,22 @@ def epoch_batches(
     return iter(accelerator.skip_first_batches(loader, skip) if skip else loader)
 
 
-def _open_run_dir(state: PartialState, recipe: Recipe, names: list[str], options: TrainOptions) -> RunDir:
-    """The main process checks and makes the run directory; the others wait for its verdict and share it.
-    Checking on every process would race: another one would see the main one's half-made run (a non-empty
-    folder without its marker yet) and refuse it."""
+def _claim_run_dir(
+    recipe: Recipe, names: list[str], options: TrainOptions, held: contextlib.ExitStack
+) -> tuple[RunDir, Path | None]:
+    """The run directory taken (its writer lock held in `held`), checked and made, and `--init` resolved before
+    `--overwrite` removes anything. Run by the main process only (see `train`)."""
     root = Path(recipe.run.output_dir)
-    refusal: DsvlmError | None = None
-    if state.is_main_process:
-        try:
-            RunDir.open(root, recipe, names, options.resume, options.overwrite)
-        except DsvlmError as exc:
-            refusal = exc
-    if state.num_processes > 1:
-        message = broadcast_object_list([None if refusal is None else str(refusal)])[0]
-        if message is not None and refusal is None:
-            refusal = DsvlmError(message)
-    if refusal is not None:
-        raise refusal
-    return RunDir(root)
+    held.enter_context(writer_lock(root))
+    init = resolve_init(options.init) if options.init else None
+    if init is not None and options.overwrite:
+        doomed = [n for n in names if init.resolve().is_relative_to((root / n).resolve())]
+        if doomed:
+            raise DsvlmError(
+                f"--init {options.init} is the output of stage {doomed[0]!r}, which --overwrite would delete "
+                "first; copy it out of the run and pass the copy"
+            )
+    return RunDir.open(root, recipe, names, options.resume, options.overwrite), init
 
 
 def train(recipe: Recipe, options: TrainOptions) -> Path:
@@ -173,12 +172,13 @@ def train(recipe: Recipe, options: TrainOptions) -> Path:
     for stage in stages:  # fail on missing data before any model is built
         _check_data(recipe, stage)
     check_tensorboard(recipe)
-    init = resolve_init(options.init) if options.init else None  # a bad --init fails before anything is written
     state = PartialState(cpu=_cpu_only())
     for stage in stages:  # the world size is known now: refuse a batch layout it cannot make, before any work
         _check_batch_layout(stage, state.num_processes)
-    with writer_lock(Path(recipe.run.output_dir), enabled=state.is_main_process):
-        run = _open_run_dir(state, recipe, names, options)
+    with contextlib.ExitStack() as held:
+        # The main process alone claims the run directory, and the others share its verdict: checking it on
+        # every process would race with its making (a folder not empty, its run marker not yet written).
+        run, init = decided_on_main(lambda: _claim_run_dir(recipe, names, options, held))
         output = run.root
         for stage in stages:
             if init is None:
@@ -346,7 +346,8 @@ def run_stage(recipe: Recipe, stage: StageConfig, run: RunDir, init: Path | None
     )
     latents = _latent_cache(recipe, model, dataset_dir, collator.geometry)
     _hold_frozen_in_stage_precision(model, stage, accelerator)  # after the cache's VAE fingerprint
-    split = PreparedSplit(dataset_dir, stage.split_name, latents=latents)
+    with accelerator.main_process_first():  # one process makes the split's Arrow copy if it is missing
+        split = PreparedSplit(dataset_dir, stage.split_name, latents=latents)
     if stage.max_records is not None:
         split = fixed_subset(split, stage.max_records)  # the same records for every run seed
     sampler = epoch_sampler(split, recipe.run.seed, recipe.data.group_by_length, stage.global_batch_size)
