@@ -41,6 +41,7 @@ IDS = "ids.arrow"
 SHARD_SIZE = 4096  # latents per shard: 64 MiB at SD's 4x32x32 float32
 # 2: images made square by the recorded geometry before resizing; 3: the per-image lookup in mapped Arrow tables
 CACHE_VERSION = 3
+CHECK_ROWS = 65_536  # rows of the lookup table checked at once
 IMAGES_SCHEMA = pa.schema([("image", pa.string()), ("shard", pa.uint32()), ("row", pa.uint32())])
 IDS_SCHEMA = pa.schema([("id", pa.string()), ("image", pa.string())])
 
@@ -208,18 +209,18 @@ def _check_shards(directory: Path, index: dict[str, Any], images: pa.Table, hint
         ],
         dtype=np.int64,
     )
-    shard = images.column("shard").to_numpy()
-    row = images.column("row").to_numpy()
-    # Rows in a shard past the last one are checked against 0 rows: always out of range.
-    limit = np.append(rows, 0)[np.minimum(shard, len(rows))]
-    bad = np.flatnonzero(row >= limit)
-    if len(bad):
-        first = int(bad[0])
-        image = images.column("image")[first].as_py()
-        raise DataError(
-            f"{directory / IMAGES}: image {brief(image)} points at shard {shard[first]}, row {row[first]}, which "
-            f"does not exist ({len(rows)} shard(s)); {hint}"
-        )
+    limits = np.append(rows, 0)  # a shard past the last one has 0 rows: every row in it is out of range
+    for start in range(0, images.num_rows, CHECK_ROWS):  # in slices: bounded scratch memory at any size
+        part = images.slice(start, CHECK_ROWS)
+        shard, row = part.column("shard").to_numpy(), part.column("row").to_numpy()
+        bad = np.flatnonzero(row >= limits[np.minimum(shard, len(rows))])
+        if len(bad):
+            first = int(bad[0])
+            image = part.column("image")[first].as_py()
+            raise DataError(
+                f"{directory / IMAGES}: image {brief(image)} points at shard {shard[first]}, row {row[first]}, "
+                f"which does not exist ({len(rows)} shard(s)); {hint}"
+            )
 
 
 def _mapped(path: Path, hint: str) -> pa.Table:
@@ -341,17 +342,22 @@ class LatentCache:
         return self.images.num_rows
 
     def __contains__(self, image: object) -> bool:
-        return isinstance(image, str) and _find(self.images.column("image"), image) is not None
+        return isinstance(image, str) and self.locate(image) is not None
+
+    def locate(self, image: str) -> tuple[int, int] | None:
+        """(shard, row) of an image's latent, or None if the cache has none."""
+        at = _find(self.images.column("image"), image)
+        return None if at is None else (self.images.column("shard")[at].as_py(), self.images.column("row")[at].as_py())
 
     def get_image(self, image: str) -> torch.Tensor:
         """The latent [C, h, w] of an image, by its path relative to the image root (the record's `image`)."""
-        at = _find(self.images.column("image"), image)
-        if at is None:
+        location = self.locate(image)
+        if location is None:
             raise DataError(
                 f"{self.directory}: no latent for image {image!r}; the cache is stale, "
                 f"{rebuild_hint(self.directory.parent)}"
             )
-        shard, row = self.images.column("shard")[at].as_py(), self.images.column("row")[at].as_py()
+        shard, row = location
         path = self.directory / self.index["shards"][shard]
         try:
             handle = self._handles.get(shard)
