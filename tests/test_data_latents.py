@@ -6,12 +6,14 @@ import json
 import pickle
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from dsvlm.data.dataset import PreparedSplit
 from dsvlm.data.geometry import SquareGeometry
-from dsvlm.data.latents import LatentCache, build_latent_cache
+from dsvlm.data.latents import IMAGES, IMAGES_SCHEMA, SHARD_SIZE, LatentCache, build_latent_cache, write_index
 from dsvlm.data.prepared import PreparedDataset
 from dsvlm.data.synthetic import SyntheticConfig, prepare_synthetic
 from dsvlm.errors import DataError
@@ -114,13 +116,19 @@ def test_missing_and_stale_cache(cached: tuple[Path, object, str], tmp_path: Pat
     out, _, fingerprint = cached
     with pytest.raises(DataError, match=r"no latent cache.*dsvlm prepare latents"):
         LatentCache.open(tmp_path, fingerprint, 32, PAD)
-    cache = LatentCache.open(out, fingerprint, 32, PAD)
     first = PreparedDataset(out).records("align")[0]["image"]
-    del cache.index["images"][first]
+    edited = _edited_copy(out, tmp_path, lambda _, d: _edit_images(d, lambda rows: rows.remove(_row_of(rows, first))))
+    cache = LatentCache.open(edited, fingerprint, 32, PAD)
     with pytest.raises(DataError, match="not in the latent cache"):
-        PreparedSplit(out, "align", latents=cache)
+        PreparedSplit(edited, "align", latents=cache)
+    with pytest.raises(DataError, match="no latent for image"):
+        cache.get_image(first)
     with pytest.raises(DataError, match="no latent for record id"):
         cache.get("no-such-id")
+    with pytest.raises(DataError, match=r"latent cache version 2 is not 3.*dsvlm prepare latents"):
+        LatentCache.open(
+            _edited_copy(out, tmp_path / "old", lambda index, _: index.update(version=2)), fingerprint, 32, PAD
+        )
 
 
 def _edited_copy(cached_dir: Path, tmp_path: Path, edit) -> Path:
@@ -134,6 +142,25 @@ def _edited_copy(cached_dir: Path, tmp_path: Path, edit) -> Path:
     edit(index, out / "latents")
     index_path.write_text(json.dumps(index))
     return out
+
+
+def _edit_images(directory: Path, edit) -> None:
+    """Rewrite the cache's images.arrow after `edit(rows)` changed its rows ({image, shard, row} dicts)."""
+    rows = pa.ipc.open_file(str(directory / IMAGES)).read_all().to_pylist()
+    edit(rows)
+    table = pa.Table.from_pylist(rows, schema=IMAGES_SCHEMA)
+    with pa.OSFile(str(directory / IMAGES), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table)
+
+
+def _row_of(rows: list[dict], image: str) -> dict:
+    return next(row for row in rows if row["image"] == image)
+
+
+def _drop_row_column(directory: Path) -> None:
+    table = pa.ipc.open_file(str(directory / IMAGES)).read_all().drop_columns(["row"])
+    with pa.OSFile(str(directory / IMAGES), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table)
 
 
 def _cut_shard(index: dict, directory: Path) -> None:
@@ -156,14 +183,17 @@ def _link_out(index: dict, directory: Path) -> None:
     ("edit", "message"),
     [
         (lambda index, _: index.update(shape=[4, 3, 3]), r"shape \[4, \d+, \d+\], but the index says \[4, 3, 3\]"),
-        (lambda index, _: index["images"].update({next(iter(index["images"])): [0, 999]}), r"shard 0, row 999"),
-        (lambda index, _: index["images"].update({next(iter(index["images"])): [3, 0]}), r"shard 3, row 0"),
+        (lambda _, d: _edit_images(d, lambda rows: rows[0].update(row=999)), r"shard 0, row 999"),
+        (lambda _, d: _edit_images(d, lambda rows: rows[-1].update(shard=3, row=0)), r"shard 3, row 0"),
+        (lambda _, d: _edit_images(d, list.reverse), r"images.arrow: image column not sorted or not unique"),
+        (lambda _, d: _drop_row_column(d), r"images.arrow: columns \(image: string\nshard: uint32\), expected"),
+        (lambda _, d: (d / IMAGES).unlink(), r"images.arrow: latent lookup table cannot be read"),
         (
             lambda index, _: index.update(shards="shard-00000.safetensors"),
             r"index.json: not a valid LatentIndex \(shards",
         ),
         (lambda index, _: index.update(resolution="32"), r"not a valid LatentIndex \(resolution"),
-        (lambda index, _: index.pop("images"), r"not a valid LatentIndex \(images: Field required"),
+        (lambda index, _: index.pop("shards"), r"not a valid LatentIndex \(shards: Field required"),
         (_cut_shard, r"shard-00000.safetensors: latent shard cannot be read"),
         (_escape, r"must be a path relative to the dataset, without '..'"),
         (_link_out, r"shards 'link.safetensors' resolves to .*elsewhere.safetensors, outside"),
@@ -182,7 +212,7 @@ def test_a_shard_cut_short_after_opening_is_a_clean_error(cached, tmp_path: Path
     cache = LatentCache.open(out, fingerprint, 32, PAD)
     _cut_shard(cache.index, out / "latents")
     with pytest.raises(DataError, match=r"shard-00000\.safetensors: latent shard cannot be read"):
-        cache.get_image(next(iter(cache.index["images"])))
+        cache.get_image(cache.images.column("image")[0].as_py())
 
 
 def test_rebuild_replaces_the_cache(tmp_path: Path) -> None:
@@ -196,6 +226,54 @@ def test_rebuild_replaces_the_cache(tmp_path: Path) -> None:
     assert json.loads((out / "latents" / "index.json").read_text())["resolution"] == 16
     assert LatentCache.open(out, fingerprint, 16, PAD).get("align-000000").shape == (4, 8, 8)
     assert sorted(p.name for p in out.iterdir() if p.name.startswith((".", "latents"))) == ["latents"]
+
+
+def _containers(value: object, seen: set[int]) -> list[int]:
+    """The sizes of every dict, list, tuple and set reachable from `value` (attributes of objects included)."""
+    if id(value) in seen:
+        return []
+    seen.add(id(value))
+    if isinstance(value, dict):
+        items = [*value.keys(), *value.values()]
+    elif isinstance(value, list | tuple | set):
+        items = list(value)
+    elif hasattr(value, "__dict__") and not isinstance(value, type):
+        return _containers(vars(value), seen)
+    else:
+        return []
+    return [len(items), *(size for item in items for size in _containers(item, seen))]
+
+
+def test_a_large_cache_holds_no_per_image_python_objects(tmp_path: Path) -> None:
+    """The lookup is a binary search over the memory-mapped table: the opened cache (and its pickle, what every
+    DataLoader worker gets) holds nothing per image."""
+    n = 2 * SHARD_SIZE + 500  # three shards
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(0)).tolist()  # written unsorted
+    paths = [f"set{i % 7}/{i:06d}-é.jpg" for i in order]
+    directory = tmp_path / "data" / "latents"
+    directory.mkdir(parents=True)
+    shards = []
+    for start in range(0, n, SHARD_SIZE):  # latent of path i = its position, so each lookup is checked
+        shards.append(f"shard-{len(shards):05d}.safetensors")
+        position = torch.arange(start, min(n, start + SHARD_SIZE), dtype=torch.float32)
+        save_file({"latents": position.reshape(-1, 1, 1, 1)}, str(directory / shards[-1]))
+    metadata = {"version": 3, "fingerprint": "f" * 64, "resolution": 8, "geometry": PAD.key, "shape": [1, 1, 1]}
+    write_index(
+        directory, {**metadata, "scaling_factor": 1.0, "shards": shards}, paths, {f"r{i}": paths[i] for i in range(n)}
+    )
+    cache = LatentCache.open(directory.parent, "f" * 64, 8, PAD)
+    assert len(cache) == n and paths[0] in cache and "set0/missing.jpg" not in cache
+    for position in [0, 1, SHARD_SIZE - 1, SHARD_SIZE, n - 1, *range(17, n, 997)]:
+        assert cache.get_image(paths[position]).item() == position
+        assert cache.get(f"r{position}").item() == position
+    with pytest.raises(DataError, match=r"no latent for image 'set0/missing\.jpg'"):
+        cache.get_image("set0/missing.jpg")
+    assert max(_containers(cache, set())) < 50  # attributes, index.json's keys and shard names: none per image
+    pickled = pickle.dumps(cache)
+    assert len(pickled) < 2000  # the directory and metadata; the tables are mapped again
+    clone = pickle.loads(pickled)
+    assert clone.get_image(paths[n - 1]).item() == n - 1 and len(clone) == n
+    assert max(_containers(clone, set())) < 50
 
 
 def test_cache_and_training_branch_share_the_shift_and_scale() -> None:

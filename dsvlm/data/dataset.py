@@ -34,7 +34,7 @@ class PreparedSplit(Dataset):
         self._size = self.table.num_rows
         if latents is not None:
             images = self.table.column("image")
-            cached = pa.array(list(latents.index["images"]), pa.string())
+            cached = latents.images.column("image").combine_chunks()  # the mapped column: no Python copy
             missing = pc.filter(images, pc.and_(pc.is_valid(images), pc.invert(pc.is_in(images, value_set=cached))))
             if len(missing):
                 raise DataError(

@@ -1,19 +1,26 @@
 """VAE latent cache: every image of a prepared dataset encoded once, so training skips the VAE encoder.
 
-Layout: `DATASET/latents/index.json` + `shard-NNNNN.safetensors` files, each holding one float32 tensor
-`latents` [N, C, h, w]. The index records the VAE fingerprint, resolution and image geometry (pad / crop to
-square) it was built for; `LatentCache.open` refuses a cache built for another VAE, resolution or geometry.
+Layout: `DATASET/latents/` holds `index.json` (metadata: version, VAE fingerprint, resolution, image geometry (pad /
+crop to square), latent shape, shard names), `shard-NNNNN.safetensors` files each holding one float32 tensor
+`latents` [N, C, h, w], and two uncompressed Arrow IPC tables, memory-mapped by readers: `images.arrow` (image path,
+sorted -> shard, row) and `ids.arrow` (record id, sorted -> image path). Lookups binary-search the mapped column, so
+no process holds a per-image Python object (at LLaVA's 624 K images a dict would be copied into every DataLoader
+worker). `LatentCache.open` refuses a cache built for another VAE, resolution or geometry.
 Latents are the deterministic posterior mean times `scaling_factor`, of the image made square by the geometry,
 resized to resolution x resolution and scaled to [-1, 1] (`vae_input`).
 """
 
 from __future__ import annotations
 
+import bisect
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
@@ -29,8 +36,14 @@ from dsvlm.model.supervision.vae import encode, vae_input
 
 LATENTS_DIR = "latents"
 INDEX = "index.json"
+IMAGES = "images.arrow"
+IDS = "ids.arrow"
 SHARD_SIZE = 4096  # latents per shard: 64 MiB at SD's 4x32x32 float32
-CACHE_VERSION = 2  # 2: images made square by the recorded geometry before resizing
+# 2: images made square by the recorded geometry before resizing; 3: the per-image lookup in mapped Arrow tables
+CACHE_VERSION = 3
+CHECK_ROWS = 65_536  # rows of the lookup table checked at once
+IMAGES_SCHEMA = pa.schema([("image", pa.string()), ("shard", pa.uint32()), ("row", pa.uint32())])
+IDS_SCHEMA = pa.schema([("id", pa.string()), ("image", pa.string())])
 
 
 def build_latent_cache(
@@ -50,10 +63,8 @@ def build_latent_cache(
     vae.eval()
     try:
         with atomic_dir(dataset.path / LATENTS_DIR, replace=True) as tmp:
-            shards, location, shape = _write_shards(
-                tmp, dataset, paths, vae, resolution, geometry, batch_size, progress
-            )
-            index = {
+            shards, shape = _write_shards(tmp, dataset, paths, vae, resolution, geometry, batch_size, progress)
+            metadata = {
                 "version": CACHE_VERSION,
                 "fingerprint": fingerprint,
                 "resolution": resolution,
@@ -61,10 +72,8 @@ def build_latent_cache(
                 "shape": shape,
                 "scaling_factor": float(vae.config.scaling_factor),
                 "shards": shards,
-                "images": location,
-                "ids": ids,
             }
-            atomic_write_json(tmp / INDEX, index, ensure_ascii=False)
+            write_index(tmp, metadata, paths, ids)
     finally:
         vae.train(was_training)
     manifest = dataset.manifest
@@ -89,11 +98,11 @@ def _write_shards(
     geometry: SquareGeometry,
     batch_size: int,
     progress: bool,
-) -> tuple[list[str], dict[str, list[int]], list[int] | None]:
-    """Encode `paths` into SHARD_SIZE-latent shard files in `directory`. Returns the shard file names, image
-    path -> [shard, row], and the shape of one latent (None without images)."""
+) -> tuple[list[str], list[int] | None]:
+    """Encode `paths` into SHARD_SIZE-latent shard files in `directory`, in order (the i-th path is row
+    i % SHARD_SIZE of shard i // SHARD_SIZE). Returns the shard file names and the shape of one latent (None
+    without images)."""
     shards: list[str] = []
-    location: dict[str, list[int]] = {}
     shape: list[int] | None = None
     with progress_bar(progress) as bar:
         task = bar.add_task("encoding latents", total=len(paths))
@@ -109,10 +118,29 @@ def _write_shards(
             shape = list(latents.shape[1:])
             name = f"shard-{len(shards):05d}.safetensors"
             save_file({"latents": latents.contiguous()}, str(directory / name))
-            for row, rel in enumerate(chunk):
-                location[rel] = [len(shards), row]
             shards.append(name)
-    return shards, location, shape
+    return shards, shape
+
+
+def write_index(directory: Path, metadata: dict[str, Any], paths: list[str], ids: dict[str, str]) -> None:
+    """The cache's index in `directory` (the temporary directory the cache is built in): `metadata` as index.json,
+    `images.arrow` (the i-th of `paths` at shard i // SHARD_SIZE, row i % SHARD_SIZE) and `ids.arrow` (record id ->
+    image path), each table sorted by its key for binary search."""
+    position = np.arange(len(paths), dtype=np.uint32)
+    images = pa.table(
+        [pa.array(paths, pa.string()), pa.array(position // SHARD_SIZE), pa.array(position % SHARD_SIZE)],
+        schema=IMAGES_SCHEMA,
+    )
+    _write_table(directory / IMAGES, images.sort_by("image"))
+    by_id = pa.table([pa.array(list(ids), pa.string()), pa.array(list(ids.values()), pa.string())], schema=IDS_SCHEMA)
+    _write_table(directory / IDS, by_id.sort_by("id"))
+    atomic_write_json(directory / INDEX, metadata, ensure_ascii=False)
+
+
+def _write_table(path: Path, table: pa.Table) -> None:
+    # Uncompressed IPC file: readers memory-map it and touch only the pages a lookup reads.
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table)
 
 
 def _distinct_images(dataset: PreparedDataset) -> tuple[list[str], dict[str, str]]:
@@ -171,30 +199,85 @@ def _shard_rows(path: Path, shape: list[int] | None, hint: str) -> int:
     return stored[0]
 
 
-def _check_shards(directory: Path, index: dict[str, Any], hint: str) -> None:
+def _check_shards(directory: Path, index: dict[str, Any], images: pa.Table, hint: str) -> None:
     """Every shard the index names is inside the cache, readable and of the index's shape, and every image's
     [shard, row] points into one: the index is checked against the tensors, not trusted."""
-    rows = [
-        _shard_rows(check_inside(directory, name, directory / INDEX, "shards", hint), index["shape"], hint)
-        for name in index["shards"]
-    ]
-    for image, (shard, row) in index["images"].items():
-        if shard >= len(rows) or row >= rows[shard]:
+    rows = np.array(
+        [
+            _shard_rows(check_inside(directory, name, directory / INDEX, "shards", hint), index["shape"], hint)
+            for name in index["shards"]
+        ],
+        dtype=np.int64,
+    )
+    limits = np.append(rows, 0)  # a shard past the last one has 0 rows: every row in it is out of range
+    for start in range(0, images.num_rows, CHECK_ROWS):  # in slices: bounded scratch memory at any size
+        part = images.slice(start, CHECK_ROWS)
+        shard, row = part.column("shard").to_numpy(), part.column("row").to_numpy()
+        bad = np.flatnonzero(row >= limits[np.minimum(shard, len(rows))])
+        if len(bad):
+            first = int(bad[0])
+            image = part.column("image")[first].as_py()
             raise DataError(
-                f"{directory / INDEX}: image {brief(image)} points at shard {shard}, row {row}, which "
-                f"does not exist ({len(rows)} shard(s)); {hint}"
+                f"{directory / IMAGES}: image {brief(image)} points at shard {shard[first]}, row {row[first]}, "
+                f"which does not exist ({len(rows)} shard(s)); {hint}"
             )
 
 
-class LatentCache:
-    """Read access to a dataset's latent cache; shards are memory-mapped lazily, per process."""
+def _mapped(path: Path, hint: str) -> pa.Table:
+    """A lookup table of the cache, memory-mapped: it costs page cache shared by every process, not memory."""
+    try:
+        return pa.ipc.open_file(pa.memory_map(str(path))).read_all()
+    except (OSError, pa.ArrowInvalid) as exc:  # missing, cut short, not Arrow
+        raise DataError(f"{path}: latent lookup table cannot be read ({exc}); {hint}") from None
 
-    def __init__(self, directory: Path, index: dict[str, Any]) -> None:
+
+def _checked_lookup(path: Path, schema: pa.Schema, hint: str) -> pa.Table:
+    """The mapped table at `path`, checked: its columns and types, no nulls, and its key (the first column)
+    strictly increasing, so a binary search finds every key, once."""
+    table = _mapped(path, hint)
+    if not table.schema.remove_metadata().equals(schema):
+        raise DataError(f"{path}: columns ({table.schema.to_string()}), expected ({schema.to_string()}); {hint}")
+    if any(column.null_count for column in table.columns):
+        raise DataError(f"{path}: the latent lookup table has null entries; {hint}")
+    keys = table.column(0)
+    if len(keys) > 1 and not pc.all(pc.less(keys.slice(0, len(keys) - 1), keys.slice(1))).as_py():
+        raise DataError(f"{path}: {schema.names[0]} column not sorted or not unique; {hint}")
+    return table
+
+
+class _Decoded:
+    """A sorted string column as a sequence for `bisect`: one value decoded per probe, nothing held."""
+
+    def __init__(self, column: pa.ChunkedArray) -> None:
+        self.column = column
+
+    def __len__(self) -> int:
+        return len(self.column)
+
+    def __getitem__(self, at: int) -> str:
+        return self.column[at].as_py()
+
+
+def _find(keys: pa.ChunkedArray, key: str) -> int | None:
+    """The row of `key` in a sorted, unique string column (O(log n) probes), or None."""
+    at = bisect.bisect_left(_Decoded(keys), key)
+    return at if at < len(keys) and keys[at].as_py() == key else None
+
+
+class LatentCache:
+    """Read access to a dataset's latent cache. Lookup tables and shards are memory-mapped lazily, per process:
+    pickled into DataLoader workers, it carries the directory and index.json's metadata only."""
+
+    def __init__(
+        self, directory: Path, index: dict[str, Any], images: pa.Table | None = None, ids: pa.Table | None = None
+    ) -> None:
         self.directory = directory
-        self.index = index
+        self.index = index  # index.json: metadata, no per-image entries
         self.fingerprint: str = index["fingerprint"]
         self.resolution: int = index["resolution"]
         self.shape: tuple[int, ...] = tuple(index["shape"] or ())
+        self._images = images
+        self._ids = ids
         self._handles: dict[int, Any] = {}
 
     @classmethod
@@ -236,24 +319,45 @@ class LatentCache:
                 f"{directory}: the latent cache was built with image geometry {index['geometry']}, the recipe uses "
                 f"{geometry.key} (model.image_aspect_ratio); {rebuild_hint(dataset_dir)}"
             )
-        _check_shards(directory, index, rebuild_hint(dataset_dir))
-        return cls(directory, index)
+        images = _checked_lookup(directory / IMAGES, IMAGES_SCHEMA, rebuild_hint(dataset_dir))
+        ids = _checked_lookup(directory / IDS, IDS_SCHEMA, rebuild_hint(dataset_dir))
+        _check_shards(directory, index, images, rebuild_hint(dataset_dir))
+        return cls(directory, index, images, ids)
+
+    @property
+    def images(self) -> pa.Table:
+        """image (sorted), shard, row: the memory-mapped `images.arrow`, mapped once per process."""
+        if self._images is None:
+            self._images = _mapped(self.directory / IMAGES, rebuild_hint(self.directory.parent))
+        return self._images
+
+    @property
+    def ids(self) -> pa.Table:
+        """id (sorted), image: the memory-mapped `ids.arrow`, mapped once per process."""
+        if self._ids is None:
+            self._ids = _mapped(self.directory / IDS, rebuild_hint(self.directory.parent))
+        return self._ids
 
     def __len__(self) -> int:
-        return len(self.index["images"])
+        return self.images.num_rows
 
     def __contains__(self, image: object) -> bool:
-        return image in self.index["images"]
+        return isinstance(image, str) and self.locate(image) is not None
+
+    def locate(self, image: str) -> tuple[int, int] | None:
+        """(shard, row) of an image's latent, or None if the cache has none."""
+        at = _find(self.images.column("image"), image)
+        return None if at is None else (self.images.column("shard")[at].as_py(), self.images.column("row")[at].as_py())
 
     def get_image(self, image: str) -> torch.Tensor:
         """The latent [C, h, w] of an image, by its path relative to the image root (the record's `image`)."""
-        try:
-            shard, row = self.index["images"][image]
-        except KeyError:
+        location = self.locate(image)
+        if location is None:
             raise DataError(
                 f"{self.directory}: no latent for image {image!r}; the cache is stale, "
                 f"{rebuild_hint(self.directory.parent)}"
-            ) from None
+            )
+        shard, row = location
         path = self.directory / self.index["shards"][shard]
         try:
             handle = self._handles.get(shard)
@@ -267,14 +371,15 @@ class LatentCache:
 
     def get(self, record_id: str) -> torch.Tensor:
         """The latent [C, h, w] of a record's image, by record id."""
-        image = self.index["ids"].get(record_id)
-        if image is None:
+        at = _find(self.ids.column("id"), record_id)
+        if at is None:
             raise DataError(
                 f"{self.directory}: no latent for record id {record_id!r} (a text-only record, an id used in "
                 "two splits with different images - look those up with get_image - or a stale cache)"
             )
-        return self.get_image(image)
+        return self.get_image(self.ids.column("image")[at].as_py())
 
     def __getstate__(self) -> dict[str, Any]:
-        # safetensors handles don't pickle; DataLoader workers reopen their own.
-        return {**self.__dict__, "_handles": {}}
+        # Safetensors handles don't pickle, and a pickled Arrow table would carry its data: DataLoader workers
+        # map their own.
+        return {**self.__dict__, "_handles": {}, "_images": None, "_ids": None}

@@ -73,9 +73,7 @@ class LatentIndex(_Checked):
     geometry: str
     shape: list[Annotated[int, Field(gt=0)]] | None
     scaling_factor: float
-    shards: list[RelativePath]
-    images: dict[str, Annotated[list[Count], Field(min_length=2, max_length=2)]]  # image -> [shard, row]
-    ids: dict[str, str]
+    shards: list[RelativePath]  # the per-image lookup is in images.arrow / ids.arrow, checked by LatentCache.open
 
 
 def _problems(exc: ValidationError) -> str:
