@@ -1,5 +1,5 @@
 """Resident memory of the latent cache's per-image index at LLaVA-1.5's size: the JSON dict of cache version 2 vs
-the memory-mapped Arrow tables of version 3.
+the memory-mapped Arrow table of version 3.
 
     .venv/bin/python benchmarks/latent_index_memory.py [--images 624000] [--records 665000] [--lookups 20000] \
         [--json FILE]
@@ -80,7 +80,7 @@ def write_caches(root: Path, images: int, records: int) -> tuple[Path, Path]:
         "scaling_factor": 1.0,
         "shards": shards,
     }
-    write_index(new, {"version": CACHE_VERSION, **metadata}, paths, ids)
+    write_index(new, {"version": CACHE_VERSION, **metadata}, paths)
     old = root / "old-index.json"
     location = {path: [i // SHARD_SIZE, i % SHARD_SIZE] for i, path in enumerate(paths)}
     old.write_text(json.dumps({"version": 2, **metadata, "images": location, "ids": ids}, ensure_ascii=False))

@@ -71,8 +71,7 @@ def test_round_trip(cached: tuple[Path, object, str]) -> None:
         pixels = vae_input(PAD(dataset.load_image(record)), 32)
         assert pixels.shape == (3, 32, 32) and pixels.min() >= -1.0 and pixels.max() <= 1.0
         expected = encode(vae, pixels[None])[0]
-        assert torch.allclose(cache.get(record["id"]), expected, atol=1e-5)
-        assert torch.equal(cache.get(record["id"]), cache.get_image(record["image"]))
+        assert torch.allclose(cache.get_image(record["image"]), expected, atol=1e-5)
     # deterministic: the posterior mean, not a sample
     record = with_images[0]
     twice = [encode(vae, vae_input(PAD(dataset.load_image(record)), 32)[None]) for _ in range(2)]
@@ -94,7 +93,7 @@ def test_prepared_split_serves_latents(cached: tuple[Path, object, str]) -> None
     cache = LatentCache.open(out, fingerprint, 32, PAD)
     split = PreparedSplit(out, "align", latents=cache)
     item = split[2]
-    assert torch.equal(item["latent"], cache.get(item["id"]))
+    assert torch.equal(item["latent"], cache.get_image(PreparedDataset(out).records("align")[2]["image"]))
     clone = pickle.loads(pickle.dumps(split))  # DataLoader workers: safetensors handles are reopened
     assert torch.equal(clone[2]["latent"], item["latent"])
     instruct = PreparedSplit(out, "instruct", latents=cache)
@@ -123,8 +122,6 @@ def test_missing_and_stale_cache(cached: tuple[Path, object, str], tmp_path: Pat
         PreparedSplit(edited, "align", latents=cache)
     with pytest.raises(DataError, match="no latent for image"):
         cache.get_image(first)
-    with pytest.raises(DataError, match="no latent for record id"):
-        cache.get("no-such-id")
     with pytest.raises(DataError, match=r"latent cache version 2 is not 3.*dsvlm prepare latents"):
         LatentCache.open(
             _edited_copy(out, tmp_path / "old", lambda index, _: index.update(version=2)), fingerprint, 32, PAD
@@ -224,7 +221,8 @@ def test_rebuild_replaces_the_cache(tmp_path: Path) -> None:
     manifest = build_latent_cache(out, vae, 16, fingerprint, PAD, progress=False)
     assert manifest["latents"]["resolution"] == 16
     assert json.loads((out / "latents" / "index.json").read_text())["resolution"] == 16
-    assert LatentCache.open(out, fingerprint, 16, PAD).get("align-000000").shape == (4, 8, 8)
+    image = PreparedDataset(out).records("align")[0]["image"]
+    assert LatentCache.open(out, fingerprint, 16, PAD).get_image(image).shape == (4, 8, 8)
     assert sorted(p.name for p in out.iterdir() if p.name.startswith((".", "latents"))) == ["latents"]
 
 
@@ -258,14 +256,11 @@ def test_a_large_cache_holds_no_per_image_python_objects(tmp_path: Path) -> None
         position = torch.arange(start, min(n, start + SHARD_SIZE), dtype=torch.float32)
         save_file({"latents": position.reshape(-1, 1, 1, 1)}, str(directory / shards[-1]))
     metadata = {"version": 3, "fingerprint": "f" * 64, "resolution": 8, "geometry": PAD.key, "shape": [1, 1, 1]}
-    write_index(
-        directory, {**metadata, "scaling_factor": 1.0, "shards": shards}, paths, {f"r{i}": paths[i] for i in range(n)}
-    )
+    write_index(directory, {**metadata, "scaling_factor": 1.0, "shards": shards}, paths)
     cache = LatentCache.open(directory.parent, "f" * 64, 8, PAD)
     assert len(cache) == n and paths[0] in cache and "set0/missing.jpg" not in cache
     for position in [0, 1, SHARD_SIZE - 1, SHARD_SIZE, n - 1, *range(17, n, 997)]:
         assert cache.get_image(paths[position]).item() == position
-        assert cache.get(f"r{position}").item() == position
     with pytest.raises(DataError, match=r"no latent for image 'set0/missing\.jpg'"):
         cache.get_image("set0/missing.jpg")
     assert max(_containers(cache, set())) < 50  # attributes, index.json's keys and shard names: none per image

@@ -2,10 +2,10 @@
 
 Layout: `DATASET/latents/` holds `index.json` (metadata: version, VAE fingerprint, resolution, image geometry (pad /
 crop to square), latent shape, shard names), `shard-NNNNN.safetensors` files each holding one float32 tensor
-`latents` [N, C, h, w], and two uncompressed Arrow IPC tables, memory-mapped by readers: `images.arrow` (image path,
-sorted -> shard, row) and `ids.arrow` (record id, sorted -> image path). Lookups binary-search the mapped column, so
-no process holds a per-image Python object (at LLaVA's 624 K images a dict would be copied into every DataLoader
-worker). `LatentCache.open` refuses a cache built for another VAE, resolution or geometry.
+`latents` [N, C, h, w], and an uncompressed Arrow IPC table, memory-mapped by readers: `images.arrow` (image path,
+sorted -> shard, row). Lookups binary-search the mapped column, so no process holds a per-image Python object (at
+LLaVA's 624 K images a dict would be copied into every DataLoader worker). `LatentCache.open` refuses a cache
+built for another VAE, resolution or geometry.
 Latents are the deterministic posterior mean times `scaling_factor`, of the image made square by the geometry,
 resized to resolution x resolution and scaled to [-1, 1] (`vae_input`).
 """
@@ -37,13 +37,11 @@ from dsvlm.model.supervision.vae import encode, vae_input
 LATENTS_DIR = "latents"
 INDEX = "index.json"
 IMAGES = "images.arrow"
-IDS = "ids.arrow"
 SHARD_SIZE = 4096  # latents per shard: 64 MiB at SD's 4x32x32 float32
 # 2: images made square by the recorded geometry before resizing; 3: the per-image lookup in mapped Arrow tables
 CACHE_VERSION = 3
 CHECK_ROWS = 65_536  # rows of the lookup table checked at once
 IMAGES_SCHEMA = pa.schema([("image", pa.string()), ("shard", pa.uint32()), ("row", pa.uint32())])
-IDS_SCHEMA = pa.schema([("id", pa.string()), ("image", pa.string())])
 
 
 def build_latent_cache(
@@ -58,7 +56,7 @@ def build_latent_cache(
     """Encode every distinct image of every split once and write `latents/` (built in a temporary directory,
     then swapped in). Records the cache in the manifest and returns the updated manifest."""
     dataset = PreparedDataset(dataset_dir)
-    paths, ids = _distinct_images(dataset)
+    paths = _distinct_images(dataset)
     was_training = vae.training
     vae.eval()
     try:
@@ -73,7 +71,7 @@ def build_latent_cache(
                 "scaling_factor": float(vae.config.scaling_factor),
                 "shards": shards,
             }
-            write_index(tmp, metadata, paths, ids)
+            write_index(tmp, metadata, paths)
     finally:
         vae.train(was_training)
     manifest = dataset.manifest
@@ -122,18 +120,16 @@ def _write_shards(
     return shards, shape
 
 
-def write_index(directory: Path, metadata: dict[str, Any], paths: list[str], ids: dict[str, str]) -> None:
+def write_index(directory: Path, metadata: dict[str, Any], paths: list[str]) -> None:
     """The cache's index in `directory` (the temporary directory the cache is built in): `metadata` as index.json,
-    `images.arrow` (the i-th of `paths` at shard i // SHARD_SIZE, row i % SHARD_SIZE) and `ids.arrow` (record id ->
-    image path), each table sorted by its key for binary search."""
+    and `images.arrow`, the i-th of `paths` at shard i // SHARD_SIZE, row i % SHARD_SIZE, sorted by path for
+    binary search."""
     position = np.arange(len(paths), dtype=np.uint32)
     images = pa.table(
         [pa.array(paths, pa.string()), pa.array(position // SHARD_SIZE), pa.array(position % SHARD_SIZE)],
         schema=IMAGES_SCHEMA,
     )
     _write_table(directory / IMAGES, images.sort_by("image"))
-    by_id = pa.table([pa.array(list(ids), pa.string()), pa.array(list(ids.values()), pa.string())], schema=IDS_SCHEMA)
-    _write_table(directory / IDS, by_id.sort_by("id"))
     atomic_write_json(directory / INDEX, metadata, ensure_ascii=False)
 
 
@@ -143,24 +139,14 @@ def _write_table(path: Path, table: pa.Table) -> None:
         writer.write_table(table)
 
 
-def _distinct_images(dataset: PreparedDataset) -> tuple[list[str], dict[str, str]]:
-    """Every distinct image path over all splits, in order (records sharing an image share its latent), and
-    record id -> image path for the ids that name one image only."""
+def _distinct_images(dataset: PreparedDataset) -> list[str]:
+    """Every distinct image path over all splits, in order: records sharing an image share its latent."""
     images: dict[str, None] = {}  # an ordered set
-    ids: dict[str, str] = {}
-    ambiguous: set[str] = set()
     for split in dataset.splits:
         for record in dataset.records(split):
-            if record["image"] is None:
-                continue
-            images[record["image"]] = None
-            # The same id in two splits with different images (possible with real LLaVA mixes) can't be
-            # looked up by id; such records are served by image path.
-            if ids.setdefault(record["id"], record["image"]) != record["image"]:
-                ambiguous.add(record["id"])
-    for rid in ambiguous:
-        del ids[rid]
-    return list(images), ids
+            if record["image"] is not None:
+                images[record["image"]] = None
+    return list(images)
 
 
 @dataclass
@@ -268,16 +254,13 @@ class LatentCache:
     """Read access to a dataset's latent cache. Lookup tables and shards are memory-mapped lazily, per process:
     pickled into DataLoader workers, it carries the directory and index.json's metadata only."""
 
-    def __init__(
-        self, directory: Path, index: dict[str, Any], images: pa.Table | None = None, ids: pa.Table | None = None
-    ) -> None:
+    def __init__(self, directory: Path, index: dict[str, Any], images: pa.Table | None = None) -> None:
         self.directory = directory
         self.index = index  # index.json: metadata, no per-image entries
         self.fingerprint: str = index["fingerprint"]
         self.resolution: int = index["resolution"]
         self.shape: tuple[int, ...] = tuple(index["shape"] or ())
         self._images = images
-        self._ids = ids
         self._handles: dict[int, Any] = {}
 
     @classmethod
@@ -320,9 +303,8 @@ class LatentCache:
                 f"{geometry.key} (model.image_aspect_ratio); {rebuild_hint(dataset_dir)}"
             )
         images = _checked_lookup(directory / IMAGES, IMAGES_SCHEMA, rebuild_hint(dataset_dir))
-        ids = _checked_lookup(directory / IDS, IDS_SCHEMA, rebuild_hint(dataset_dir))
         _check_shards(directory, index, images, rebuild_hint(dataset_dir))
-        return cls(directory, index, images, ids)
+        return cls(directory, index, images)
 
     @property
     def images(self) -> pa.Table:
@@ -330,13 +312,6 @@ class LatentCache:
         if self._images is None:
             self._images = _mapped(self.directory / IMAGES, rebuild_hint(self.directory.parent))
         return self._images
-
-    @property
-    def ids(self) -> pa.Table:
-        """id (sorted), image: the memory-mapped `ids.arrow`, mapped once per process."""
-        if self._ids is None:
-            self._ids = _mapped(self.directory / IDS, rebuild_hint(self.directory.parent))
-        return self._ids
 
     def __len__(self) -> int:
         return self.images.num_rows
@@ -369,17 +344,7 @@ class LatentCache:
                 f"{path}: latent shard cannot be read ({exc}); {rebuild_hint(self.directory.parent)}"
             ) from None
 
-    def get(self, record_id: str) -> torch.Tensor:
-        """The latent [C, h, w] of a record's image, by record id."""
-        at = _find(self.ids.column("id"), record_id)
-        if at is None:
-            raise DataError(
-                f"{self.directory}: no latent for record id {record_id!r} (a text-only record, an id used in "
-                "two splits with different images - look those up with get_image - or a stale cache)"
-            )
-        return self.get_image(self.ids.column("image")[at].as_py())
-
     def __getstate__(self) -> dict[str, Any]:
         # Safetensors handles don't pickle, and a pickled Arrow table would carry its data: DataLoader workers
         # map their own.
-        return {**self.__dict__, "_handles": {}, "_images": None, "_ids": None}
+        return {**self.__dict__, "_handles": {}, "_images": None}
