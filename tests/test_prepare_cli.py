@@ -168,14 +168,15 @@ def test_latents_with_a_vae(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     assert result.stdout == f"{out}\n"
     assert seen[0].supervision.resolution == 16
     cache = LatentCache.open(out, vae_fingerprint(tiny_vae()), 16, TINY_GEOMETRY)
-    assert cache.get("align-000000").shape == (4, 16, 16)
+    image = PreparedDataset(out).records("align")[0]["image"]
+    assert cache.get_image(image).shape == (4, 16, 16)
     assert "latent cache:" in result.stderr
 
     rebuilt = run("latents", str(out), "tiny-synthetic", "supervision.resolution=32", "--batch-size", "5")
     assert rebuilt.exit_code == 0, rebuilt.output
     assert rebuilt.stdout == f"{out}\n"
     rebuilt_cache = LatentCache.open(out, vae_fingerprint(tiny_vae()), 32, TINY_GEOMETRY)
-    assert rebuilt_cache.get("align-000000").shape == (4, 32, 32)
+    assert rebuilt_cache.get_image(image).shape == (4, 32, 32)
 
 
 def test_latents_not_needed_for_pixel_space(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
