@@ -2,6 +2,7 @@
 
 OUT/recipe.yaml   OUT/env.json
 OUT/<stage>/metrics.jsonl  checkpoints/step-000100/  final/  loss.png  reconstructions.png  previews/
+OUT/tensorboard/<stage>/   (with run.tensorboard)
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ log = logging.getLogger(__name__)
 
 FINAL = "final"
 STAGE_INFO = "stage.json"
+TENSORBOARD = "tensorboard"
 
 
 def environment(world_size: int, device: str) -> dict[str, Any]:
@@ -94,6 +96,7 @@ class RunDir:
             if stage_dir.exists() and any(stage_dir.iterdir()):
                 if overwrite:
                     shutil.rmtree(stage_dir)
+                    shutil.rmtree(root / TENSORBOARD / stage, ignore_errors=True)  # the replaced stage's curves
                 elif not resume:
                     raise DsvlmError(
                         f"{stage_dir} already holds stage {stage!r} of a run; pass --resume to continue it "

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -83,3 +84,33 @@ def test_tensorboard_without_the_package_is_refused_before_any_work(data, tmp_pa
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert "the tensorboard package is not installed: pip install tensorboard" in result.stderr
     assert not out.exists()
+
+
+def test_a_resumed_or_replaced_stage_leaves_one_curve(data, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    extra = ("run.tensorboard=true", "run.checkpoint_every=2")
+    args = ["train", "tiny-synthetic", *overrides(data, out, *extra), "--stage", "align", "--no-progress"]
+    assert CliRunner().invoke(app, args).exit_code == 0
+    curves = out / "tensorboard" / "align"
+
+    def logged_steps() -> list[int]:
+        events = EventAccumulator(str(curves), purge_orphaned_data=False)  # what the files hold, as written
+        events.Reload()
+        return [e.step for e in events.Scalars("loss")]
+
+    # Killed after step 4 before its output was written: --resume goes back to the step-2 checkpoint
+    shutil.rmtree(out / "align" / "final")
+    for checkpoint in (out / "align" / "checkpoints").iterdir():
+        if checkpoint.name != "step-0000002":
+            shutil.rmtree(checkpoint)
+    assert CliRunner().invoke(app, [*args, "--resume"]).exit_code == 0
+    purged = EventAccumulator(str(curves))  # as TensorBoard reads them: steps 3-4 of the first run dropped
+    purged.Reload()
+    assert [e.step for e in purged.Scalars("loss")] == [1, 2, 3, 4]
+    assert logged_steps() == [1, 2, 3, 4, 3, 4]
+
+    assert CliRunner().invoke(app, [*args, "--overwrite"]).exit_code == 0
+    assert len(list(curves.glob("events.out.tfevents.*"))) == 1
+    assert logged_steps() == [1, 2, 3, 4]

@@ -321,8 +321,6 @@ def noise_seeds(seed: int, step: int, sample_index: torch.Tensor) -> torch.Tenso
 def run_stage(recipe: Recipe, stage: StageConfig, run: RunDir, init: Path | None, options: TrainOptions) -> Path:
     tensorboard = tensorboard_dir(recipe, run.root)
     accelerator = _accelerator(stage, tensorboard)
-    if tensorboard:
-        accelerator.init_trackers(stage.name)  # RUN/tensorboard/<stage>/, written by the main process
     world = accelerator.num_processes
     accum = stage.accumulation_steps(world)
     supervise = recipe.supervision.enabled and stage.supervision
@@ -389,6 +387,10 @@ def run_stage(recipe: Recipe, stage: StageConfig, run: RunDir, init: Path | None
     if options.resume:
         state = checkpoint.load_latest(accelerator, run.checkpoints_dir(stage.name))
         step = state["step"] if state else 0
+    if tensorboard:  # RUN/tensorboard/<stage>/, written by the main process
+        # Resumed at `step`: TensorBoard drops what the interrupted run logged after it (it is logged again)
+        purge = {"tensorboard": {"purge_step": step + 1}} if step else {}
+        accelerator.init_trackers(stage.name, init_kwargs=purge)
     if accelerator.is_main_process:
         stage_dir.mkdir(parents=True, exist_ok=True)
         run.write_environment(environment(world, str(accelerator.device)))

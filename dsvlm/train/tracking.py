@@ -14,8 +14,7 @@ from accelerate.utils import is_tensorboard_available
 
 from dsvlm.errors import DsvlmError
 from dsvlm.recipe.schema import Recipe
-
-TENSORBOARD_DIR = "tensorboard"
+from dsvlm.rundir import TENSORBOARD
 
 
 def check_tensorboard(recipe: Recipe) -> None:
@@ -30,7 +29,7 @@ def check_tensorboard(recipe: Recipe) -> None:
 
 def tensorboard_dir(recipe: Recipe, run_root: Path) -> Path | None:
     """Where the stages' event files go, or None when TensorBoard is off."""
-    return run_root / TENSORBOARD_DIR if recipe.run.tensorboard else None
+    return run_root / TENSORBOARD if recipe.run.tensorboard else None
 
 
 def scalars(record: dict[str, Any]) -> dict[str, float]:
