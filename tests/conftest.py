@@ -27,6 +27,14 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """A tiny run with stage `align` finished (tests/fixtures_runs.py), shared read-only by the tests that need one."""
+    from fixtures_runs import train_tiny_run
+
+    return train_tiny_run(tmp_path_factory.mktemp("shared-run"))
+
+
+@pytest.fixture(scope="session")
 def trained_tiny_model(tmp_path_factory):
     """A tiny LLaVA trained a little (tests/tiny_llava.py), shared by the evaluation tests."""
     from tiny_llava import train_tiny_llava

@@ -1,8 +1,8 @@
-"""One tiny trained run per test process, shared by the tests that need a finished stage (strip, eval of a run,
-`--init`, a run to refuse or replace): trained once instead of once per test module.
+"""The tiny trained run shared by the tests that need a finished stage (strip, eval of a run, `--init`, a run to
+refuse or replace): the session fixture `tiny_run` (conftest.py) trains it once per test process.
 
-Each module asks for it through its own fixture (`shared_run(tmp_path_factory)`); tests that only read the run
-use it as it is, tests that write into it (`eval` strips into it, `--overwrite` replaces it) take `run.copy(...)`.
+Tests that only read the run use it as it is; tests that write into it (`eval` strips into it, `--overwrite`
+replaces it) take `run.copy(...)`.
 """
 
 from __future__ import annotations
@@ -35,17 +35,11 @@ class TinyRun:
         return TinyRun(self.data, dest)
 
 
-_RUN: list[TinyRun] = []
+def train_tiny_run(root: Path) -> TinyRun:
+    """`dsvlm train tiny-synthetic --stage align` for two steps, in process, under `root`."""
+    from dsvlm.recipe import load_recipe
+    from dsvlm.train.loop import TrainOptions, train
 
-
-def shared_run(tmp_path_factory) -> TinyRun:
-    """`dsvlm train tiny-synthetic --stage align` for two steps, in process, once per test process. Read only."""
-    if not _RUN:
-        from dsvlm.recipe import load_recipe
-        from dsvlm.train.loop import TrainOptions, train
-
-        root = tmp_path_factory.mktemp("shared-run")
-        run = TinyRun(prepare_small_synthetic(root / "data", n=32), root / "run")
-        train(load_recipe("tiny-synthetic", run.overrides()), TrainOptions(stages=["align"], progress=False))
-        _RUN.append(run)
-    return _RUN[0]
+    run = TinyRun(prepare_small_synthetic(root / "data", n=32), root / "run")
+    train(load_recipe("tiny-synthetic", run.overrides()), TrainOptions(stages=["align"], progress=False))
+    return run

@@ -7,7 +7,6 @@ import copy
 import shutil
 
 import torch
-from fixtures_runs import shared_run
 from helpers import tiny_model, tiny_overrides
 from safetensors.torch import load_file, save_file
 from test_model_dsvlm import batch_for
@@ -93,8 +92,8 @@ def llm_projections(state):
     return {k[k.index("layers.") :]: v for k, v in state.items() if "language_model" in k and "proj.weight" in k}
 
 
-def test_a_bf16_stage_from_a_16_bit_init_holds_it_saves_it_exactly_and_resumes(tmp_path_factory, tmp_path, caplog):
-    init = shared_run(tmp_path_factory).copy(tmp_path / "init")
+def test_a_bf16_stage_from_a_16_bit_init_holds_it_saves_it_exactly_and_resumes(tiny_run, tmp_path, caplog):
+    init = tiny_run.copy(tmp_path / "init")
     for file in (init.final / "vlm").glob("*.safetensors"):  # the LLM as an fp16 checkpoint would give it
         state = load_file(file)
         rounded = {

@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from fixtures_runs import TinyRun, shared_run
 from helpers import cli
 from safetensors import safe_open
 from transformers import AutoProcessor, LlavaForConditionalGeneration
@@ -19,11 +18,6 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration
 from dsvlm.errors import DsvlmError
 from dsvlm.outputs import lock_path
 from dsvlm.strip.strip import LLAVA_PREFIXES, load_trained, probe_batch, strip
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory) -> TinyRun:
-    return shared_run(tmp_path_factory)
 
 
 @pytest.fixture

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from fixtures_runs import TinyRun, shared_run
 from helpers import REPO, cli, launch, prepare_small_synthetic, tiny_model, tiny_overrides
 from safetensors.torch import load_file
 
@@ -31,11 +30,6 @@ TIMING_KEYS = {"step_time_s", "elapsed_s", "samples_per_s", "tokens_per_s", "tok
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     return prepare_small_synthetic(tmp_path_factory.mktemp("data") / "synthetic", n=96)
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory) -> TinyRun:
-    return shared_run(tmp_path_factory)
 
 
 def weights(final: Path) -> dict[str, torch.Tensor]:
