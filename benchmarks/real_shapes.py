@@ -234,24 +234,29 @@ def mmbench_parquet(path: Path, n: int) -> Path:
     return path
 
 
+def build_components(
+    name: str, work: Path, llm_layers: int, qwen2_vocab: int | None
+) -> tuple[Path, Path, dict[str, Any]]:
+    """The recipe's vision encoder and LLM (layers cut to `llm_layers`, Qwen2's vocabulary to `qwen2_vocab`)
+    under WORK/components/, built once: their paths and the LLM's cut."""
+    spec = RECIPES[name]
+    components = work / "components" / spec.get("stage1_of", name)
+    tokenizer = built(components / "tokenizer", spec["tokenizer"], shapes.corpus())
+    vision = built(components / "vision", shapes.vision_encoder, spec["vision"])
+    cut: dict[str, Any] = {"num_hidden_layers": llm_layers}
+    if spec["llm"] == "qwen2" and qwen2_vocab:
+        cut["vocab_size"] = qwen2_vocab
+    llm = built(
+        components / f"llm-{llm_layers}l-{cut.get('vocab_size', 'full')}", shapes.llm, spec["llm"], tokenizer, **cut
+    )
+    return vision, llm, cut
+
+
 def run_recipe(
     name: str, args: argparse.Namespace, work: Path, data: Path, eval_file: Path, diffusion: Path, console: Any
 ) -> dict[str, Any]:
-    spec = RECIPES[name]
-    stage1_of = spec.get("stage1_of", name)
-    components = work / "components" / stage1_of
-    tokenizer = built(components / "tokenizer", spec["tokenizer"], shapes.corpus())
-    vision = built(components / "vision", shapes.vision_encoder, spec["vision"])
-    cut: dict[str, Any] = {"num_hidden_layers": args.llm_layers}
-    if spec["llm"] == "qwen2" and args.qwen2_vocab:
-        cut["vocab_size"] = args.qwen2_vocab
-    llm = built(
-        components / f"llm-{args.llm_layers}l-{cut.get('vocab_size', 'full')}",
-        shapes.llm,
-        spec["llm"],
-        tokenizer,
-        **cut,
-    )
+    stage1_of = RECIPES[name].get("stage1_of", name)
+    vision, llm, cut = build_components(name, work, args.llm_layers, args.qwen2_vocab)
     result: dict[str, Any] = {"vision": str(vision), "llm": str(llm), "llm_config": cut, "arms": {}}
     for arm in args.arms.split(","):
         run_dir = work / "runs" / f"{name}-{arm}"
