@@ -2,6 +2,7 @@
 
 OUT/recipe.yaml   OUT/env.json
 OUT/<stage>/metrics.jsonl  checkpoints/step-000100/  final/  loss.png  reconstructions.png  previews/
+OUT/<stage>/stripped/      (made on the fly when `dsvlm eval` or `dsvlm probe` is given the run)
 OUT/tensorboard/<stage>/   (with run.tensorboard)
 """
 
@@ -28,6 +29,7 @@ from dsvlm.recipe.schema import Recipe
 log = logging.getLogger(__name__)
 
 FINAL = "final"
+STRIPPED = "stripped"  # the stage output stripped on the fly, next to final/
 STAGE_INFO = "stage.json"
 TENSORBOARD = "tensorboard"
 

@@ -230,10 +230,15 @@ def test_unet_lora_starts_as_the_base_unet_and_a_step_moves_only_the_adapters() 
             assert torch.equal(weight, dict(model.unet.named_parameters())[name]), name
 
 
-def test_ddim_preview_samples_are_images() -> None:
+def test_ddim_preview_samples_follow_their_seed_and_conditions() -> None:
     model = branch()
-    out = model.sample(conditions(model, 2), steps=2)
-    assert out.shape == (2, 3, 16, 16) and out.min() >= -1 and out.max() <= 1
+    cond = conditions(model, 2)
+    out = model.sample(cond, steps=2)
+    assert out.shape == (2, 3, 16, 16) and torch.isfinite(out).all()
+    torch.testing.assert_close(model.sample(cond, steps=2), out, rtol=0, atol=0)  # the preview grid is reproducible
+    assert not torch.allclose(model.sample(cond, steps=2, seed=1), out)
+    swapped = {k: v.flip(0) for k, v in cond.items()}  # same starting noise per slot, the other image's conditions
+    assert not torch.allclose(model.sample(swapped, steps=2), out)
 
 
 def test_mismatched_unet_channels_are_a_recipe_error() -> None:

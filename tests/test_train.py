@@ -381,4 +381,4 @@ def test_a_bf16_stage_holds_the_frozen_unet_in_bf16_and_still_writes_its_preview
     assert "frozen UNet/VAE weights held in 16 bits" in caplog.text
     # the preview samples with the bf16 UNet outside the training forward: under the stage's autocast too
     assert (out / "align" / "reconstructions.png").is_file()
-    assert all(record["loss"] == record["loss"] for record in metrics(out, "align"))  # not NaN
+    assert [record["step"] for record in metrics(out, "align")] == [1, 2]

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from dsvlm.data.synthetic import Scene, _sample_scene, render
+from dsvlm.data.synthetic import Scene, render, sample_scene
 from dsvlm.errors import DsvlmError
 from dsvlm.io import atomic_write_json, atomic_write_text
 
@@ -68,7 +68,7 @@ class ProbeConfig:
 def probe_scenes(split: str, n: int, kind: str) -> list[Scene]:
     """`n` scenes of the fixed `split` stream (train/test) of one scene set (single/multi)."""
     rng = random.Random(f"dsvlm-probe/{split}/{kind}")
-    return [_sample_scene(rng, 1 if kind == "single" else MAX_COUNT) for _ in range(n)]
+    return [sample_scene(rng, 1 if kind == "single" else MAX_COUNT) for _ in range(n)]
 
 
 def fit_probe(

@@ -125,10 +125,10 @@ def _saved_recipe(model: Path) -> Path | None:
     """The recipe.yaml of a training run (its marker), a stage output or stage directory (stage.json), or of the
     stage that an on-the-fly strip (RUN/STAGE/stripped) came from; a folder dsvlm did not write has none."""
     from dsvlm.outputs import RUN
-    from dsvlm.rundir import FINAL, STAGE_INFO
+    from dsvlm.rundir import FINAL, STAGE_INFO, STRIPPED
 
     signs = [(model / RUN.marker, model), (model / STAGE_INFO, model), (model / FINAL / STAGE_INFO, model / FINAL)]
-    if model.name == "stripped":
+    if model.name == STRIPPED:
         signs.append((model.parent / FINAL / STAGE_INFO, model.parent / FINAL))
     for sign, folder in signs:
         if sign.is_file() and (folder / "recipe.yaml").is_file():

@@ -186,7 +186,7 @@ def mmbench_prompt(question: str, options: dict[str, str], hint: str | None = No
     return f"{query}\n{MMBENCH_POST_PROMPT}"
 
 
-def _sample_scene(rng: random.Random, max_objects: int, min_objects: int = 1) -> Scene:
+def sample_scene(rng: random.Random, max_objects: int, min_objects: int = 1) -> Scene:
     layout = rng.choice(LAYOUTS[rng.randint(min_objects, max_objects)])
     colours = rng.sample(list(COLOURS), len(layout))  # distinct colours: "the red object" is unambiguous
     objects = tuple(
@@ -225,8 +225,8 @@ def _scene_for(rng: random.Random, kind: str, max_objects: int) -> Scene:
     if kind == "count_small":
         return _sample_grid_scene(rng)
     if kind in ("relative_position", "relative_size"):
-        return _sample_scene(rng, 3, min_objects=2)  # 3 corners at most: some relation is always unambiguous
-    return _sample_scene(rng, max_objects)
+        return sample_scene(rng, 3, min_objects=2)  # 3 corners at most: some relation is always unambiguous
+    return sample_scene(rng, max_objects)
 
 
 def render(scene: Scene, size: int) -> Image.Image:
@@ -366,7 +366,7 @@ def _open_question(rng: random.Random, scene: Scene, kind: str) -> tuple[str, st
     return q.format(colour=colour, shape=shape), no
 
 
-def _caption(scene: Scene) -> str:
+def scene_caption(scene: Scene) -> str:
     parts = [
         CAPTION_OBJECT.format(size=o.size, colour=o.colour, shape=o.shape, place=PLACES[o.position])
         for o in scene.objects
@@ -457,7 +457,7 @@ def _align_records(config: SyntheticConfig, images: Path) -> list[dict[str, Any]
         rel = f"align/{i:06d}.png"
         _write_image(render(scene, config.image_size), images / rel)
         prompt = rng.choice(CAPTION_PROMPTS)
-        turns = _turns((f"{IMAGE_TOKEN}\n{prompt}", _caption(scene)))
+        turns = _turns((f"{IMAGE_TOKEN}\n{prompt}", scene_caption(scene)))
         records.append({"id": f"align-{i:06d}", "image": rel, "conversations": turns})
     return records
 

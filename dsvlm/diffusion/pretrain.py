@@ -39,7 +39,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
 from dsvlm.console import progress_bar
 from dsvlm.data.detect import detect_object
 from dsvlm.data.prepared import PreparedDataset
-from dsvlm.data.synthetic import _caption, _sample_scene
+from dsvlm.data.synthetic import sample_scene, scene_caption
 from dsvlm.errors import DataError, DsvlmError
 from dsvlm.io import atomic_dir, atomic_write_json
 from dsvlm.model.supervision.vae import encode
@@ -521,8 +521,8 @@ def _tail_mean(history: list[dict[str, Any]], phase: str, n: int = 50) -> float 
 def eval_scenes(options: PretrainOptions) -> list[tuple[str, str, str]]:
     """Held-out one-object captions (their own random stream) with the colour and shape they ask for."""
     rng = random.Random(f"dsvlm-diffusion-eval/{options.seed}")
-    scenes = [_sample_scene(rng, 1) for _ in range(options.eval_captions)]
-    return [(_caption(s), s.objects[0].colour, s.objects[0].shape) for s in scenes]
+    scenes = [sample_scene(rng, 1) for _ in range(options.eval_captions)]
+    return [(scene_caption(s), s.objects[0].colour, s.objects[0].shape) for s in scenes]
 
 
 def _evaluate(pipeline: Pipeline, options: PretrainOptions, out: Path) -> dict[str, Any]:

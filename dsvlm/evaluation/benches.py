@@ -353,10 +353,13 @@ def _offline() -> bool:
 
 
 def _in_hf_cache(repo: str) -> bool:
-    """Whether `repo` was downloaded before: the hub cache, or a datasets cache lmms-eval reads from."""
-    home = Path(os.environ.get("HF_HOME", "~/.cache/huggingface")).expanduser()
-    hub = Path(os.environ.get("HF_HUB_CACHE", home / "hub")).expanduser()
-    caches = [Path(os.environ.get("HF_DATASETS_CACHE", home / "datasets")).expanduser()]
+    """Whether `repo` was downloaded before: the hub cache, or a datasets cache lmms-eval reads from. The
+    locations as huggingface_hub resolves them (HF_HOME, XDG_CACHE_HOME, HF_HUB_CACHE); the datasets cache as
+    `datasets.config` derives it, without importing datasets."""
+    from huggingface_hub import constants
+
+    hub = Path(constants.HF_HUB_CACHE).expanduser()
+    caches = [Path(os.environ.get("HF_DATASETS_CACHE", Path(constants.HF_HOME) / "datasets")).expanduser()]
     if os.environ.get("LMMS_EVAL_DATASETS_CACHE"):
         caches.append(Path(os.environ["LMMS_EVAL_DATASETS_CACHE"]).expanduser())
     return (hub / f"datasets--{repo.replace('/', '--')}").is_dir() or any(

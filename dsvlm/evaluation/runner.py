@@ -37,6 +37,7 @@ from dsvlm.evaluation.benches import (
 from dsvlm.evaluation.compat import apply_workarounds, check_filelock, lmms_cli_args, route_lmms_eval_logs
 from dsvlm.evaluation.model_dir import count_parameters, resolve_device, resolve_model, warn_if_large_on_cpu
 from dsvlm.io import atomic_write_json, atomic_write_text
+from dsvlm.rundir import FINAL, STRIPPED
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +120,7 @@ def default_out_dir(model_dir: str | Path, benches: list[str], root: str | Path 
     A stripped run (RUN/<stage>/stripped) is named RUN-<stage>, so runs evaluated side by side stay apart.
     """
     path = Path(model_dir).expanduser().resolve()
-    name = f"{path.parent.parent.name}-{path.parent.name}" if path.name in ("stripped", "final") else path.name
+    name = f"{path.parent.parent.name}-{path.parent.name}" if path.name in (STRIPPED, FINAL) else path.name
     return Path(root) / name / "+".join(benches)
 
 

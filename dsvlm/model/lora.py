@@ -26,8 +26,7 @@ from dsvlm.errors import RecipeError
 from dsvlm.recipe.schema import LLMLoraConfig
 
 UNET_LORA_LAYERS = ("to_q", "to_k", "to_v", "to_out.0")
-# peft's own file names and key prefix (what PeftModel.save_pretrained writes): peft users can load the folder.
-ADAPTER_CONFIG = "adapter_config.json"
+# peft's own file name and key prefix (what PeftModel.save_pretrained writes): peft users can load the folder.
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
 

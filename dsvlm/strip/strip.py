@@ -19,7 +19,7 @@ from dsvlm.model.dsvlm import DSVLM, branch_parameters, load_vlm
 from dsvlm.model.lora import has_llm_lora, merge_llm_lora
 from dsvlm.outputs import STRIPPED_MODEL, check_output, write_marker, writer_lock
 from dsvlm.recipe.load import read_yaml, validate_recipe
-from dsvlm.rundir import STAGE_INFO, resolve_init
+from dsvlm.rundir import STAGE_INFO, STRIPPED, resolve_init
 from dsvlm.strip.card import model_card
 
 log = logging.getLogger(__name__)
@@ -140,7 +140,7 @@ def stripped_model(path: Path) -> Path:
         final = resolve_init(path)
     except DsvlmError:
         return path
-    stripped = final.parent / "stripped"
+    stripped = final.parent / STRIPPED
     done = stripped / "config.json"
     if not done.is_file() or done.stat().st_mtime < (final / STAGE_INFO).stat().st_mtime:
         log.info("%s is a training run: stripping %s into %s", path, final, stripped)
