@@ -61,11 +61,36 @@ def test_a_resume_skipping_k_batches_continues_the_epoch_exactly():
         assert batches(skip) == full[skip:]
 
 
-def test_training_with_group_by_length_runs(tmp_path):
+def test_training_takes_its_batches_in_the_grouped_order(tmp_path):
+    """The loop's steps consume the grouped order: each step's attended-token count (metrics `tokens`) is that of
+    the next mega-batch of `epoch_sampler`, and differs from what the plain permutation would give."""
+    from dsvlm.data.dataset import PreparedSplit
+    from dsvlm.data.synthetic import synthetic_vocabulary
+    from dsvlm.model.collate import Collator
+    from dsvlm.model.dsvlm import build_model
+    from dsvlm.plots import read_metrics
     from dsvlm.recipe.load import load_recipe
-    from dsvlm.train.loop import TrainOptions, train
+    from dsvlm.train.loop import TrainOptions, epoch_sampler, train
 
-    data = prepare_small_synthetic(tmp_path / "data", n=16)
-    overrides = tiny_overrides(data, tmp_path / "run", steps=2, batch=4, **{"data.group_by_length": True})
-    output = train(load_recipe("tiny-synthetic", overrides), TrainOptions(stages=["instruct"], progress=False))
-    assert output.is_dir()
+    data = prepare_small_synthetic(tmp_path / "data", n=32)  # 8 mega-batches of 4: the two orders differ early
+    out = tmp_path / "run"
+    recipe = load_recipe(
+        "tiny-synthetic", tiny_overrides(data, out, steps=3, batch=4, **{"data.group_by_length": True})
+    )
+    train(recipe, TrainOptions(stages=["instruct"], progress=False))
+    logged = [m["tokens"] for m in read_metrics(out / "instruct" / "metrics.jsonl")]
+
+    stage = recipe.stage("instruct")
+    split = PreparedSplit(data, stage.split_name)
+    processor = build_model(recipe, words=synthetic_vocabulary()).processor
+    collator = Collator(
+        processor, stage.template_name, recipe.data.max_length, image_aspect_ratio=recipe.model.image_aspect_ratio
+    )
+
+    def tokens_per_step(grouped: bool) -> list[float]:
+        order = list(epoch_sampler(split, recipe.run.seed, grouped, stage.global_batch_size))
+        batches = [order[k * 4 : (k + 1) * 4] for k in range(3)]
+        return [float(collator([split[i] for i in batch])["attention_mask"].sum()) for batch in batches]
+
+    assert logged == tokens_per_step(grouped=True)
+    assert logged != tokens_per_step(grouped=False)

@@ -439,9 +439,9 @@ def run_stage(recipe: Recipe, stage: StageConfig, run: RunDir, init: Path | None
                 record["samples_per_s"] = round(stage.global_batch_size / record["step_time_s"], 2)
                 record.update(
                     throughput_fields(
-                        record.pop("tokens"),
-                        record.pop("images"),
-                        record.pop("reconstructed"),
+                        record["tokens"],
+                        record["images"],
+                        record["reconstructed"],
                         record["step_time_s"],
                         world,
                         model_flops,
