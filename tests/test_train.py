@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import shutil
 import signal
 import socket
 import subprocess
@@ -139,6 +140,30 @@ def test_kill_and_resume_matches_an_uninterrupted_run(data, tmp_path):
     for a, b in zip(ref_metrics, res_metrics, strict=True):
         for key in ("text_loss", "rec_loss", "loss", "lr"):
             assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), (a["step"], key)
+
+
+def test_a_resume_inside_the_second_epoch_trains_on_the_same_batches(tmp_path):
+    # 16 records in batches of 4: 4 steps per epoch. A run of 7 steps with a checkpoint every step; the stage
+    # output and the checkpoints after step 5 removed (a crash in epoch 1, whose order differs from epoch 0's):
+    # --resume redoes steps 6 and 7 on epoch 1's batches, as the uninterrupted run did.
+    data = prepare_small_synthetic(tmp_path / "data", n=16)
+    out = tmp_path / "run"
+    args = ["train", "tiny-synthetic", *tiny_overrides(data, out, steps=7, batch=4), "run.checkpoint_every=1"]
+    cli(*args, "--stage", "align", "--no-progress", check=True)
+    uninterrupted = tmp_path / "uninterrupted"
+    shutil.copytree(out / "align" / "final", uninterrupted)
+    reference = metrics(out, "align")
+    shutil.rmtree(out / "align" / "final")
+    for checkpoint in (out / "align" / "checkpoints").iterdir():
+        if checkpoint.name > "step-0000005":
+            shutil.rmtree(checkpoint)
+    resumed = cli(*args, "--stage", "align", "--no-progress", "--resume", check=True)
+    assert "step-0000005" in resumed.stderr
+    assert_same_weights(uninterrupted, out / "align" / "final", atol=1e-6)
+    again = metrics(out, "align")
+    assert [m["step"] for m in again] == list(range(1, 8))
+    for a, b in zip(reference[5:], again[5:], strict=True):  # steps 6 and 7: the same records, the same losses
+        assert (a["tokens"], a["text_loss"]) == (b["tokens"], pytest.approx(b["text_loss"], rel=1e-5)), a["step"]
 
 
 @pytest.mark.slow  # torch.distributed.run launches two training processes
