@@ -1,7 +1,7 @@
 """Step time with and without diffusion supervision at the paper recipes' real shapes, in one process.
 
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/real_shapes_ab.py --llm-layers 1 --qwen2-vocab 32000 \
-        [--recipes llava15-vicuna7b-ds,siglip-qwen2-ds] [--stages align,instruct] [--rounds 4] [--json FILE]
+        [--recipes llava15-vicuna7b-ds,siglip-qwen2-ds] [--stages align,instruct] [--rounds 8] [--warmup 2] [--json FILE]
 
 `real_shapes.py` runs each arm as its own `dsvlm train` process, minutes apart on a shared machine, two steps each:
 its supervised/plain ratios rest on one step pair. Here one process per (recipe, stage) builds the recipe's
@@ -9,7 +9,7 @@ supervised model once, from the same components, data and overrides as `real_sha
 missing), and times the trainer's own optimizer step (`dsvlm.train.loop._optimizer_step`: forward under the
 stage's autocast, backward, clipping, AdamW, zero_grad) on the same model and the same batch, with the branch on
 (`ds`) and off (`plain`: the step a plain LLaVA takes; the branch's parameters get no gradient, so AdamW skips
-them). One warm-up step of each, then `--rounds` rounds in ABBA order, the batch changing per round. The stage's
+them). `--warmup` untimed steps of each, then `--rounds` rounds in ABBA order, the batch changing per round. The stage's
 precision, frozen-weight dtype and gradient checkpointing are the recipe's, as `dsvlm train` sets them; batch 1,
 no latent cache (the VAE encoder runs every supervised step, as in `real_shapes.py`). Peak anonymous RSS of each
 child is sampled from /proc; a child is killed under `--min-free-gib` of available memory.
@@ -42,7 +42,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--stages", default=",".join(STAGES), help="Comma-separated stages.")
     parser.add_argument("--llm-layers", type=int, default=1, help="Decoder layers of the LLM (full width).")
     parser.add_argument("--qwen2-vocab", type=int, default=32000, help="Qwen2's vocabulary cut (0: the full 152 K).")
-    parser.add_argument("--rounds", type=int, default=4, help="Timed ABBA rounds (one ds and one plain step each).")
+    parser.add_argument("--rounds", type=int, default=8, help="Timed ABBA rounds (one ds and one plain step each).")
+    parser.add_argument("--warmup", type=int, default=2, help="Untimed steps of each arm first.")
     parser.add_argument("--n-records", type=int, default=24, help="Records per split of the prepared data.")
     parser.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS of the children.")
     parser.add_argument("--precision", default="bf16", help="stages.N.precision (bf16 where the CPU has it).")
@@ -65,6 +66,7 @@ def main() -> None:
         "loadavg_start": loadavg(),
         "llm_layers": args.llm_layers,
         "rounds": args.rounds,
+        "warmup": args.warmup,
         "precision": args.precision,
         "results": {},
     }
@@ -77,7 +79,7 @@ def main() -> None:
             overrides += [f"stages.{i}.precision={args.precision}", f"stages.{i}.per_device_batch_size=1"]
         for stage in args.stages.split(","):
             console.print(f"[bold]{name} {stage}[/]: timing ds vs plain in one process")
-            job = {"recipe": name, "stage": stage, "overrides": overrides, "rounds": args.rounds}
+            job = {"recipe": name, "stage": stage, "overrides": overrides, "rounds": args.rounds, "warmup": args.warmup}
             result = run_child(job, args.threads, args.min_free_gib)
             report["results"][f"{name}/{stage}"] = result
             console.print(f"  {result}")
@@ -154,18 +156,21 @@ def child(job: dict[str, Any]) -> None:
         )
         return time.perf_counter() - begin
 
-    warmup = {"ds": step(True, 0), "plain": step(False, 0)}
+    warmup: dict[str, list[float]] = {"ds": [], "plain": []}
+    for w in range(job["warmup"]):
+        for arm in warmup:
+            warmup[arm].append(round(step(arm == "ds", w), 2))
     times: dict[str, list[float]] = {"ds": [], "plain": []}
     for r in range(job["rounds"]):
         for arm in ("ds", "plain") if r % 2 == 0 else ("plain", "ds"):
-            times[arm].append(step(arm == "ds", r + 1))
+            times[arm].append(step(arm == "ds", job["warmup"] + r))
     ratios = [d / p for d, p in zip(times["ds"], times["plain"], strict=True)]
     print(
         json.dumps(
             {
                 "build_s": round(built_s, 1),
                 "trainable_m": round(sum(p.numel() for p in trainable) / 1e6, 1),
-                "warmup_s": {k: round(v, 2) for k, v in warmup.items()},
+                "warmup_s": warmup,
                 "ds_s": [round(t, 2) for t in times["ds"]],
                 "plain_s": [round(t, 2) for t in times["plain"]],
                 "ds_median_s": round(statistics.median(times["ds"]), 2),
