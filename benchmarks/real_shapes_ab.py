@@ -1,7 +1,8 @@
 """Step time with and without diffusion supervision at the paper recipes' real shapes, in one process.
 
-    OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/real_shapes_ab.py --llm-layers 1 --qwen2-vocab 32000 \
-        [--recipes llava15-vicuna7b-ds,siglip-qwen2-ds] [--stages align,instruct] [--rounds 8] [--warmup 2] [--json FILE]
+    OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/real_shapes_ab.py [--llm-layers 1] [--qwen2-vocab 32000] \
+        [--recipes llava15-vicuna7b-ds,siglip-qwen2-ds] [--stages align,instruct] [--rounds 8] [--warmup 2] \
+        [--json FILE]
 
 `real_shapes.py` runs each arm as its own `dsvlm train` process, minutes apart on a shared machine, two steps each:
 its supervised/plain ratios rest on one step pair. Here one process per (recipe, stage) builds the recipe's
