@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
@@ -73,13 +74,13 @@ def test_training_takes_its_batches_in_the_grouped_order(tmp_path):
     from dsvlm.train.loop import TrainOptions, epoch_sampler, train
 
     data = prepare_small_synthetic(tmp_path / "data", n=32)  # 8 mega-batches of 4: the two orders differ early
-    out = tmp_path / "run"
-    recipe = load_recipe(
-        "tiny-synthetic", tiny_overrides(data, out, steps=3, batch=4, **{"data.group_by_length": True})
-    )
-    train(recipe, TrainOptions(stages=["instruct"], progress=False))
-    logged = [m["tokens"] for m in read_metrics(out / "instruct" / "metrics.jsonl")]
 
+    def logged_tokens(out: Path, **grouping: bool) -> list[float]:
+        recipe = load_recipe("tiny-synthetic", tiny_overrides(data, out, steps=3, batch=4, **grouping))
+        train(recipe, TrainOptions(stages=["instruct"], progress=False))
+        return [m["tokens"] for m in read_metrics(out / "instruct" / "metrics.jsonl")]
+
+    recipe = load_recipe("tiny-synthetic", tiny_overrides(data, tmp_path / "unused", batch=4))
     stage = recipe.stage("instruct")
     split = PreparedSplit(data, stage.split_name)
     processor = build_model(recipe, words=synthetic_vocabulary()).processor
@@ -92,5 +93,10 @@ def test_training_takes_its_batches_in_the_grouped_order(tmp_path):
         batches = [order[k * 4 : (k + 1) * 4] for k in range(3)]
         return [float(collator([split[i] for i in batch])["attention_mask"].sum()) for batch in batches]
 
-    assert logged == tokens_per_step(grouped=True)
-    assert logged != tokens_per_step(grouped=False)
+    grouped, plain = tokens_per_step(grouped=True), tokens_per_step(grouped=False)
+    assert grouped != plain
+    assert logged_tokens(tmp_path / "data-level", **{"data.group_by_length": True}) == grouped
+    # A stage's own field overrides data's: the paper recipes group stage 2 only, as LLaVA-1.5 does
+    assert logged_tokens(tmp_path / "stage-level", **{"stages.1.group_by_length": True}) == grouped
+    stage_off = {"data.group_by_length": True, "stages.1.group_by_length": False}
+    assert logged_tokens(tmp_path / "stage-off", **stage_off) == plain

@@ -305,6 +305,10 @@ class StageConfig(Strict):
     max_grad_norm: float | None = Field(1.0, gt=0.0, description="Gradient clipping norm (None = off).")
     precision: Literal["fp32", "bf16", "fp16"] = Field("bf16", description="Mixed precision.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations of the LLM and encoder.")
+    group_by_length: bool | None = Field(
+        None,
+        description="Override data.group_by_length for this stage (LLaVA-1.5 groups its instruction tuning only).",
+    )
     llm_lora: LLMLoraConfig | None = Field(
         None,
         description="Train the LLM through LoRA adapters instead of all its weights (needs `llm` in train): only "

@@ -119,7 +119,8 @@ class LengthGroupedPermutation(EpochPermutation):
 
 
 def epoch_sampler(split: PreparedSplit | Subset, seed: int, group_by_length: bool, group_size: int) -> EpochPermutation:
-    """The training sampler: a plain permutation, or grouped by modality and length (`data.group_by_length`)."""
+    """The training sampler: a plain permutation, or grouped by modality and length (`group_by_length` of the
+    stage or of `data`)."""
     if not group_by_length:
         return EpochPermutation(len(split), seed)
     base, indices = (split.dataset, split.indices) if isinstance(split, Subset) else (split, range(len(split)))
@@ -348,7 +349,8 @@ def run_stage(recipe: Recipe, stage: StageConfig, run: RunDir, init: Path | None
         split = PreparedSplit(dataset_dir, stage.split_name, latents=latents)
     if stage.max_records is not None:
         split = fixed_subset(split, stage.max_records)  # the same records for every run seed
-    sampler = epoch_sampler(split, recipe.run.seed, recipe.data.group_by_length, stage.global_batch_size)
+    grouped = recipe.data.group_by_length if stage.group_by_length is None else stage.group_by_length
+    sampler = epoch_sampler(split, recipe.run.seed, grouped, stage.global_batch_size)
     workers = recipe.data.num_workers
     # Persistent workers: started once per stage, not once per epoch; pinned batches copy to the GPU faster.
     # Its own generator: each iter() draws the workers' base seed, which from the global RNG would shift the
