@@ -138,13 +138,10 @@ def _take(lock: Path, out: Path) -> None:
 
 
 @contextlib.contextmanager
-def writer_lock(out: Path, enabled: bool = True) -> Iterator[None]:
+def writer_lock(out: Path) -> Iterator[None]:
     """One writer per output: hold `.NAME.lock` (our pid) next to `out` for the block. Another live writer stops
     us at once, naming its pid; the lock of a dead process is reclaimed with a warning. Released on any exit of
-    the block, Ctrl-C included. `enabled=False` (the non-main processes of a distributed run) takes nothing."""
-    if not enabled:
-        yield
-        return
+    the block, Ctrl-C included. A distributed run takes it on its main process only."""
     lock = lock_path(out)
     try:
         lock.parent.mkdir(parents=True, exist_ok=True)

@@ -29,7 +29,7 @@ from dsvlm.console import progress_bar
 from dsvlm.data.common import MANIFEST
 from dsvlm.data.geometry import SquareGeometry
 from dsvlm.data.manifest import LatentIndex, check_inside, check_schema
-from dsvlm.data.prepared import PreparedDataset
+from dsvlm.data.prepared import PreparedDataset, mapped_table
 from dsvlm.errors import DataError, brief
 from dsvlm.io import atomic_dir, atomic_write_json
 from dsvlm.model.supervision.vae import encode, vae_input
@@ -38,7 +38,7 @@ LATENTS_DIR = "latents"
 INDEX = "index.json"
 IMAGES = "images.arrow"
 SHARD_SIZE = 4096  # latents per shard: 64 MiB at SD's 4x32x32 float32
-# 2: images made square by the recorded geometry before resizing; 3: the per-image lookup in mapped Arrow tables
+# 2: images made square by the recorded geometry before resizing; 3: the per-image lookup in a mapped Arrow table
 CACHE_VERSION = 3
 CHECK_ROWS = 65_536  # rows of the lookup table checked at once
 IMAGES_SCHEMA = pa.schema([("image", pa.string()), ("shard", pa.uint32()), ("row", pa.uint32())])
@@ -210,24 +210,25 @@ def _check_shards(directory: Path, index: dict[str, Any], images: pa.Table, hint
 
 
 def _mapped(path: Path, hint: str) -> pa.Table:
-    """A lookup table of the cache, memory-mapped: it costs page cache shared by every process, not memory."""
+    """The cache's lookup table, memory-mapped: it costs page cache shared by every process, not memory."""
     try:
-        return pa.ipc.open_file(pa.memory_map(str(path))).read_all()
+        return mapped_table(path)
     except (OSError, pa.ArrowInvalid) as exc:  # missing, cut short, not Arrow
         raise DataError(f"{path}: latent lookup table cannot be read ({exc}); {hint}") from None
 
 
-def _checked_lookup(path: Path, schema: pa.Schema, hint: str) -> pa.Table:
-    """The mapped table at `path`, checked: its columns and types, no nulls, and its key (the first column)
+def _checked_lookup(path: Path, hint: str) -> pa.Table:
+    """The mapped lookup table at `path`, checked: its columns and types, no nulls, and its key (the image path)
     strictly increasing, so a binary search finds every key, once."""
     table = _mapped(path, hint)
-    if not table.schema.remove_metadata().equals(schema):
-        raise DataError(f"{path}: columns ({table.schema.to_string()}), expected ({schema.to_string()}); {hint}")
+    if not table.schema.remove_metadata().equals(IMAGES_SCHEMA):
+        expected = IMAGES_SCHEMA.to_string()
+        raise DataError(f"{path}: columns ({table.schema.to_string()}), expected ({expected}); {hint}")
     if any(column.null_count for column in table.columns):
         raise DataError(f"{path}: the latent lookup table has null entries; {hint}")
     keys = table.column(0)
     if len(keys) > 1 and not pc.all(pc.less(keys.slice(0, len(keys) - 1), keys.slice(1))).as_py():
-        raise DataError(f"{path}: {schema.names[0]} column not sorted or not unique; {hint}")
+        raise DataError(f"{path}: image column not sorted or not unique; {hint}")
     return table
 
 
@@ -251,7 +252,7 @@ def _find(keys: pa.ChunkedArray, key: str) -> int | None:
 
 
 class LatentCache:
-    """Read access to a dataset's latent cache. Lookup tables and shards are memory-mapped lazily, per process:
+    """Read access to a dataset's latent cache. Its lookup table and shards are memory-mapped lazily, per process:
     pickled into DataLoader workers, it carries the directory and index.json's metadata only."""
 
     def __init__(self, directory: Path, index: dict[str, Any], images: pa.Table | None = None) -> None:
@@ -302,7 +303,7 @@ class LatentCache:
                 f"{directory}: the latent cache was built with image geometry {index['geometry']}, the recipe uses "
                 f"{geometry.key} (model.image_aspect_ratio); {rebuild_hint(dataset_dir)}"
             )
-        images = _checked_lookup(directory / IMAGES, IMAGES_SCHEMA, rebuild_hint(dataset_dir))
+        images = _checked_lookup(directory / IMAGES, rebuild_hint(dataset_dir))
         _check_shards(directory, index, images, rebuild_hint(dataset_dir))
         return cls(directory, index, images)
 

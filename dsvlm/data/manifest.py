@@ -73,7 +73,7 @@ class LatentIndex(_Checked):
     geometry: str
     shape: list[Annotated[int, Field(gt=0)]] | None
     scaling_factor: float
-    shards: list[RelativePath]  # the per-image lookup is in images.arrow / ids.arrow, checked by LatentCache.open
+    shards: list[RelativePath]  # the per-image lookup is in images.arrow, checked by LatentCache.open
 
 
 def _problems(exc: ValidationError) -> str:

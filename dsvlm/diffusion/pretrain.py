@@ -226,10 +226,12 @@ def to_unit(images: torch.Tensor) -> torch.Tensor:
 
 
 class Models(torch.nn.Module):
-    """The trained parts; one module so checkpoints are one state dict."""
+    """The trained parts; one module so checkpoints are one state dict. With them the noise schedule the UNet is
+    trained on (no weights)."""
 
     def __init__(self, options: PretrainOptions, vocab_size: int) -> None:
         super().__init__()
+        self.noise_schedule = DDPMScheduler.from_config(schedule(options))
         with torch.random.fork_rng(devices=[]):  # seeded weights without moving the caller's random stream
             torch.manual_seed(options.seed)
             self.vae = None if options.pixel_space else AutoencoderKL(**vae_config(options))
@@ -451,7 +453,7 @@ def _train_step(
             captions, padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt"
         ).input_ids
         states = models.text_encoder(ids).last_hidden_state
-        scheduler = DDPMScheduler.from_config(schedule(options))  # half a millisecond
+        scheduler = models.noise_schedule
         noise = torch.randn(target.shape, generator=generator)
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(target),), generator=generator)
         noisy = scheduler.add_noise(target, noise, timesteps)

@@ -578,8 +578,8 @@ def _optimizer_step(
             for b in micro
         ]
     ).float()
-    reconstructed = per_batch[:, 1].tolist()
-    text_tokens, rec_images, tokens, images = accelerator.reduce(per_batch.sum(0), reduction="sum").tolist()
+    totals = accelerator.reduce(per_batch.sum(0), reduction="sum")
+    *reconstructed, text_tokens, rec_images, tokens, images = torch.cat([per_batch[:, 1], totals]).tolist()
     text_loss = torch.zeros((), device=accelerator.device)
     rec_loss = torch.zeros((), device=accelerator.device)
     rec_buckets = torch.zeros(TIMESTEP_BUCKETS, 2, device=accelerator.device)
